@@ -1,0 +1,56 @@
+# One target per stage; each is a thin call of the `avcache` CLI inside .venv (installed on first use).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.avcache-installed
+
+OUT ?= runs/demo
+DATA ?= $(OUT)/data
+ITEMS ?= 24
+SEED ?= 0
+DATASET ?= synthetic
+MANIFEST ?= $(OUT)/manifest.arrow
+STORE ?= $(OUT)/store
+CONFIG ?=
+RUNNER ?= ray
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help setup synth manifest extract info bench demo test clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+setup: $(STAMP) ## install avcache and its dependencies into .venv
+	@$(BIN)/python -c "import avcache.pipeline.cli, torch, torchvision, open_clip, ray, faiss, decord; print('avcache ready: torch', torch.__version__, '| cuda', torch.cuda.is_available())"
+
+synth: $(STAMP) ## write the synthetic dataset: DATA=<dir> [ITEMS=<n>] [SEED=<s>]
+	$(BIN)/avcache synth --data $(DATA) --items $(ITEMS) --seed $(SEED)
+
+manifest: $(STAMP) ## build a manifest: DATASET=<synthetic|avsd|flickr8k_audio|spokencoco|esc50|folder> DATA=<dir> MANIFEST=<file.arrow>
+	$(BIN)/avcache manifest --dataset $(DATASET) --data $(DATA) --manifest $(MANIFEST)
+
+extract: $(STAMP) ## extract every feature set: MANIFEST=<file.arrow> STORE=<dir> [CONFIG=<file.yaml>]
+	$(BIN)/avcache extract --manifest $(MANIFEST) --store $(STORE) --runner $(RUNNER) $(if $(CONFIG),--config $(CONFIG))
+
+info: $(STAMP) ## read a store back and describe it: STORE=<dir>
+	$(BIN)/avcache info --store $(STORE) --verify
+
+bench: $(STAMP) ## decode / encode / whole-pipeline wall times: OUT=<dir> (writes OUT/bench.json)
+	$(BIN)/avcache bench --out $(OUT)
+
+demo: $(STAMP) ## synth -> manifest -> extract -> read back on the synthetic set: [OUT=<dir>]
+	$(BIN)/avcache demo --out $(OUT) --items $(ITEMS) --seed $(SEED) --runner $(RUNNER)
+
+test: $(STAMP) ## run the whole test suite
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+clean: ## remove runs/ (the .venv stays)
+	rm -rf runs

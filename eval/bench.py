@@ -1,0 +1,77 @@
+"""`make bench`: on the same items, wall time of decode alone, encode alone and the whole streaming pipeline.
+
+Ray Data streams decode (CPU tasks) into encode (actor pool), so the whole should take about as long as the
+slower of the two, not their sum. Each figure is one run on this machine, all measured in the same process."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+from avcache.features.checkpoints import load_profile
+from avcache.features.store import FeatureStore
+from avcache.pipeline.adapters import build_manifest
+from avcache.pipeline.config import load_config
+from avcache.pipeline.extractors import Context, get_extractor
+from avcache.pipeline.manifest import read_manifest
+from avcache.pipeline.runners import RayRunner, batch_to_rows
+from avcache.pipeline.synth import write_synthetic
+
+BENCH_FEATURE_SETS = ("clip_frames", "beats", "whisper")
+
+
+def _drain(batches) -> tuple[list[dict], float]:
+    start = time.monotonic()
+    rows = [row for batch in batches for row in batch_to_rows(batch)]
+    return rows, time.monotonic() - start
+
+
+def run_bench(out: Path, items: int = 24, feature_sets=BENCH_FEATURE_SETS) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    data, manifest_path = out / "bench_data", out / "bench_manifest.arrow"
+    if not manifest_path.is_file():
+        write_synthetic(data, items=items, seed=0)
+        build_manifest("synthetic", data, manifest_path)
+    config = load_config()
+    runner = RayRunner()
+    ctx = Context(config=config, profile=load_profile(config.profile), manifest=read_manifest(manifest_path),
+                  store=FeatureStore(out / "bench_store"))
+    results: dict[str, float | int | str] = {
+        "cpus": os.cpu_count(), "python": platform.python_version(), "items_synthetic_scenes": items}
+    for name in feature_sets:
+        extractor = get_extractor(name)
+        rows = extractor.select(ctx)
+        extractor.spec(ctx)  # writes tiny checkpoints on first use, outside the timings
+        decode, encode = extractor.stages(ctx)
+        decoded, t_decode = _drain(runner.run(rows, [decode]))
+        _, t_encode = _drain(runner.run(decoded, [encode]))
+        encoded, t_whole = _drain(runner.run(rows, [decode, encode]))
+        failed = sum(1 for row in encoded if row["error"])
+        results.update({
+            f"{name}_items": len(rows),
+            f"{name}_failed": failed,
+            f"{name}_decode_s": round(t_decode, 3),
+            f"{name}_encode_s": round(t_encode, 3),
+            f"{name}_pipeline_s": round(t_whole, 3),
+            f"{name}_pipeline_over_slowest": round(t_whole / max(t_decode, t_encode), 3),
+            f"{name}_pipeline_over_sum": round(t_whole / (t_decode + t_encode), 3),
+            f"{name}_items_per_s": round(len(rows) / t_whole, 2),
+        })
+        print(f"[bench] {name}: decode {t_decode:.2f}s, encode {t_encode:.2f}s, pipeline {t_whole:.2f}s "
+              f"({len(rows)} items)", flush=True)
+    (out / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
+    _write_markdown(out / "bench.md", results, feature_sets)
+    return results
+
+
+def _write_markdown(path: Path, results: dict, feature_sets) -> None:
+    lines = ["# avcache bench", "", f"{results['cpus']} CPUs, Python {results['python']}, one run each.", "",
+             "| feature set | items | decode s | encode s | pipeline s | pipeline / slowest | pipeline / sum |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for name in feature_sets:
+        lines.append(f"| {name} | {results[f'{name}_items']} | {results[f'{name}_decode_s']} | "
+                     f"{results[f'{name}_encode_s']} | {results[f'{name}_pipeline_s']} | "
+                     f"{results[f'{name}_pipeline_over_slowest']} | {results[f'{name}_pipeline_over_sum']} |")
+    path.write_text("\n".join(lines) + "\n")

@@ -1,0 +1,128 @@
+"""CLIP through open_clip: one factory from (model name, pretrained tag or checkpoint path) to an encoder."""
+from __future__ import annotations
+
+import json
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import open_clip
+import torch
+from PIL import Image
+
+from avcache.features.checkpoints import sha256_file
+
+MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+# Our variants (the tiny offline CLIP) are data files in open_clip's own config format.
+open_clip.add_model_config(MODEL_CONFIG_DIR)
+
+
+def resolve_clip_checkpoint(model: str, pretrained: str | None) -> str | None:
+    """`tiny` means the seeded offline checkpoint of this architecture (written on first use)."""
+    if pretrained == "tiny":
+        from avcache.features.tiny import ensure_tiny_clip
+
+        return str(ensure_tiny_clip(model))
+    return pretrained
+
+
+def clip_spec(model: str, pretrained: str | None) -> dict:
+    """Identity of a CLIP encoder without loading it: the store compares this before any work is done."""
+    if model not in open_clip.list_models():
+        raise ValueError(f"unknown open_clip model {model!r}; registered: {', '.join(open_clip.list_models()[:12])} ...")
+    config = open_clip.get_model_config(model)
+    checkpoint = resolve_clip_checkpoint(model, pretrained)
+    if checkpoint and Path(checkpoint).is_file():
+        digest = sha256_file(checkpoint)
+        preprocess = {}
+    else:
+        # A registry tag: its weights are pinned by the tag itself (hub files are content-addressed).
+        tag_cfg = open_clip.get_pretrained_cfg(model, checkpoint) if checkpoint else {}
+        if checkpoint and not tag_cfg:
+            raise ValueError(
+                f"pretrained {checkpoint!r} is neither a file nor a tag of {model}: "
+                f"tags are {open_clip.list_pretrained_tags_by_model(model)}"
+            )
+        digest = f"tag:{checkpoint}" if checkpoint else "random-init"
+        preprocess = {k: tag_cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in tag_cfg}
+    vision = config["vision_cfg"]
+    return {
+        "name": "open_clip",
+        "model": model,
+        "checkpoint": checkpoint,
+        "checkpoint_sha256": digest,
+        "dim": int(config["embed_dim"]),
+        "image_size": vision.get("image_size", 224),
+        "context_length": config["text_cfg"].get("context_length", 77),
+        **{f"preprocess_{k}": v for k, v in preprocess.items()},
+    }
+
+
+@dataclass
+class ClipEncoder:
+    model: torch.nn.Module
+    preprocess: Callable[[Image.Image], torch.Tensor]
+    tokenizer: Callable
+    device: torch.device
+    spec: dict
+
+    def _autocast(self):
+        # bf16 autocast only on GPU: the CPU path stays in fp32 so tiny-model tests are exact.
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
+
+    @torch.inference_mode()
+    def encode_images(self, images: list[np.ndarray | Image.Image]) -> np.ndarray:
+        """(N, H, W, 3) uint8 frames or PIL images -> (N, D) L2-normalised float32."""
+        if len(images) == 0:
+            return np.zeros((0, self.spec["dim"]), np.float32)
+        pixels = torch.stack([self.preprocess(_as_pil(im)) for im in images]).to(self.device)  # (N, 3, S, S)
+        with self._autocast():
+            features = self.model.encode_image(pixels)
+        return _normalise(features)
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """texts -> ((N, D) L2-normalised float32, (N, context_length) int32 token ids)."""
+        tokens = self.tokenizer(list(texts))  # (N, L)
+        if len(texts) == 0:
+            return np.zeros((0, self.spec["dim"]), np.float32), tokens.numpy().astype(np.int32)
+        with self._autocast():
+            features = self.model.encode_text(tokens.to(self.device))
+        return _normalise(features), tokens.numpy().astype(np.int32)
+
+
+def create_clip(model: str, pretrained: str | None = None, device: str = "cpu") -> tuple[ClipEncoder, Callable, dict]:
+    """Like open_clip.create_model_and_transforms, returning (encoder, preprocess, spec)."""
+    spec = clip_spec(model, pretrained)
+    clip_model, _, preprocess = open_clip.create_model_and_transforms(
+        model, pretrained=spec["checkpoint"], device=device
+    )
+    clip_model.eval()
+    tokenizer = open_clip.get_tokenizer(model)
+    encoder = ClipEncoder(clip_model, preprocess, tokenizer, torch.device(device), spec)
+    return encoder, preprocess, spec
+
+
+def save_clip_checkpoint(model: torch.nn.Module, path: Path) -> None:
+    """Plain state dict in safetensors: open_clip's `pretrained=<file>` loads it back."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    tmp.replace(path)
+
+
+def model_config(model: str) -> dict:
+    return json.loads(json.dumps(open_clip.get_model_config(model)))
+
+
+def _as_pil(image) -> Image.Image:
+    return image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, dtype=np.uint8))
+
+
+def _normalise(features: torch.Tensor) -> np.ndarray:
+    features = features.float()
+    return torch.nn.functional.normalize(features, dim=-1).cpu().numpy()

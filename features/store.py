@@ -1,0 +1,966 @@
+"""On-disk feature store: Arrow IPC shards for per-item rows, HDF5 shards for variable-length sequences.
+
+Layout (readable with plain pyarrow / h5py, no avcache code needed)::
+
+    STORE/<feature_set>/meta.json            spec, code version, timestamps, shard list with checksums
+    STORE/<feature_set>/shard-NNNNN.arrow    Arrow IPC *file* format, one row per item:
+                                             item_id, pooled vectors (fixed_size_list<float>[dim]), scalars
+    STORE/<feature_set>/shard-NNNNN.h5       one group per sequence column, one dataset per item named
+                                             urllib.parse.quote(item_id, safe=""), plus a root dataset item_ids
+    STORE/failures.arrow                     item_id, path, stage, reason, feature_set
+
+Commit protocol: a shard is written to ``.shard-NNNNN.{h5,arrow}.tmp``, fsynced, renamed to its final name, and
+only then listed in meta.json (written atomically: tmp + fsync + rename + fsync of the directory). meta.json's
+shard list is the single source of truth, so a process killed at any instant leaves each item either committed
+exactly once (its shard is listed) or absent (its shard is not listed; the files are leftovers that readers
+ignore and the next writer removes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import re
+import urllib.parse
+from collections import OrderedDict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+import h5py
+import numpy as np
+import pyarrow as pa
+import pyarrow.ipc as ipc
+
+try:  # advisory lock against two writers on one feature set; POSIX only
+    import fcntl
+except ImportError:  # pragma: no cover - non-POSIX
+    fcntl = None
+
+FORMAT_VERSION = 1
+META_NAME = "meta.json"
+FAILURES_NAME = "failures.arrow"
+LOCK_NAME = ".lock"
+FLOAT_DTYPES = ("float32", "float16")
+FINGERPRINT_FIELDS = ("extractor", "encoder", "preprocessing", "dtype", "vectors", "sequences")
+FAILURE_COLUMNS = ("item_id", "path", "stage", "reason", "feature_set")
+FAILURES_SCHEMA = pa.schema([(c, pa.string()) for c in FAILURE_COLUMNS])
+
+# Files a killed writer may leave behind. Only these are ever removed: other files beside the shards (a FAISS
+# index, a user's notes) are not the store's to delete.
+_SHARD_RE = re.compile(r"^shard-(\d{5,})\.(arrow|h5)$")
+_TMP_RE = re.compile(r"^\.(shard-\d{5,}\.(arrow|h5)|meta\.json)\.tmp$")
+
+_SCALAR_TYPES = {"bool": pa.bool_(), "int64": pa.int64(), "float64": pa.float64(),
+                 "string": pa.string(), "list<string>": pa.list_(pa.string())}
+_HASH_BLOCK = 1 << 20
+_H5_CHUNK_BYTES = 64 * 1024
+_H5_MIN_CHUNK_ROWS = 64
+_H5_CACHE_SIZE = 8
+
+
+def _default_code_version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("avcache")
+    except Exception:  # not installed (running from a bare checkout)
+        return "unknown"
+
+
+class StoreError(RuntimeError):
+    """Anything wrong with the store on disk or its use."""
+
+
+class StoreKeyError(StoreError, KeyError):
+    """A missing feature set, item or column; catchable as KeyError too."""
+
+    __str__ = RuntimeError.__str__  # KeyError.__str__ would print the message quoted, as a repr
+
+
+class StoreMismatchError(StoreError):
+    """A writer's spec does not match what is already stored; the features must not be mixed."""
+
+    def __init__(self, message: str, stored: dict, requested: dict, differences: list[str]):
+        super().__init__(message)
+        self.stored = stored
+        self.requested = requested
+        self.differences = differences
+
+
+# --------------------------------------------------------------------------------------------------------------
+# small file helpers
+
+
+def _utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _json_normal(value: Any, what: str) -> Any:
+    """JSON round trip, so tuples/lists and key order never make two equal specs differ."""
+    try:
+        return json.loads(json.dumps(value, sort_keys=True, allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{what} must be JSON-serialisable (plain dict/list/str/number): {exc}") from exc
+
+
+def _fsync_file(path: Path) -> None:
+    # pyarrow and h5py write through their own handles; fsync via a fresh descriptor works on any fd mode.
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make renames inside ``path`` durable (the rename lives in the directory entry)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(_HASH_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(obj, fh, indent=2, sort_keys=False)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _read_meta(directory: Path) -> dict:
+    path = directory / META_NAME
+    if not path.is_file():
+        raise StoreError(f"{directory}: no {META_NAME}; not a feature set (or nothing was ever written to it)")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            meta = json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"{path}: unreadable metadata: {exc}") from exc
+    if not isinstance(meta, dict) or not isinstance(meta.get("shards"), list):
+        raise StoreError(f"{path}: not a feature-set metadata file (no 'shards' list)")
+    return meta
+
+
+def _lock(path: Path, blocking: bool, what: str):
+    """Exclusive advisory lock on ``path``; closing the returned file releases it.
+
+    The lock file is created if needed and never deleted (deleting a lock file races with its next user).
+    """
+    fh = open(path, "a")
+    if fcntl is not None:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError as exc:
+            fh.close()
+            raise StoreError(f"{what} is locked by another writer ({path})") from exc
+    return fh
+
+
+def h5_dataset_name(item_id: str) -> str:
+    """Name of an item's dataset inside a sequence group (item ids may contain '/', which HDF5 treats as a path)."""
+    return urllib.parse.quote(item_id, safe="")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# spec
+
+
+def _dict_diff(stored: Any, requested: Any, prefix: str) -> list[str]:
+    """Field-by-field differences, recursing into dicts so that e.g. 'encoder.checkpoint_sha256' is named."""
+    if isinstance(stored, dict) and isinstance(requested, dict):
+        out = []
+        for key in sorted(set(stored) | set(requested)):
+            sub = f"{prefix}.{key}"
+            if key not in stored:
+                out.append(f"{sub}: stored <absent>, requested {requested[key]!r}")
+            elif key not in requested:
+                out.append(f"{sub}: stored {stored[key]!r}, requested <absent>")
+            else:
+                out.extend(_dict_diff(stored[key], requested[key], sub))
+        return out
+    if stored != requested:
+        return [f"{prefix}: stored {stored!r}, requested {requested!r}"]
+    return []
+
+
+def _check_column_name(name: str, kind: str) -> None:
+    if not isinstance(name, str) or not name or "/" in name or name in (".", "..", "item_id"):
+        raise ValueError(f"invalid {kind} column name {name!r} (non-empty, no '/', not 'item_id')")
+
+
+@dataclasses.dataclass
+class FeatureSetSpec:
+    """What a feature set holds and how it was produced. ``fingerprint()`` must match for writes to mix."""
+
+    name: str
+    extractor: str
+    encoder: dict
+    preprocessing: dict
+    dtype: str = "float32"
+    vectors: dict = dataclasses.field(default_factory=dict)     # column -> dim
+    sequences: dict = dataclasses.field(default_factory=dict)   # column -> trailing shape ([] for 1-D)
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name or self.name.startswith(".") or "/" in self.name \
+                or "\\" in self.name:
+            raise ValueError(f"invalid feature set name {self.name!r} (a plain directory name)")
+        self.encoder = _json_normal(self.encoder, "encoder")
+        self.preprocessing = _json_normal(self.preprocessing, "preprocessing")
+        try:
+            self.dtype = np.dtype(self.dtype).name
+        except TypeError as exc:
+            raise ValueError(f"unknown dtype {self.dtype!r}") from exc
+        if self.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"dtype must be one of {FLOAT_DTYPES}, got {self.dtype!r}")
+        self.vectors = self._normal_vectors(self.vectors)
+        self.sequences = self._normal_sequences(self.sequences)
+        shared = set(self.vectors) & set(self.sequences)
+        if shared:
+            raise ValueError(f"columns {sorted(shared)} are declared both as vectors and as sequences")
+
+    @staticmethod
+    def _normal_vectors(vectors: dict) -> dict:
+        out = {}
+        for column, dim in dict(vectors).items():
+            _check_column_name(column, "vector")
+            if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim <= 0:
+                raise ValueError(f"vector column {column!r}: dim must be a positive int, got {dim!r}")
+            out[column] = int(dim)
+        return out
+
+    @staticmethod
+    def _normal_sequences(sequences: dict) -> dict:
+        out = {}
+        for column, trailing in dict(sequences).items():
+            _check_column_name(column, "sequence")
+            if column == "item_ids":  # the HDF5 root dataset of that name
+                raise ValueError("sequence column may not be called 'item_ids'")
+            try:
+                shape = [int(d) for d in trailing]
+            except TypeError as exc:
+                raise ValueError(f"sequence column {column!r}: trailing shape must be a list of ints, "
+                                 f"got {trailing!r}") from exc
+            if any(d <= 0 for d in shape):
+                raise ValueError(f"sequence column {column!r}: trailing dims must be positive, got {shape}")
+            out[column] = shape
+        return out
+
+    def fingerprint(self) -> dict:
+        return {f: copy.deepcopy(getattr(self, f)) for f in FINGERPRINT_FIELDS}
+
+    def to_dict(self) -> dict:
+        return copy.deepcopy(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FeatureSetSpec":
+        """Accepts a spec dict or a whole meta.json (extra keys are ignored)."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        return cls(**{k: d[k] for k in names if k in d})
+
+
+def _check_fingerprint(meta: dict, spec: FeatureSetSpec, directory: Path) -> None:
+    stored = FeatureSetSpec.from_dict(meta).fingerprint()
+    requested = spec.fingerprint()
+    differences = _dict_diff(stored, requested, "spec")
+    if not differences:
+        return
+    lines = "\n".join(f"  - {d}" for d in differences)
+    raise StoreMismatchError(
+        f"feature set {spec.name!r} at {directory} holds features with a different fingerprint; refusing to mix "
+        f"them (nothing was changed on disk).\nDifferences:\n{lines}\n"
+        f"stored fingerprint:    {json.dumps(stored, sort_keys=True)}\n"
+        f"requested fingerprint: {json.dumps(requested, sort_keys=True)}\n"
+        f"Write to a new feature set name, or delete {directory} to re-extract.",
+        stored, requested, differences)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# validation of one item
+
+
+def _scalar_kind(value: Any) -> str | None:
+    """Storage kind of a scalar value; None for a null. Numpy scalars count as their Python equivalents."""
+    if value is None:
+        return None
+    if isinstance(value, (bool, np.bool_)):
+        return "bool"
+    if isinstance(value, (int, np.integer)):
+        return "int64"
+    if isinstance(value, (float, np.floating)):
+        return "float64"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return "list<string>"
+    return "invalid"
+
+
+def _python_scalar(value: Any, kind: str | None) -> Any:
+    if kind == "list<string>":
+        return list(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _check_finite(arr: np.ndarray, item_id: str, column: str, stage: str) -> None:
+    if arr.dtype.kind == "f" and arr.size and not np.isfinite(arr).all():
+        bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
+        raise ValueError(f"item {item_id!r}, column {column!r}: {bad} non-finite value(s) (NaN/inf){stage}")
+
+
+def _as_float(value: Any, dtype: str, item_id: str, column: str) -> np.ndarray:
+    arr = np.asarray(value)
+    if arr.dtype.kind not in "biuf":
+        raise ValueError(f"item {item_id!r}, column {column!r}: expected a real numeric array, got dtype {arr.dtype}")
+    _check_finite(arr, item_id, column, "")
+    with np.errstate(over="ignore"):  # overflow is reported just below, with the item and column named
+        out = np.ascontiguousarray(arr, dtype=dtype)
+    # float16 tops out at 65504: a finite float32 can become inf here, which would poison training silently.
+    _check_finite(out, item_id, column, f" after casting to {dtype} (values out of range)")
+    return out
+
+
+def _prepare_vector(value: Any, dim: int, dtype: str, item_id: str, column: str) -> np.ndarray:
+    arr = _as_float(value, dtype, item_id, column)
+    if arr.shape != (dim,):
+        raise ValueError(f"item {item_id!r}, vector {column!r}: expected shape ({dim},) per the spec, got {arr.shape}")
+    return arr
+
+
+def _prepare_sequence(value: Any, trailing: list, dtype: str, item_id: str, column: str) -> np.ndarray:
+    arr = np.asarray(value)
+    if arr.ndim != 1 + len(trailing) or list(arr.shape[1:]) != trailing:
+        raise ValueError(f"item {item_id!r}, sequence {column!r}: expected shape (T, {', '.join(map(str, trailing))})"
+                         f" i.e. trailing shape {trailing} per the spec, got {arr.shape}")
+    if arr.dtype.kind in "biu":
+        return np.ascontiguousarray(arr)  # ids, frame indices ...: keep their integer dtype
+    if arr.dtype.kind != "f":
+        raise ValueError(f"item {item_id!r}, sequence {column!r}: expected a numeric array, got dtype {arr.dtype}")
+    return _as_float(arr, dtype, item_id, column)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# shard files
+
+
+def _write_h5(path: Path, rows: list[dict], spec: FeatureSetSpec) -> None:
+    with h5py.File(path, "w") as f:
+        f.attrs["feature_set"] = spec.name
+        f.create_dataset("item_ids", data=[r["item_id"] for r in rows], dtype=h5py.string_dtype("utf-8"))
+        for column, trailing in spec.sequences.items():
+            group = f.create_group(column)
+            group.attrs["trailing_shape"] = np.asarray(trailing, dtype=np.int64)
+            for r in rows:
+                arr = r["sequences"][column]
+                group.create_dataset(h5_dataset_name(r["item_id"]), data=arr, chunks=_h5_chunks(arr))
+        f.flush()
+    _fsync_file(path)
+
+
+def _h5_chunks(arr: np.ndarray) -> tuple | None:
+    """Chunk along time: >= 64 rows (more when rows are tiny, to keep chunks ~64 KiB), whole sequence if shorter."""
+    if arr.shape[0] == 0:
+        return None  # HDF5 cannot chunk an empty extent; an empty contiguous dataset is fine
+    row_bytes = max(1, arr.itemsize * int(np.prod(arr.shape[1:], dtype=np.int64)))
+    rows = min(arr.shape[0], max(_H5_MIN_CHUNK_ROWS, _H5_CHUNK_BYTES // row_bytes))
+    return (rows, *arr.shape[1:])
+
+
+def _arrow_table(rows: list[dict], spec: FeatureSetSpec, scalar_types: dict) -> pa.Table:
+    arrays = {"item_id": pa.array([r["item_id"] for r in rows], pa.string())}
+    for column, dim in spec.vectors.items():
+        flat = np.concatenate([r["vectors"][column] for r in rows]) if rows else np.zeros(0, spec.dtype)
+        arrays[column] = pa.FixedSizeListArray.from_arrays(pa.array(flat), dim)
+    for column, kind in scalar_types.items():
+        arrays[column] = pa.array([r["scalars"].get(column) for r in rows], _SCALAR_TYPES[kind])
+    return pa.table(arrays)
+
+
+def _write_arrow(path: Path, table: pa.Table) -> None:
+    # Uncompressed IPC file format: readers memory-map it and get zero-copy buffers.
+    with pa.OSFile(str(path), "wb") as sink, ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    _fsync_file(path)
+
+
+def _open_arrow(path: Path) -> pa.Table:
+    """Memory-mapped read: the table's buffers point into the page cache, nothing is copied into RAM."""
+    with pa.memory_map(str(path), "r") as source:
+        return ipc.open_file(source).read_all()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# writer
+
+
+class FeatureSetWriter:
+    """Appends items to ``STORE/<spec.name>/`` in atomically committed shards.
+
+    Use as a context manager. On leaving the block the buffered rows are flushed whatever the reason, including
+    an exception or KeyboardInterrupt: every buffered row is a complete, validated item, and a shard commit is
+    atomic, so flushing can only save work (a rerun skips committed items) and never leaves a half item, even if
+    a second interrupt lands in the middle of the flush. If that flush itself fails while another exception is
+    propagating, the original exception is kept and the flush error is attached to it as a note.
+
+    One writer per feature set at a time (an advisory lock on ``.lock`` enforces it): shard numbers come from the
+    committed shard count, which two concurrent writers would both claim.
+    """
+
+    def __init__(self, store_root, spec: FeatureSetSpec, rows_per_shard: int = 256,
+                 code_version: str | None = None, provenance: dict | None = None):
+        if rows_per_shard < 1:
+            raise ValueError("rows_per_shard must be >= 1")
+        self.spec = spec
+        self.path = Path(store_root) / spec.name
+        self.rows_per_shard = int(rows_per_shard)
+        self.code_version = code_version or _default_code_version()
+        self._provenance = _json_normal(provenance, "provenance") if provenance is not None else None
+        self._buffer: dict[str, dict] = {}  # item_id -> prepared row; one dict store per add, so adds are atomic
+        self._closed = False
+
+        # Refuse a mismatch before creating or touching anything.
+        if (self.path / META_NAME).exists():
+            _check_fingerprint(_read_meta(self.path), spec, self.path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._lock = _lock(self.path / LOCK_NAME, blocking=False, what=f"feature set {str(self.path)!r}")
+        try:
+            self._open_locked()
+        except BaseException:
+            self._lock.close()
+            raise
+
+    def _open_locked(self) -> None:
+        if (self.path / META_NAME).exists():
+            self.meta = _read_meta(self.path)
+            _check_fingerprint(self.meta, self.spec, self.path)  # again: it may have appeared before we locked
+            if self._provenance is not None:
+                self.meta["provenance"] = self._provenance
+        else:
+            now = _utc_now()
+            self.meta = {"format_version": FORMAT_VERSION, **self.spec.to_dict(), "code_version": self.code_version,
+                         "created": now, "updated": now, "scalars": {}, "shards": [], "rows": 0}
+            if self._provenance is not None:
+                self.meta["provenance"] = self._provenance
+            _write_json_atomic(self.path / META_NAME, self.meta)
+        self._scalar_types: dict[str, str] = dict(self.meta.get("scalars", {}))
+        self._committed = self._load_committed_ids()
+        self._remove_leftovers()
+
+    def _load_committed_ids(self) -> set[str]:
+        ids: set[str] = set()
+        for shard in self.meta["shards"]:
+            for key in ("arrow", "h5"):
+                if not (self.path / shard[key]).is_file():
+                    raise StoreError(f"{self.path / shard[key]}: listed in {META_NAME} but missing; the feature set "
+                                     f"is damaged (delete the directory to re-extract)")
+            ids.update(_open_arrow(self.path / shard["arrow"]).column("item_id").to_pylist())
+        return ids
+
+    def _remove_leftovers(self) -> None:
+        """Delete shard/tmp files a killed writer left behind (not listed, so never part of the data)."""
+        listed = {s[k] for s in self.meta["shards"] for k in ("arrow", "h5")}
+        for entry in os.listdir(self.path):
+            if (_SHARD_RE.match(entry) and entry not in listed) or _TMP_RE.match(entry):
+                os.remove(self.path / entry)
+
+    # -- public API ---------------------------------------------------------------------------------------------
+
+    def committed_ids(self) -> set[str]:
+        return set(self._committed)
+
+    def add(self, item_id: str, *, scalars: dict | None = None, vectors: dict | None = None,
+            sequences: dict | None = None) -> None:
+        """Validate and buffer one complete item; commits a shard when the buffer reaches rows_per_shard."""
+        if self._closed:
+            raise StoreError(f"writer for {str(self.path)!r} is closed")
+        row = self._prepare(item_id, scalars or {}, vectors or {}, sequences or {})
+        self._buffer[item_id] = row
+        if len(self._buffer) >= self.rows_per_shard:
+            self.flush()
+
+    def flush(self) -> dict | None:
+        """Commit the buffered rows as one shard; returns its meta entry (None when nothing was buffered)."""
+        if not self._buffer:
+            return None
+        rows = list(self._buffer.values())
+        entry = self._commit_shard(rows)
+        self._committed.update(self._buffer)
+        self._buffer.clear()  # only after meta.json lists the shard: a failed commit keeps the rows for a retry
+        return entry
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        try:
+            self.flush()
+        finally:
+            self._closed = True
+            self._lock.close()
+
+    def __enter__(self) -> "FeatureSetWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except BaseException as flush_error:  # keep the original exception, which is the one that matters
+            if hasattr(exc, "add_note"):
+                exc.add_note(f"avcache store: flushing buffered rows on exit also failed: {flush_error!r}")
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
+    # -- internals ----------------------------------------------------------------------------------------------
+
+    def _prepare(self, item_id: str, scalars: dict, vectors: dict, sequences: dict) -> dict:
+        if not isinstance(item_id, str) or not item_id or item_id in (".", ".."):
+            raise ValueError(f"item_id must be a non-empty string (not '.' or '..'), got {item_id!r}")
+        if item_id in self._committed:
+            raise ValueError(f"item {item_id!r} is already committed in {str(self.path)!r} "
+                             f"(skip items in committed_ids())")
+        if item_id in self._buffer:
+            raise ValueError(f"item {item_id!r} was already added to this writer")
+        spec = self.spec
+        self._check_columns(item_id, "vector", vectors, spec.vectors)
+        self._check_columns(item_id, "sequence", sequences, spec.sequences)
+        return {
+            "item_id": item_id,
+            "scalars": self._prepare_scalars(item_id, scalars),
+            "vectors": {c: _prepare_vector(vectors[c], d, spec.dtype, item_id, c) for c, d in spec.vectors.items()},
+            "sequences": {c: _prepare_sequence(sequences[c], t, spec.dtype, item_id, c)
+                          for c, t in spec.sequences.items()},
+        }
+
+    @staticmethod
+    def _check_columns(item_id: str, kind: str, given: dict, declared: dict) -> None:
+        # Every item carries every declared column, so readers never meet holes; an item whose
+        # features cannot be computed belongs in the failures table instead.
+        missing = sorted(set(declared) - set(given))
+        unknown = sorted(set(given) - set(declared))
+        if missing or unknown:
+            raise ValueError(f"item {item_id!r}: {kind} columns do not match the spec "
+                             f"(missing {missing}, not declared {unknown}; declared {sorted(declared)})")
+
+    def _prepare_scalars(self, item_id: str, scalars: dict) -> dict:
+        out = {}
+        taken = set(self.spec.vectors) | set(self.spec.sequences) | {"item_id"}
+        for column, value in scalars.items():
+            if column in taken or not isinstance(column, str) or not column:
+                raise ValueError(f"item {item_id!r}: scalar column {column!r} clashes with item_id or a "
+                                 f"vector/sequence column, or is not a non-empty string")
+            kind = _scalar_kind(value)
+            if kind == "invalid":
+                raise ValueError(f"item {item_id!r}, scalar {column!r}: unsupported value {value!r} of type "
+                                 f"{type(value).__name__} (use None, bool, int, float, str or a list of str)")
+            if kind == "float64" and not math.isfinite(float(value)):
+                raise ValueError(f"item {item_id!r}, scalar {column!r}: non-finite value {value!r} (use None)")
+            known = self._scalar_types.get(column)
+            if kind is not None and known is not None and kind != known:
+                if not (known == "float64" and kind == "int64"):  # ints widen into a float column
+                    raise ValueError(f"item {item_id!r}, scalar {column!r}: got a {kind} value but the column "
+                                     f"holds {known}")
+            out[column] = _python_scalar(value, kind)
+        # Record new column types only once the whole item is valid, so a rejected item leaves no trace.
+        for column, value in out.items():
+            kind = _scalar_kind(value)
+            if kind is not None and column not in self._scalar_types:
+                self._scalar_types[column] = kind
+        return out
+
+    def _commit_shard(self, rows: list[dict]) -> dict:
+        index = len(self.meta["shards"])
+        name = f"shard-{index:05d}"
+        final = {"arrow": self.path / f"{name}.arrow", "h5": self.path / f"{name}.h5"}
+        tmp = {k: p.with_name(f".{p.name}.tmp") for k, p in final.items()}
+
+        # Scalar columns whose type is known (from any earlier row); a column that has only ever been None
+        # has no type yet and is left out until a real value arrives (readers fill the gap with nulls).
+        scalar_types = dict(self._scalar_types)
+        _write_h5(tmp["h5"], rows, self.spec)
+        _write_arrow(tmp["arrow"], _arrow_table(rows, self.spec, scalar_types))
+        entry = {"name": name, "arrow": final["arrow"].name, "h5": final["h5"].name, "rows": len(rows),
+                 "arrow_sha256": _sha256(tmp["arrow"]), "h5_sha256": _sha256(tmp["h5"]),
+                 "bytes": tmp["arrow"].stat().st_size + tmp["h5"].stat().st_size,
+                 "code_version": self.code_version, "created": _utc_now()}
+        for key in ("h5", "arrow"):
+            os.replace(tmp[key], final[key])
+        _fsync_dir(self.path)
+
+        meta = copy.deepcopy(self.meta)
+        meta["shards"].append(entry)
+        meta["rows"] = sum(s["rows"] for s in meta["shards"])
+        meta["scalars"] = scalar_types
+        meta["code_version"] = self.code_version
+        meta["updated"] = entry["created"]
+        _write_json_atomic(self.path / META_NAME, meta)  # the commit point
+        self.meta = meta
+        return entry
+
+
+# --------------------------------------------------------------------------------------------------------------
+# reader
+
+
+class FeatureSet:
+    """Read side of one feature set. Arrow shards are memory-mapped; HDF5 shards are opened lazily, read-only.
+
+    The listed shards are fixed when the reader is opened (later commits need a new reader). Vectors returned
+    zero-copy are read-only views of the mapped file. Pickling keeps only the path, so a reader can be sent to
+    DataLoader workers or Ray tasks; HDF5 handles are reopened after a fork.
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.meta = _read_meta(self.path)
+        try:
+            self.spec = FeatureSetSpec.from_dict(self.meta)
+        except (TypeError, ValueError) as exc:
+            raise StoreError(f"{self.path / META_NAME}: invalid spec: {exc}") from exc
+        self.name = self.spec.name
+        self._shards: list[dict] = list(self.meta["shards"])
+        self._tables: list[pa.Table] | None = None
+        self._views: dict[str, list[np.ndarray]] = {}
+        self._ids: list[str] | None = None
+        self._index: dict[str, tuple[int, int]] | None = None
+        self._h5: OrderedDict[int, h5py.File] = OrderedDict()
+        self._h5_pid = os.getpid()
+
+    # -- pickling / lifetime ------------------------------------------------------------------------------------
+
+    def __getstate__(self):
+        return {"path": str(self.path)}
+
+    def __setstate__(self, state):
+        self.__init__(state["path"])
+
+    def close(self) -> None:
+        for f in self._h5.values():
+            f.close()
+        self._h5.clear()
+        self._tables = None  # drop the references that keep the maps alive
+        self._views = {}
+
+    def __enter__(self) -> "FeatureSet":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"FeatureSet({str(self.path)!r}, rows={self.meta.get('rows')}, shards={len(self._shards)})"
+
+    # -- ids ----------------------------------------------------------------------------------------------------
+
+    def _shard_tables(self) -> list[pa.Table]:
+        if self._tables is None:
+            tables = []
+            for shard in self._shards:
+                path = self.path / shard["arrow"]
+                try:
+                    tables.append(_open_arrow(path))
+                except (OSError, pa.ArrowInvalid) as exc:
+                    raise StoreError(f"{path}: cannot open listed shard: {exc}") from exc
+            self._tables = tables
+        return self._tables
+
+    def _ensure_index(self) -> None:
+        if self._index is not None:
+            return
+        ids, index = [], {}
+        for s, table in enumerate(self._shard_tables()):
+            shard_ids = table.column("item_id").to_pylist()
+            index.update((item_id, (s, r)) for r, item_id in enumerate(shard_ids))
+            ids.extend(shard_ids)
+        self._ids, self._index = ids, index
+
+    @property
+    def item_ids(self) -> list[str]:
+        self._ensure_index()
+        return list(self._ids)
+
+    def __len__(self) -> int:
+        return int(sum(s["rows"] for s in self._shards))
+
+    def __contains__(self, item_id) -> bool:
+        self._ensure_index()
+        return item_id in self._index
+
+    def _locate(self, item_id: str) -> tuple[int, int]:
+        self._ensure_index()
+        try:
+            return self._index[item_id]
+        except (KeyError, TypeError):
+            raise StoreKeyError(f"item {item_id!r} is not in feature set {self.name!r}") from None
+
+    # -- rows ---------------------------------------------------------------------------------------------------
+
+    def _scalar_columns(self) -> list[str]:
+        # meta.json lists them; the shard schemas are consulted too, for files written by hand.
+        seen = dict.fromkeys(self.meta.get("scalars", {}))
+        for table in self._shard_tables():
+            seen.update(dict.fromkeys(c for c in table.column_names if c != "item_id" and c not in self.spec.vectors))
+        return list(seen)
+
+    def _check_row_columns(self, columns) -> list[str]:
+        available = list(self.spec.vectors) + self._scalar_columns()
+        for c in columns:
+            if c in self.spec.sequences:
+                raise StoreKeyError(f"{c!r} is a sequence column of {self.name!r}; read it with sequence()/"
+                                    f"sequences() or iter_batches(sequence_columns=...)")
+            if c != "item_id" and c not in available:
+                raise StoreKeyError(f"feature set {self.name!r} has no column {c!r}; columns: {available}")
+        return list(columns)
+
+    def table(self, columns=None) -> pa.Table:
+        """All listed shards as one memory-mapped table (chunked per shard; nothing is copied)."""
+        tables = self._shard_tables()
+        if columns is not None:
+            columns = self._check_row_columns(columns)
+            tables = [t.select([c for c in columns if c in t.column_names]) for t in tables]
+        if not tables:
+            return self._empty_table(columns)
+        # A scalar column first seen in a later shard is absent from earlier ones: promotion fills it with nulls.
+        table = pa.concat_tables(tables, promote_options="default")
+        return table.select(columns) if columns is not None else table
+
+    def _empty_table(self, columns) -> pa.Table:
+        vtype = pa.float16() if self.spec.dtype == "float16" else pa.float32()
+        fields = [pa.field("item_id", pa.string())]
+        fields += [pa.field(c, pa.list_(vtype, d)) for c, d in self.spec.vectors.items()]
+        fields += [pa.field(c, _SCALAR_TYPES[k]) for c, k in self.meta.get("scalars", {}).items()]
+        table = pa.schema(fields).empty_table()
+        return table.select(columns) if columns is not None else table
+
+    def _vector_views(self, column: str) -> list[np.ndarray]:
+        """One (rows, dim) array per shard, viewing the mapped Arrow buffer (read-only, zero-copy)."""
+        if column not in self.spec.vectors:
+            raise StoreKeyError(f"feature set {self.name!r} has no vector column {column!r}; "
+                                f"vectors: {list(self.spec.vectors)}")
+        if column not in self._views:
+            dim = self.spec.vectors[column]
+            views = []
+            for table in self._shard_tables():
+                chunked = table.column(column)
+                # A shard is written as one record batch; combine_chunks (a copy) only for files written otherwise.
+                array = chunked.chunk(0) if chunked.num_chunks == 1 else chunked.combine_chunks()
+                views.append(array.flatten().to_numpy(zero_copy_only=True).reshape(-1, dim))
+            self._views[column] = views
+        return self._views[column]
+
+    def vectors(self, column: str, item_ids=None) -> np.ndarray:
+        """(N, D) array in the store dtype. With item_ids=None and a single shard it is a zero-copy view of the
+        mapped file; several shards are concatenated (one copy); item_ids gathers rows in the given order."""
+        views = self._vector_views(column)
+        if item_ids is None:
+            if len(views) == 1:
+                return views[0]
+            if not views:
+                return np.zeros((0, self.spec.vectors[column]), dtype=self.spec.dtype)
+            return np.concatenate(views)
+        return self._gather(views, [self._locate(i) for i in item_ids], column)
+
+    def _gather(self, views: list[np.ndarray], locations: list[tuple[int, int]], column: str) -> np.ndarray:
+        out = np.empty((len(locations), self.spec.vectors[column]), dtype=self.spec.dtype)
+        if not locations:
+            return out
+        loc = np.asarray(locations, dtype=np.int64)
+        for s in np.unique(loc[:, 0]):
+            mask = loc[:, 0] == s
+            out[mask] = views[s][loc[mask, 1]]
+        return out
+
+    def row(self, item_id: str) -> dict:
+        """Scalars and vectors of one item (vectors as 1-D arrays), plus its item_id."""
+        s, r = self._locate(item_id)
+        table = self._shard_tables()[s]
+        out: dict[str, Any] = {"item_id": item_id}
+        for column in table.column_names:
+            if column in self.spec.vectors:
+                out[column] = self._vector_views(column)[s][r]
+            elif column != "item_id":
+                out[column] = table.column(column)[r].as_py()
+        for column in self._scalar_columns():  # columns that this item's shard predates
+            out.setdefault(column, None)
+        return out
+
+    # -- sequences ----------------------------------------------------------------------------------------------
+
+    def _h5_file(self, shard_index: int) -> h5py.File:
+        if self._h5_pid != os.getpid():
+            # HDF5 handles inherited through fork are not safe to use: forget (do not close) and reopen.
+            self._h5 = OrderedDict()
+            self._h5_pid = os.getpid()
+        f = self._h5.get(shard_index)
+        if f is not None:
+            self._h5.move_to_end(shard_index)
+            return f
+        path = self.path / self._shards[shard_index]["h5"]
+        try:
+            f = h5py.File(path, "r")
+        except OSError as exc:
+            raise StoreError(f"{path}: cannot open listed shard: {exc}") from exc
+        self._h5[shard_index] = f
+        if len(self._h5) > _H5_CACHE_SIZE:
+            self._h5.popitem(last=False)[1].close()
+        return f
+
+    def sequence(self, item_id: str, column: str) -> np.ndarray:
+        if column not in self.spec.sequences:
+            raise StoreKeyError(f"feature set {self.name!r} has no sequence column {column!r}; "
+                                f"sequences: {list(self.spec.sequences)}")
+        s, _ = self._locate(item_id)
+        return self._h5_file(s)[column][h5_dataset_name(item_id)][()]
+
+    def sequences(self, item_ids, column: str) -> list[np.ndarray]:
+        return [self.sequence(i, column) for i in item_ids]
+
+    # -- batches ------------------------------------------------------------------------------------------------
+
+    def iter_batches(self, batch_size: int, columns=None, sequence_columns=(), item_ids=None,
+                     shuffle: bool = False, seed: int = 0) -> Iterator[dict]:
+        """Yield dicts: "item_id" (list), vector columns as (B, D) arrays, scalar columns as lists, sequence
+        columns as lists of arrays. columns=None means every vector and scalar column; sequences only on request."""
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        columns = [c for c in (self._check_row_columns(columns) if columns is not None
+                               else list(self.spec.vectors) + self._scalar_columns()) if c != "item_id"]
+        for c in sequence_columns:
+            if c not in self.spec.sequences:
+                raise StoreKeyError(f"feature set {self.name!r} has no sequence column {c!r}; "
+                                    f"sequences: {list(self.spec.sequences)}")
+        order = list(item_ids) if item_ids is not None else self.item_ids
+        if shuffle:
+            order = [order[i] for i in np.random.default_rng(seed).permutation(len(order))]
+        vector_cols = [c for c in columns if c in self.spec.vectors]
+        scalar_cols = [c for c in columns if c not in self.spec.vectors]
+        views = {c: self._vector_views(c) for c in vector_cols}
+        scalars = self.table(scalar_cols) if scalar_cols else None
+        offsets = np.cumsum([0] + [s["rows"] for s in self._shards])
+
+        for start in range(0, len(order), batch_size):
+            ids = order[start:start + batch_size]
+            locations = [self._locate(i) for i in ids]
+            batch: dict[str, Any] = {"item_id": ids}
+            for c in vector_cols:
+                batch[c] = self._gather(views[c], locations, c)
+            if scalars is not None:
+                rows = pa.array([offsets[s] + r for s, r in locations], pa.int64())
+                batch.update(scalars.take(rows).to_pydict())
+            for c in sequence_columns:
+                batch[c] = self.sequences(ids, c)
+            yield batch
+
+    # -- integrity ----------------------------------------------------------------------------------------------
+
+    def verify(self) -> None:
+        """Recompute the sha256 of every listed shard file; StoreError naming the first bad or missing file."""
+        for shard in self._shards:
+            for key in ("arrow", "h5"):
+                path = self.path / shard[key]
+                if not path.is_file():
+                    raise StoreError(f"{path}: listed in {META_NAME} but missing")
+                actual = _sha256(path)
+                if actual != shard[f"{key}_sha256"]:
+                    raise StoreError(f"{path}: checksum mismatch (meta.json {shard[f'{key}_sha256']}, "
+                                     f"file {actual}); the shard is corrupted")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# store root
+
+
+class FeatureStore:
+    """A directory of feature sets plus the shared failures table."""
+
+    def __init__(self, root):
+        self.root = Path(root)
+
+    def feature_sets(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if (p / META_NAME).is_file())
+
+    def __getitem__(self, name: str) -> FeatureSet:
+        if name not in self.feature_sets():
+            raise StoreKeyError(f"no feature set {name!r} in {str(self.root)!r}; available: {self.feature_sets()}")
+        return FeatureSet(self.root / name)
+
+    def __contains__(self, name) -> bool:
+        return name in self.feature_sets()
+
+    def writer(self, spec: FeatureSetSpec, **kwargs) -> FeatureSetWriter:
+        return FeatureSetWriter(self.root, spec, **kwargs)
+
+    def failures(self) -> pa.Table:
+        path = self.root / FAILURES_NAME
+        if not path.is_file():
+            return FAILURES_SCHEMA.empty_table()
+        # Read into memory, not mapped: the file is small and write_failures replaces it wholesale.
+        with pa.OSFile(str(path), "rb") as source:
+            table = ipc.open_file(source).read_all()
+        return table.select(list(FAILURE_COLUMNS)).cast(FAILURES_SCHEMA)
+
+    def write_failures(self, feature_set: str, rows: list[dict]) -> None:
+        """Replace ``feature_set``'s rows in failures.arrow with ``rows`` (item_id, path, stage, reason)."""
+        new = [self._failure_row(feature_set, r) for r in rows]
+        self.root.mkdir(parents=True, exist_ok=True)
+        # The lock serialises read-modify-write between extraction jobs writing different feature sets.
+        with contextlib.closing(_lock(self.root / ".failures.lock", blocking=True, what="failures table")):
+            kept = [r for r in self.failures().to_pylist() if r["feature_set"] != feature_set]
+            table = pa.Table.from_pylist(kept + new, schema=FAILURES_SCHEMA)
+            path = self.root / FAILURES_NAME
+            tmp = path.with_name(f".{path.name}.tmp")
+            _write_arrow(tmp, table)
+            os.replace(tmp, path)
+            _fsync_dir(self.root)
+
+    @staticmethod
+    def _failure_row(feature_set: str, row: dict) -> dict:
+        unknown = set(row) - {"item_id", "path", "stage", "reason"}
+        if unknown:
+            raise ValueError(f"failure row has unknown keys {sorted(unknown)}: {row!r}")
+        if row.get("stage") is None or row.get("reason") is None:
+            raise ValueError(f"failure row needs 'stage' and 'reason': {row!r}")
+
+        def text(v):
+            return None if v is None else str(v)
+        return {"item_id": text(row.get("item_id")), "path": text(row.get("path")), "stage": str(row["stage"]),
+                "reason": str(row["reason"]), "feature_set": feature_set}
+
+    def summary(self) -> list[dict]:
+        out = []
+        for name in self.feature_sets():
+            meta = _read_meta(self.root / name)
+            out.append({"name": name, "rows": meta.get("rows", 0), "shards": len(meta["shards"]),
+                        "vectors": dict(meta.get("vectors", {})), "sequences": dict(meta.get("sequences", {})),
+                        "dtype": meta.get("dtype"), "encoder": (meta.get("encoder") or {}).get("name"),
+                        "bytes": sum(s.get("bytes", 0) for s in meta["shards"])})
+        return out

@@ -1,0 +1,71 @@
+"""The tiny offline profile: small seeded models of the real architectures, written once as ordinary
+checkpoints under the cache directory and then loaded through the same factories as real weights."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from avcache.features.checkpoints import cache_dir
+
+TINY_SEED = 0
+
+
+def tiny_dir() -> Path:
+    return cache_dir() / "tiny"
+
+
+def _write_once(path: Path, write) -> Path:
+    """Build the checkpoint in a temp file and rename it in place: concurrent Ray workers may race here."""
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def ensure_tiny_clip(model: str = "avcache-tiny-clip") -> Path:
+    import open_clip
+
+    from avcache.features.clip import save_clip_checkpoint
+
+    def write(tmp: Path) -> None:
+        torch.manual_seed(TINY_SEED)
+        clip_model = open_clip.create_model(model, pretrained=None)
+        save_clip_checkpoint(clip_model, tmp)
+
+    return _write_once(tiny_dir() / f"{model}.safetensors", write)
+
+
+def ensure_tiny_beats() -> Path:
+    from avcache.features.beats import build_tiny_beats, save_beats_checkpoint
+
+    def write(tmp: Path) -> None:
+        model, label_dict = build_tiny_beats(TINY_SEED)
+        save_beats_checkpoint(model, tmp, label_dict)
+
+    return _write_once(tiny_dir() / "beats-tiny.pt", write)
+
+
+def ensure_tiny_hf_whisper() -> Path:
+    """A directory in transformers' format (save_pretrained), for the transformers Whisper backend."""
+    from avcache.features.whisper import build_tiny_hf_whisper
+
+    path = tiny_dir() / "whisper-tiny-hf"
+    if not (path / "config.json").is_file():
+        tmp = Path(tempfile.mkdtemp(dir=tiny_dir() if tiny_dir().exists() else None, prefix=".whisper-"))
+        build_tiny_hf_whisper(tmp, seed=TINY_SEED)
+        try:
+            os.replace(tmp, path)
+        except OSError:  # another worker won the race; its copy is identical (same seed)
+            pass
+    return path

@@ -1,0 +1,126 @@
+"""The extract job: manifest -> every configured feature set in the store, resumable and failure-tolerant."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from avcache.features.checkpoints import load_profile
+from avcache.features.store import FeatureSetWriter, FeatureStore
+from avcache.pipeline.config import ExtractConfig
+from avcache.pipeline.extractors import Context, Extractor, get_extractor, ordered
+from avcache.pipeline.manifest import read_failures, read_manifest
+from avcache.pipeline.progress import Progress
+
+
+@dataclass
+class FeatureSetReport:
+    name: str
+    selected: int = 0
+    already_done: int = 0
+    written: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class ExtractReport:
+    store: str
+    runner: str
+    feature_sets: list[FeatureSetReport] = field(default_factory=list)
+    manifest_failures: int = 0
+    seconds: float = 0.0
+
+    @property
+    def failed(self) -> int:
+        return self.manifest_failures + sum(r.failed for r in self.feature_sets)
+
+
+def manifest_failures_path(manifest_path: Path) -> Path:
+    return manifest_path.with_name(f"{manifest_path.stem}.failures.arrow")
+
+
+def extract(manifest_path: str | Path, store_root: str | Path, config: ExtractConfig, runner, log=print) -> ExtractReport:
+    start = time.monotonic()
+    manifest_path, store_root = Path(manifest_path), Path(store_root)
+    manifest = read_manifest(manifest_path)
+    store_root.mkdir(parents=True, exist_ok=True)
+    store = FeatureStore(store_root)
+    report = ExtractReport(store=str(store_root), runner=runner.name)
+
+    failures_file = manifest_failures_path(manifest_path)
+    if failures_file.is_file():
+        rows = read_failures(failures_file).to_pylist()
+        store.write_failures("manifest", rows)
+        report.manifest_failures = len(rows)
+
+    gpus = runner.cluster_gpus()
+    gpus_per_actor = config.ray.gpus_per_actor
+    num_gpus = (1.0 if gpus > 0 else 0.0) if gpus_per_actor == "auto" else float(gpus_per_actor)
+    ctx = Context(config=config, profile=load_profile(config.profile), manifest=manifest, store=store, num_gpus=num_gpus)
+    for name in ordered(config.feature_sets):
+        report.feature_sets.append(_extract_feature_set(get_extractor(name), ctx, runner, manifest_path, log))
+    report.seconds = time.monotonic() - start
+    return report
+
+
+def _extract_feature_set(extractor: Extractor, ctx: Context, runner, manifest_path: Path, log) -> FeatureSetReport:
+    start = time.monotonic()
+    result = FeatureSetReport(extractor.name)
+    spec = extractor.spec(ctx)  # before any work, so a mismatching store is refused up front
+    provenance = {"manifest": str(manifest_path.resolve()), "profile": ctx.config.profile,
+                  "encoders": ctx.profile, "config": ctx.config.to_dict()}
+    with FeatureSetWriter(ctx.store.root, spec, rows_per_shard=ctx.config.rows_per_shard, provenance=provenance) as writer:
+        rows = extractor.select(ctx)
+        done = writer.committed_ids()
+        pending = [row for row in rows if row["item_id"] not in done]
+        result.selected, result.already_done = len(rows), len(rows) - len(pending)
+        failures: list[dict] = []
+        if pending:
+            progress = Progress(extractor.name, len(pending))
+            for batch in runner.run(pending, extractor.stages(ctx)):
+                written, failed = _write_batch(batch, extractor, spec, writer, failures)
+                result.written += written
+                result.failed += failed
+                progress.update(written + failed, failed)
+            progress.finish()
+        else:
+            log(f"{extractor.name}: all {len(rows)} items already in the store, nothing to do")
+    ctx.store.write_failures(extractor.name, failures)
+    result.seconds = time.monotonic() - start
+    return result
+
+
+def _write_batch(batch: dict, extractor: Extractor, spec, writer: FeatureSetWriter, failures: list[dict]) -> tuple[int, int]:
+    written = failed = 0
+    for i, item_id in enumerate(batch["item_id"]):
+        error = batch["error"][i]
+        if not error:
+            try:
+                writer.add(
+                    item_id,
+                    scalars={key: _plain(batch[key][i]) for key in extractor.scalars},
+                    vectors={key: np.asarray(batch[key][i]) for key in spec.vectors},
+                    sequences={key: np.asarray(batch[key][i]) for key in spec.sequences},
+                )
+                written += 1
+                continue
+            except ValueError as exc:  # NaN features, wrong shapes: the item fails, the job goes on
+                error = f"store: {exc}"
+        stage, _, reason = error.partition(": ")
+        failures.append({"item_id": item_id, "path": str(batch["path"][i]), "stage": stage, "reason": reason})
+        failed += 1
+    return written, failed
+
+
+def _plain(value):
+    """numpy scalars/arrays from Ray batches -> Python values Arrow understands."""
+    if isinstance(value, np.ndarray):
+        return [_plain(v) for v in value.tolist()]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

@@ -1,0 +1,269 @@
+"""Compute stages: plain objects with declared resources, `setup()` once per worker and `process(batch)`.
+
+A batch is a dict of equal-length columns (lists or arrays). Every row carries `item_id` and `error`
+("" while the row is good); a stage leaves failed rows alone and turns its own per-item exceptions into
+`error` strings, so one bad item never stops the job. Nothing here imports Ray: the same objects run in a
+unit test (LocalRunner) and on a cluster (RayRunner)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from avcache.pipeline.media import MediaError, load_audio, load_image, load_video_frames
+
+Batch = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Resources:
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0  # set by the runner when the cluster has GPUs and the stage can use one
+    batch_size: int = 16
+    concurrency: int = 1  # actors in the pool (model stages only)
+    memory: int | None = None  # bytes a worker may need (decoders holding frames or long audio)
+
+
+class Stage:
+    name = "stage"
+    uses_model = False  # model stages run on an actor pool; the others as plain tasks
+    resources = Resources()
+
+    def setup(self) -> None:
+        """Load whatever the stage needs once per worker."""
+
+    def process(self, batch: Batch) -> Batch:
+        raise NotImplementedError
+
+    def device(self) -> str:
+        import torch
+
+        return "cuda" if self.resources.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+
+
+def batch_size_of(batch: Batch) -> int:
+    return len(batch["item_id"])
+
+
+def good_rows(batch: Batch) -> list[int]:
+    return [i for i, err in enumerate(batch["error"]) if not err]
+
+
+def with_outputs(batch: Batch, outputs: dict[str, list]) -> Batch:
+    out = {key: list(values) for key, values in batch.items()}
+    out.update(outputs)
+    return out
+
+
+class PerItemStage(Stage):
+    """A stage whose work is independent per item: decoders. Exceptions become that item's error."""
+
+    outputs: tuple[str, ...] = ()
+
+    def process(self, batch: Batch) -> Batch:
+        n = batch_size_of(batch)
+        outputs = {key: [None] * n for key in self.outputs}
+        errors = list(batch["error"])
+        for i in good_rows(batch):
+            try:
+                result = self.process_item({key: values[i] for key, values in batch.items()})
+            except MediaError as exc:
+                errors[i] = f"{self.name}: {exc}"
+                continue
+            except Exception as exc:  # unexpected decoder failures are still one item's problem
+                errors[i] = f"{self.name}: {type(exc).__name__}: {exc}"[:500]
+                continue
+            for key in self.outputs:
+                outputs[key][i] = result[key]
+        outputs["error"] = errors
+        return with_outputs(batch, outputs)
+
+    def process_item(self, row: dict) -> dict:
+        raise NotImplementedError
+
+
+class DecodeVideo(PerItemStage):
+    name = "decode_video"
+    outputs = ("frames", "timestamps", "fps", "duration")
+
+    def __init__(self, num_frames: int = 8, batch_size: int = 4):
+        self.num_frames = num_frames
+        self.resources = Resources(num_cpus=1, batch_size=batch_size, memory=512 * 2**20)
+
+    def process_item(self, row: dict) -> dict:
+        return load_video_frames(row["video_path"], self.num_frames)
+
+
+class DecodeAudio(PerItemStage):
+    name = "decode_audio"
+    outputs = ("waveform", "duration")
+
+    def __init__(self, sample_rate: int = 16000, max_seconds: float | None = None, min_source_rate: int = 8000,
+                 min_seconds: float = 0.0, batch_size: int = 8):
+        self.sample_rate, self.max_seconds = sample_rate, max_seconds
+        self.min_source_rate, self.min_seconds = min_source_rate, min_seconds
+        self.resources = Resources(num_cpus=1, batch_size=batch_size, memory=256 * 2**20)
+
+    def process_item(self, row: dict) -> dict:
+        wave = load_audio(row["audio_path"], self.sample_rate, self.max_seconds, self.min_source_rate)
+        duration = len(wave) / self.sample_rate
+        if duration < self.min_seconds:
+            raise MediaError(f"audio is {duration:.3f} s long, shorter than the encoder's minimum {self.min_seconds} s")
+        return {"waveform": wave, "duration": duration}
+
+
+class DecodeImage(PerItemStage):
+    name = "decode_image"
+    outputs = ("image",)
+
+    def __init__(self, batch_size: int = 16):
+        self.resources = Resources(num_cpus=1, batch_size=batch_size, memory=256 * 2**20)
+
+    def process_item(self, row: dict) -> dict:
+        return {"image": load_image(row["image_path"])}
+
+
+class ModelStage(Stage):
+    """Runs a frozen encoder over the good rows of a batch, in one forward pass where the model allows."""
+
+    uses_model = True
+    outputs: tuple[str, ...] = ()
+
+    def process(self, batch: Batch) -> Batch:
+        n = batch_size_of(batch)
+        outputs = {key: [None] * n for key in self.outputs}
+        errors = list(batch["error"])
+        rows = good_rows(batch)
+        if rows:
+            try:
+                results = self.encode([{key: values[i] for key, values in batch.items()} for i in rows])
+            except Exception:
+                # A batch-level failure: retry item by item so only the culprit is marked as failed.
+                results = []
+                for i in rows:
+                    try:
+                        results += self.encode([{key: values[i] for key, values in batch.items()}])
+                    except Exception as item_exc:
+                        errors[i] = f"{self.name}: {type(item_exc).__name__}: {item_exc}"[:500]
+                        results.append(None)
+            for i, result in zip(rows, results):
+                if result is None:
+                    continue
+                for key in self.outputs:
+                    outputs[key][i] = result[key]
+        outputs["error"] = errors
+        return with_outputs(batch, outputs)
+
+    def encode(self, rows: list[dict]) -> list[dict]:
+        raise NotImplementedError
+
+
+class ClipImageStage(ModelStage):
+    """CLIP image tower. `source` = "frames" (video: per-frame sequence + pooled) or "image" (one vector)."""
+
+    name = "clip_image"
+
+    def __init__(self, model: str, pretrained: str | None, source: str, resources: Resources):
+        self.model_name, self.pretrained, self.source, self.resources = model, pretrained, source, resources
+        self.outputs = ("frames", "embedding") if source == "frames" else ("embedding",)
+
+    def setup(self) -> None:
+        from avcache.features.clip import create_clip
+
+        _limit_threads(self.resources)
+        self.encoder, _, _ = create_clip(self.model_name, self.pretrained, device=self.device())
+
+    def encode(self, rows: list[dict]) -> list[dict]:
+        if self.source == "image":
+            vectors = self.encoder.encode_images([row["image"] for row in rows])  # (B, D)
+            return [{"embedding": v} for v in vectors]
+        counts = [len(row["frames"]) for row in rows]
+        frames = [frame for row in rows for frame in row["frames"]]
+        vectors = self.encoder.encode_images(frames)  # (sum T, D): all videos' frames in one pass
+        out = []
+        for chunk in np.split(vectors, np.cumsum(counts)[:-1]):
+            pooled = chunk.mean(axis=0)
+            out.append({"frames": chunk, "embedding": pooled / max(np.linalg.norm(pooled), 1e-12)})
+        return out
+
+
+class ClipTextStage(ModelStage):
+    """CLIP text tower over each row's `texts`; pooled `embedding` is the first text's or the mean."""
+
+    name = "clip_text"
+    outputs = ("text_embeddings", "token_ids", "embedding")
+
+    def __init__(self, model: str, pretrained: str | None, pool: str, resources: Resources, allow_empty: bool = False):
+        if pool not in ("first", "mean"):
+            raise ValueError(f"text pooling must be 'first' or 'mean', not {pool!r}")
+        self.model_name, self.pretrained, self.pool, self.resources = model, pretrained, pool, resources
+        self.allow_empty = allow_empty  # an empty Whisper transcript is an answer ("no speech"), not a failure
+
+    def setup(self) -> None:
+        from avcache.features.clip import create_clip
+
+        _limit_threads(self.resources)
+        self.encoder, _, _ = create_clip(self.model_name, self.pretrained, device=self.device())
+
+    def encode(self, rows: list[dict]) -> list[dict]:
+        texts = [list(row["texts"]) for row in rows]
+        for row, item_texts in zip(rows, texts):
+            if not item_texts or not (self.allow_empty or any(t.strip() for t in item_texts)):
+                raise ValueError(f"{row['item_id']}: no text to encode")
+        flat = [t for item_texts in texts for t in item_texts]
+        vectors, tokens = self.encoder.encode_texts(flat)  # (sum N, D), (sum N, L)
+        splits = np.cumsum([len(t) for t in texts])[:-1]
+        out = []
+        for emb, tok in zip(np.split(vectors, splits), np.split(tokens, splits)):
+            pooled = emb[0] if self.pool == "first" else emb.mean(axis=0)
+            out.append({"text_embeddings": emb, "token_ids": tok,
+                        "embedding": pooled / max(np.linalg.norm(pooled), 1e-12)})
+        return out
+
+
+class BeatsStage(ModelStage):
+    name = "beats"
+    outputs = ("tokens", "embedding", "tag_probs")
+
+    def __init__(self, checkpoint: str, resources: Resources):
+        self.checkpoint, self.resources = checkpoint, resources
+
+    def setup(self) -> None:
+        from avcache.features.beats import BeatsEncoder
+
+        _limit_threads(self.resources)
+        self.encoder = BeatsEncoder(self.checkpoint, device=self.device())
+
+    def encode(self, rows: list[dict]) -> list[dict]:
+        results = self.encoder.encode([row["waveform"] for row in rows])
+        return [{"tokens": r["tokens"], "embedding": r["pooled"], "tag_probs": r["tag_probs"]} for r in results]
+
+
+class WhisperStage(ModelStage):
+    name = "whisper"
+    outputs = ("transcript", "encoder_states", "embedding", "n_frames")
+
+    def __init__(self, whisper: dict, resources: Resources):
+        self.whisper, self.resources = whisper, resources
+
+    def setup(self) -> None:
+        from avcache.features.whisper import create_whisper
+
+        _limit_threads(self.resources)
+        self.encoder, _, _ = create_whisper(device=self.device(), **self.whisper)
+
+    def encode(self, rows: list[dict]) -> list[dict]:
+        results = self.encoder.transcribe_and_encode([row["waveform"] for row in rows])
+        return [
+            {"transcript": r.text, "encoder_states": r.states, "embedding": r.states.mean(axis=0),
+             "n_frames": int(r.states.shape[0])}
+            for r in results
+        ]
+
+
+def _limit_threads(resources: Resources) -> None:
+    # Torch defaults to every core; several workers on one node would then fight over them.
+    import torch
+
+    torch.set_num_threads(max(1, int(resources.num_cpus)))

@@ -1,0 +1,47 @@
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+# Tiny checkpoints go to a per-run cache so tests never depend on (or write into) ~/.cache.
+os.environ.setdefault("AVCACHE_CACHE", str(Path(os.environ.get("PYTEST_TMPDIR", "/tmp")) / f"avcache-test-cache-{os.getpid()}"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
+
+
+def write_video(path: Path, frames: int = 12, size: int = 64, fps: int = 8, audio_seconds: float | None = None,
+                colour=(200, 30, 30)) -> Path:
+    """An H.264 mp4 of solid-colour frames, with an AAC tone track when audio_seconds is given."""
+    import av
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as container:
+        video = container.add_stream("libx264", rate=fps)
+        video.width = video.height = size
+        video.pix_fmt = "yuv420p"
+        audio = container.add_stream("aac", rate=16000, layout="mono") if audio_seconds else None
+        for i in range(frames):
+            pixels = np.zeros((size, size, 3), np.uint8)
+            pixels[:] = colour
+            pixels[: (i % size), :4] = 255  # something that moves
+            for packet in video.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                container.mux(packet)
+        for packet in video.encode():
+            container.mux(packet)
+        if audio is not None:
+            t = np.arange(int(audio_seconds * 16000)) / 16000
+            tone = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+            for start in range(0, len(tone), 1024):
+                frame = av.AudioFrame.from_ndarray(tone[None, start:start + 1024], format="flt", layout="mono")
+                frame.sample_rate = 16000
+                for packet in audio.encode(frame):
+                    container.mux(packet)
+            for packet in audio.encode():
+                container.mux(packet)
+    return path
+
+
+@pytest.fixture
+def make_video():
+    return write_video

@@ -1,0 +1,509 @@
+"""Dataset adapters and the manifest file.
+
+Fixtures under tests/fixtures/<dataset>/ copy each official index format exactly (file names, headers, field
+names, line formats). Media are never committed: each test copies a fixture into tmp_path and writes tiny
+placeholder wav/jpg/mp4 files there (adapters only check that media exist; they do not decode them).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import soundfile as sf
+from PIL import Image
+
+from avcache.pipeline.adapters import ADAPTERS, build_manifest
+from avcache.pipeline.manifest import (
+    MANIFEST_SCHEMA,
+    ManifestError,
+    failures_path_for,
+    read_failures,
+    read_manifest,
+    write_failures,
+    write_manifest,
+)
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+AVSD_IDS = ["3MSZA", "0A8CF", "46GP8", "ZZXQF", "6E4OG", "YSE1G"]
+FLICKR_IMAGES = ["1000268201_693b08cb0e", "1001773457_577c3a7d70", "1002674143_1b742ab4b8",
+                 "1003163366_44323f5815", "1007129816_e794419615"]
+ESC50_FILES = ["1-100032-A-0.wav", "1-100038-A-14.wav", "2-102414-A-17.wav", "3-102583-A-34.wav",
+               "4-181286-A-10.wav", "5-9032-A-0.wav"]
+
+
+# ---------------------------------------------------------------------------------------------- media helpers
+
+
+def write_wav(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(path, np.zeros(160, dtype=np.float32), 16000)
+
+
+def write_jpg(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(path)
+
+
+def write_mp4(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"")
+
+
+def copy_fixture(name: str, dest: Path) -> Path:
+    shutil.copytree(FIXTURES / name, dest)
+    return dest
+
+
+def make_avsd(root: Path, skip: tuple[str, ...] = ()) -> Path:
+    copy_fixture("avsd", root)
+    for image_id in AVSD_IDS:
+        if image_id not in skip:
+            write_mp4(root / "Charades_v1_480" / f"{image_id}.mp4")
+    return root
+
+
+def make_flickr(root: Path, skip_wavs: tuple[str, ...] = ()) -> Path:
+    copy_fixture("flickr8k_audio", root)
+    for stem in FLICKR_IMAGES:
+        write_jpg(root / "Flicker8k_Dataset" / f"{stem}.jpg")
+        for n in range(2):
+            wav = f"{stem}_{n}.wav"
+            if wav not in skip_wavs:
+                write_wav(root / "flickr_audio" / "wavs" / wav)
+    return root
+
+
+def make_spokencoco(root: Path) -> Path:
+    copy_fixture("spokencoco", root)
+    for json_path in (root / "SpokenCOCO").glob("*.json"):
+        for entry in json.loads(json_path.read_text())["data"]:
+            write_jpg(root / "images" / entry["image"])
+            for caption in entry["captions"]:
+                write_wav(root / "SpokenCOCO" / caption["wav"])
+    return root
+
+
+def make_esc50(root: Path, skip: tuple[str, ...] = ()) -> Path:
+    copy_fixture("esc50", root)
+    for name in ESC50_FILES:
+        if name not in skip:
+            write_wav(root / "audio" / name)
+    return root
+
+
+def by_id(result) -> dict[str, dict]:
+    return {row["item_id"]: row for row in result.rows}
+
+
+# ---------------------------------------------------------------------------------------------- AVSD
+
+
+def test_avsd_items_splits_and_texts(tmp_path):
+    root = make_avsd(tmp_path / "avsd")
+    result = ADAPTERS["avsd"](root)
+    rows = by_id(result)
+    assert sorted(rows) == sorted(f"avsd:{i}" for i in AVSD_IDS)  # multiref adds no duplicate items
+    assert result.failures == []
+    splits = {i: rows[f"avsd:{i}"]["split"] for i in AVSD_IDS}
+    assert splits == {"3MSZA": "train", "0A8CF": "train", "46GP8": "val",
+                      "ZZXQF": "test", "6E4OG": "test", "YSE1G": "test"}
+
+    row = rows["avsd:3MSZA"]
+    assert row["group_id"] == "3MSZA" and row["dataset"] == "avsd"
+    video = root / "Charades_v1_480" / "3MSZA.mp4"
+    assert row["video_path"] == str(video) and row["audio_path"] == str(video)
+    assert Path(row["video_path"]).is_absolute()
+    assert row["text_kinds"] == ["caption", "summary"] + ["question", "answer"] * 3
+    assert row["texts"][0].startswith("A person is sitting on a couch")
+    assert row["texts"][2:4] == ["how many people are in the video ?", "there is only one person in the video ."]
+    assert row["extra"]["caption"] == row["texts"][0] and row["extra"]["summary"] == row["texts"][1]
+    assert "undisclosed" not in row["extra"] and "references" not in row["extra"]
+
+
+def test_avsd_undisclosed_answers_and_multiref(tmp_path):
+    rows = by_id(ADAPTERS["avsd"](make_avsd(tmp_path / "avsd")))
+    row = rows["avsd:ZZXQF"]
+    assert "__UNDISCLOSED__" not in row["texts"]
+    assert row["text_kinds"] == ["caption", "summary", "question", "answer", "question", "answer", "question"]
+    assert row["texts"][-1] == "is there any sound in the video ?"
+    assert row["extra"]["undisclosed"] is True
+    assert row["extra"]["dialog"][-1] == {"question": "is there any sound in the video ?", "answer": "__UNDISCLOSED__"}
+    assert row["extra"]["references"][:2] == ["no , it is silent .", "i do not hear any sound ."]
+    assert len(row["extra"]["references"]) == 6
+    assert rows["avsd:6E4OG"]["extra"]["references"][1] == "no ."
+    dstc8 = rows["avsd:YSE1G"]  # DSTC8 test set without a multi-reference file
+    assert dstc8["extra"]["undisclosed"] is True and "references" not in dstc8["extra"]
+    assert dstc8["extra"]["source"] == "test_set4DSTC8-AVSD.json"
+
+
+def test_avsd_missing_video_and_malformed_entry_become_failures(tmp_path):
+    root = make_avsd(tmp_path / "avsd", skip=("0A8CF",))
+    train = root / "train_set4DSTC7-AVSD.json"
+    doc = json.loads(train.read_text())
+    doc["dialogs"].append({"image_id": "BROKN", "caption": "no dialog list here"})
+    train.write_text(json.dumps(doc))
+    result = ADAPTERS["avsd"](root)
+    assert "avsd:0A8CF" not in by_id(result) and "avsd:3MSZA" in by_id(result)
+    reasons = {f["item_id"]: f for f in result.failures}
+    assert "0A8CF.mp4" in reasons["avsd:0A8CF"]["reason"]
+    assert reasons["avsd:0A8CF"]["path"].endswith("Charades_v1_480/0A8CF.mp4")
+    assert "train_set4DSTC7-AVSD.json dialogs[2]" in reasons["avsd:BROKN"]["reason"]
+    assert all(f["stage"] == "manifest" for f in result.failures)
+
+
+def test_avsd_invalid_json_file_keeps_other_files(tmp_path):
+    root = make_avsd(tmp_path / "avsd")
+    (root / "valid_set4DSTC7-AVSD.json").write_bytes(b'{"type": "scene_aware_dialog",\n "dialogs": [\xff]}')
+    result = ADAPTERS["avsd"](root)
+    assert len(result.rows) == 5
+    assert "valid_set4DSTC7-AVSD.json line 2" in result.failures[0]["reason"]
+
+
+def test_avsd_multiref_file_alone_gives_test_items(tmp_path):
+    root = make_avsd(tmp_path / "avsd")
+    (root / "test_set4DSTC7-AVSD.json").unlink()
+    row = by_id(ADAPTERS["avsd"](root))["avsd:ZZXQF"]
+    assert row["split"] == "test" and row["extra"]["undisclosed"] is True
+    assert len(row["extra"]["references"]) == 6 and row["texts"][-1] == "is there any sound in the video ?"
+    assert row["extra"]["source"] == "test_set4DSTC7-AVSD_multiref.json"
+
+
+def test_avsd_flat_layout_and_nested_archive_both_work(tmp_path):
+    nested = tmp_path / "nested"
+    shutil.copytree(FIXTURES / "avsd", nested / "data" / "annotations")
+    for image_id in AVSD_IDS:
+        write_mp4(nested / "videos" / "Charades_v1_480" / f"{image_id}.mp4")
+    assert len(ADAPTERS["avsd"](nested).rows) == 6
+
+
+# ---------------------------------------------------------------------------------------------- Flickr8k Audio
+
+
+def test_flickr8k_audio_items(tmp_path):
+    root = make_flickr(tmp_path / "flickr")
+    result = ADAPTERS["flickr8k_audio"](root)
+    rows = by_id(result)
+    assert len(rows) == 8  # 1007129816_e794419615 is in no split list: skipped, no failure
+    assert result.failures == []
+    row = rows["flickr8k_audio:1000268201_693b08cb0e_0"]
+    assert row["split"] == "train" and row["group_id"] == "1000268201_693b08cb0e"
+    assert row["audio_path"] == str(root / "flickr_audio" / "wavs" / "1000268201_693b08cb0e_0.wav")
+    assert row["image_path"] == str(root / "Flicker8k_Dataset" / "1000268201_693b08cb0e.jpg")
+    assert row["texts"] == ["A child in a pink dress is climbing up a set of stairs in an entry way ."]
+    assert row["text_kinds"] == ["caption"]
+    assert row["extra"] == {"image": "1000268201_693b08cb0e.jpg", "caption_index": 0}
+    assert rows["flickr8k_audio:1000268201_693b08cb0e_1"]["texts"] == ["A girl going into a wooden building ."]
+    assert rows["flickr8k_audio:1002674143_1b742ab4b8_1"]["split"] == "val"
+    assert rows["flickr8k_audio:1003163366_44323f5815_0"]["split"] == "test"
+
+
+def test_flickr8k_audio_bad_lines_and_missing_wav(tmp_path):
+    root = make_flickr(tmp_path / "flickr", skip_wavs=("1001773457_577c3a7d70_1.wav",))
+    token = root / "Flickr8k_text" / "Flickr8k.token.txt"
+    token.write_bytes(token.read_bytes() + b"1003163366_44323f5815.jpg#2\tA caf\xe9 latin-1 caption .\n")
+    wav2capt = root / "flickr_audio" / "wav2capt.txt"
+    wav2capt.write_bytes(wav2capt.read_bytes() + b"just_one_field.wav\n")
+    result = ADAPTERS["flickr8k_audio"](root)
+    assert len(result.rows) == 7  # every good item survives
+    reasons = [f["reason"] for f in result.failures]
+    assert len(reasons) == 3
+    assert any(r.startswith("Flickr8k.token.txt line 11: not UTF-8") for r in reasons)
+    assert any(r.startswith("wav2capt.txt line 10: expected") for r in reasons)
+    missing = [f for f in result.failures if f["item_id"] == "flickr8k_audio:1001773457_577c3a7d70_1"]
+    assert missing and missing[0]["path"].endswith("flickr_audio/wavs/1001773457_577c3a7d70_1.wav")
+
+
+def test_flickr8k_audio_missing_index_file_is_an_error(tmp_path):
+    root = make_flickr(tmp_path / "flickr")
+    (root / "Flickr8k_text" / "Flickr_8k.devImages.txt").unlink()
+    with pytest.raises(ManifestError, match="Flickr_8k.devImages.txt"):
+        ADAPTERS["flickr8k_audio"](root)
+
+
+# ---------------------------------------------------------------------------------------------- SpokenCOCO
+
+
+def test_spokencoco_items(tmp_path):
+    root = make_spokencoco(tmp_path / "coco")
+    result = ADAPTERS["spokencoco"](root)
+    rows = by_id(result)
+    assert result.failures == [] and len(rows) == 5
+    uttid = "m071506418gb9vo0w5xq3-3LUY3GC63Z0R9PYRUSXJSL5MODT7O2_324947_380950"
+    row = rows[f"spokencoco:{uttid}"]
+    assert row["split"] == "val" and row["group_id"] == "COCO_val2014_000000325114"
+    assert row["audio_path"] == str(root / "SpokenCOCO" / "wavs" / "val" / "0" / f"{uttid}.wav")
+    assert row["image_path"] == str(root / "images" / "val2014" / "COCO_val2014_000000325114.jpg")
+    assert row["texts"] == ["A URINAL IN A PUBLIC RESTROOM NEAR A WOODEN TABLE"] and row["text_kinds"] == ["caption"]
+    # a caption without uttid falls back to the wav stem
+    assert "spokencoco:m2bz6hzqx9yc0x-3FDJT1UU747F07ZZL4PF86U5TLQK5P_324947_385117" in rows
+    assert sorted(r["split"] for r in rows.values()) == ["test", "train", "train", "val", "val"]
+    assert len({r["group_id"] for r in rows.values()}) == 3
+
+
+def test_spokencoco_official_files_and_images_beside_the_json(tmp_path):
+    root = make_spokencoco(tmp_path / "coco")
+    for split in ("train", "val", "test"):  # keep only the official (non-Karpathy) train/val files
+        src = root / "SpokenCOCO" / f"SpokenCOCO_{split}_karpathy.json"
+        if split != "test":
+            src.rename(src.with_name(f"SpokenCOCO_{split}.json"))
+        else:
+            src.unlink()
+    shutil.move(root / "images" / "val2014", root / "val2014")  # COCO image root = data_dir
+    result = ADAPTERS["spokencoco"](root)
+    assert sorted(r["split"] for r in result.rows) == ["train", "train", "val", "val"]
+    val = [r for r in result.rows if r["split"] == "val"][0]
+    assert val["image_path"] == str(root / "val2014" / "COCO_val2014_000000325114.jpg")
+
+
+# ---------------------------------------------------------------------------------------------- ESC-50
+
+
+def test_esc50_items_labels_and_fold_splits(tmp_path):
+    root = make_esc50(tmp_path / "ESC-50-master")
+    result = ADAPTERS["esc50"](root)
+    rows = by_id(result)
+    assert result.failures == [] and len(rows) == 6
+    row = rows["esc50:1-100032-A-0"]
+    assert (row["label"], row["label_id"], row["split"]) == ("dog", 0, "train")
+    assert row["audio_path"] == str(root / "audio" / "1-100032-A-0.wav")
+    assert row["extra"] == {"fold": 1, "esc10": True, "src_file": "100032", "take": "A"}
+    assert rows["esc50:4-181286-A-10"]["split"] == "val"
+    assert rows["esc50:5-9032-A-0"]["split"] == "test"
+
+
+def test_esc50_bad_lines_and_missing_audio(tmp_path):
+    root = make_esc50(tmp_path / "esc", skip=("2-102414-A-17.wav",))
+    meta = root / "meta" / "esc50.csv"
+    short_line = b"1-115545-A-48.wav,1,48,fireworks\n"
+    latin1_line = b"1-\xff\xfe.wav,1,1,rooster,False,1,A\n"
+    meta.write_bytes(meta.read_bytes() + short_line + latin1_line)
+    result = ADAPTERS["esc50"](root)
+    assert len(result.rows) == 5
+    reasons = sorted(f["reason"] for f in result.failures)
+    assert reasons[0].startswith("esc50.csv line 4: audio 2-102414-A-17.wav not found")
+    assert reasons[1] == "esc50.csv line 8: expected 7 fields, got 4"
+    assert reasons[2].startswith("esc50.csv line 9: not UTF-8")
+
+
+def test_esc50_missing_csv_is_an_error(tmp_path):
+    root = make_esc50(tmp_path / "esc")
+    (root / "meta" / "esc50.csv").unlink()
+    with pytest.raises(ManifestError, match="esc50.csv"):
+        build_manifest("esc50", root, tmp_path / "m.arrow")
+
+
+# ---------------------------------------------------------------------------------------------- folder
+
+
+def test_folder_adapter_from_label_subfolders(tmp_path):
+    root = tmp_path / "clips"
+    write_wav(root / "dog" / "a.wav")
+    write_wav(root / "dog" / "b.flac")
+    write_jpg(root / "cat" / "c.jpg")
+    (root / "cat" / "c.txt").write_text("a cat on a mat\n")
+    write_mp4(root / "bird" / "nested" / "d.mp4")
+    (root / "notes.md").write_text("not media")
+    result = ADAPTERS["folder"](root)
+    rows = by_id(result)
+    assert sorted(rows) == ["folder:bird/nested/d.mp4", "folder:cat/c.jpg", "folder:dog/a.wav", "folder:dog/b.flac"]
+    assert {r["label"]: r["label_id"] for r in rows.values()} == {"bird": 0, "cat": 1, "dog": 2}
+    assert rows["folder:cat/c.jpg"]["image_path"] == str(root / "cat" / "c.jpg")
+    cat = rows["folder:cat/c.jpg"]
+    assert cat["texts"] == ["a cat on a mat"] and cat["text_kinds"] == ["text"]
+    video = rows["folder:bird/nested/d.mp4"]
+    assert video["video_path"] == video["audio_path"] == str(root / "bird" / "nested" / "d.mp4")
+    assert all(r["split"] in ("train", "val", "test") for r in rows.values())
+    assert by_id(ADAPTERS["folder"](root)) == rows  # hash splits are stable
+
+
+def test_folder_adapter_from_csv(tmp_path):
+    root = tmp_path / "custom"
+    write_wav(root / "media" / "x.wav")
+    write_jpg(root / "media" / "y.png")
+    write_wav(tmp_path / "elsewhere.wav")
+    (root / "manifest.csv").write_text(
+        "path,label,split,text,item_id\n"
+        "media/x.wav,siren,train,a siren wails,clip-x\n"
+        f"{tmp_path / 'elsewhere.wav'},engine,valid,,\n"
+        "media/y.png,siren,,,\n"
+        "media/missing.wav,siren,test,,\n"
+        "media/y.png,siren,holdout,,other\n"
+    )
+    result = ADAPTERS["folder"](root)
+    rows = by_id(result)
+    assert sorted(rows) == sorted(["folder:clip-x", f"folder:{tmp_path / 'elsewhere.wav'}", "folder:media/y.png"])
+    x = rows["folder:clip-x"]
+    assert (x["split"], x["label"], x["label_id"], x["texts"]) == ("train", "siren", 1, ["a siren wails"])
+    assert x["audio_path"] == str(root / "media" / "x.wav")
+    assert rows[f"folder:{tmp_path / 'elsewhere.wav'}"]["split"] == "val"
+    assert rows["folder:media/y.png"]["image_path"] == str(root / "media" / "y.png")
+    reasons = sorted(f["reason"] for f in result.failures)
+    assert reasons == ["manifest.csv line 5: media file not found",
+                       "manifest.csv line 6: unknown split 'holdout' (use train/val/test)"]
+
+
+# ---------------------------------------------------------------------------------------------- synthetic
+
+
+def test_synthetic_adapter_concatenates_official_layouts(tmp_path):
+    data = tmp_path / "DATA"
+    make_avsd(data / "avsd")
+    make_flickr(data / "flickr8k_audio")
+    make_esc50(data / "esc50")
+    (data / "classes.json").write_text(json.dumps({"classes": ["dog", "rain"]}))
+    result = build_manifest("synthetic", data, tmp_path / "manifest.arrow")
+    table = read_manifest(tmp_path / "manifest.arrow")
+    assert table.num_rows == 6 + 8 + 6 == len(result.rows)
+    counts = {d: table["dataset"].to_pylist().count(d) for d in ("avsd", "flickr8k_audio", "esc50")}
+    assert counts == {"avsd": 6, "flickr8k_audio": 8, "esc50": 6}
+    assert all(i.split(":")[0] == d for i, d in zip(table["item_id"].to_pylist(), table["dataset"].to_pylist()))
+    assert json.loads((data / "classes.json").read_text()) == {"classes": ["dog", "rain"]}
+
+
+def test_synthetic_without_parts_is_an_error(tmp_path):
+    (tmp_path / "DATA").mkdir()
+    with pytest.raises(ManifestError, match="avsd"):
+        build_manifest("synthetic", tmp_path / "DATA", tmp_path / "m.arrow")
+
+
+# ---------------------------------------------------------------------------------------------- build_manifest
+
+
+def test_build_manifest_round_trip_and_failures_file(tmp_path):
+    root = make_esc50(tmp_path / "esc", skip=("3-102583-A-34.wav",))
+    out = tmp_path / "out" / "esc50.arrow"
+    result = build_manifest("esc50", root, out)
+    table = read_manifest(out)
+    assert table.schema == MANIFEST_SCHEMA
+    assert table["item_id"].to_pylist() == [r["item_id"] for r in result.rows]
+    assert json.loads(table["extra"][0].as_py())["fold"] == 1
+    assert table["label_id"].type == pa.int32()
+    failures = read_failures(out.parent / "esc50.failures.arrow")
+    assert failures_path_for(out) == out.parent / "esc50.failures.arrow"
+    assert failures["item_id"].to_pylist() == ["esc50:3-102583-A-34"]
+    assert failures["stage"].to_pylist() == ["manifest"]
+
+
+def test_build_manifest_is_deterministic(tmp_path):
+    root = make_avsd(tmp_path / "avsd")
+    build_manifest("avsd", root, tmp_path / "a.arrow")
+    build_manifest("avsd", root, tmp_path / "b.arrow")
+    assert read_manifest(tmp_path / "a.arrow").equals(read_manifest(tmp_path / "b.arrow"))
+    assert (tmp_path / "a.arrow").read_bytes() == (tmp_path / "b.arrow").read_bytes()
+
+
+def test_build_manifest_errors(tmp_path):
+    with pytest.raises(ManifestError, match=r"unknown dataset 'kinetics'.*avsd.*esc50.*flickr8k_audio"):
+        build_manifest("kinetics", tmp_path, tmp_path / "m.arrow")
+    with pytest.raises(ManifestError, match="does not exist"):
+        build_manifest("esc50", tmp_path / "nope", tmp_path / "m.arrow")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ManifestError, match="no items found"):
+        build_manifest("folder", tmp_path / "empty", tmp_path / "m.arrow")
+    with pytest.raises(ManifestError, match="train_set4DSTC7-AVSD.json"):
+        build_manifest("avsd", tmp_path / "empty", tmp_path / "m.arrow")
+
+
+def test_build_manifest_with_no_good_items_names_files_and_failures(tmp_path):
+    root = make_esc50(tmp_path / "esc", skip=tuple(ESC50_FILES))
+    with pytest.raises(ManifestError, match=r"no items found.*meta/esc50.csv.*audio 1-100032-A-0.wav not found"):
+        build_manifest("esc50", root, tmp_path / "m.arrow")
+    assert read_failures(tmp_path / "m.failures.arrow").num_rows == 6
+
+
+def test_build_manifest_drops_duplicate_ids_as_failures(tmp_path):
+    root = tmp_path / "custom"
+    write_wav(root / "a.wav")
+    write_wav(root / "b.wav")
+    (root / "manifest.csv").write_text("path,item_id\na.wav,same\nb.wav,same\n")
+    result = build_manifest("folder", root, tmp_path / "m.arrow")
+    assert [r["item_id"] for r in result.rows] == ["folder:same"]
+    assert "duplicate item id folder:same" in result.failures[0]["reason"]
+
+
+# ---------------------------------------------------------------------------------------------- manifest file
+
+
+def test_write_manifest_fills_defaults_and_round_trips(tmp_path):
+    rows = [
+        {"item_id": "x:1", "dataset": "x", "split": "train", "audio_path": Path("/data/1.wav"),
+         "texts": ["hi"], "text_kinds": ["caption"], "label": "a", "label_id": 0, "extra": {"b": 2, "a": 1}},
+        {"item_id": "x:2", "dataset": "x", "split": "test"},
+    ]
+    write_manifest(rows, tmp_path / "m.arrow")
+    got = read_manifest(tmp_path / "m.arrow").to_pylist()
+    assert got[0]["audio_path"] == "/data/1.wav" and got[0]["extra"] == '{"a": 1, "b": 2}'
+    assert got[1] == {"item_id": "x:2", "dataset": "x", "split": "test", "group_id": "x:2", "video_path": None,
+                      "audio_path": None, "image_path": None, "texts": [], "text_kinds": [], "label": None,
+                      "label_id": None, "extra": "{}"}
+    assert [p.name for p in tmp_path.iterdir()] == ["m.arrow"]  # no temp file left behind
+
+
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        ([{"item_id": "d:1", "dataset": "d", "split": "train"}, {"item_id": "d:1", "dataset": "d", "split": "val"},
+          {"item_id": "d:2", "dataset": "d", "split": "val"}, {"item_id": "d:2", "dataset": "d", "split": "val"}],
+         "duplicate item ids: 'd:1', 'd:2'"),
+        ([{"item_id": "d:1", "dataset": "d", "split": "train", "texts": ["a", "b"], "text_kinds": ["caption"]}],
+         "texts and text_kinds differ in length for \\['d:1'\\]"),
+        ([{"item_id": "d:1", "dataset": "d", "split": "dev"}], "split must be one of"),
+        ([{"item_id": "d:1", "dataset": "d", "split": "train", "colour": "red"}], "unknown keys \\['colour'\\]"),
+        ([{"item_id": "d:1", "split": "train"}], "lacks \\['dataset'\\]"),
+        ([{"item_id": "d:1", "dataset": "d", "split": "train", "texts": ["a"], "text_kinds": ["poem"]}],
+         "unknown text kinds"),
+    ],
+)
+def test_write_manifest_rejects_bad_rows(tmp_path, rows, message):
+    with pytest.raises(ManifestError, match=message):
+        write_manifest(rows, tmp_path / "m.arrow")
+    assert not (tmp_path / "m.arrow").exists()
+
+
+def _write_ipc(table: pa.Table, path: Path) -> None:
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+
+
+def test_read_manifest_accepts_a_minimal_user_manifest(tmp_path):
+    table = pa.table({"item_id": ["mine:a", "b"], "split": ["train", "val"], "image_path": ["/i/a.jpg", "/i/b.jpg"],
+                      "label_id": pa.array([3, 4], pa.int64()), "note": ["kept", "too"]})
+    _write_ipc(table, tmp_path / "user.arrow")
+    got = read_manifest(tmp_path / "user.arrow")
+    assert got.schema.names[: len(MANIFEST_SCHEMA)] == MANIFEST_SCHEMA.names
+    assert got["note"].to_pylist() == ["kept", "too"]  # columns beyond the schema are kept
+    rows = got.to_pylist()
+    assert rows[0]["dataset"] == "mine" and rows[1]["dataset"] == "custom"
+    assert rows[1]["group_id"] == "b" and rows[1]["texts"] == [] and rows[1]["extra"] == "{}"
+    assert got["label_id"].type == pa.int32() and rows[0]["image_path"] == "/i/a.jpg"
+
+
+def test_read_manifest_errors(tmp_path):
+    with pytest.raises(ManifestError, match="not found"):
+        read_manifest(tmp_path / "absent.arrow")
+    (tmp_path / "text.arrow").write_text("item_id,split\na,train\n")
+    with pytest.raises(ManifestError, match="not an Arrow IPC file"):
+        read_manifest(tmp_path / "text.arrow")
+    _write_ipc(pa.table({"item_id": ["a"]}), tmp_path / "nosplit.arrow")
+    with pytest.raises(ManifestError, match=r"lacks required column\(s\) \['split'\]"):
+        read_manifest(tmp_path / "nosplit.arrow")
+    _write_ipc(pa.table({"item_id": ["a", "a"], "split": ["train", "test"]}), tmp_path / "dup.arrow")
+    with pytest.raises(ManifestError, match="duplicate item ids: 'a'"):
+        read_manifest(tmp_path / "dup.arrow")
+
+
+def test_failures_round_trip(tmp_path):
+    rows = [{"item_id": "d:1", "path": Path("/x.wav"), "reason": "missing"},
+            {"item_id": None, "path": "/idx.txt", "stage": "manifest", "reason": "idx.txt line 3: not UTF-8"}]
+    write_failures(rows, tmp_path / "m.failures.arrow")
+    got = read_failures(tmp_path / "m.failures.arrow").to_pylist()
+    assert got == [{"item_id": "d:1", "path": "/x.wav", "stage": "manifest", "reason": "missing"},
+                   {"item_id": None, "path": "/idx.txt", "stage": "manifest", "reason": "idx.txt line 3: not UTF-8"}]
+    write_failures([], tmp_path / "empty.failures.arrow")
+    assert read_failures(tmp_path / "empty.failures.arrow").num_rows == 0

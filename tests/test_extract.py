@@ -1,0 +1,173 @@
+"""The extract job with the in-process runner and tiny models: store contents, failures, refusal to mix
+encoders, no encoder work on a finished store, and kill-and-resume with a real SIGKILL."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.ipc as ipc
+import pytest
+import soundfile
+from PIL import Image
+
+from avcache.features.store import FeatureStore, StoreMismatchError
+from avcache.pipeline.cli import main as cli_main
+from avcache.pipeline.config import load_config
+from avcache.pipeline.extract import extract
+from avcache.pipeline.manifest import write_manifest
+from avcache.pipeline.runners import LocalRunner
+
+CLIP_SETS = "feature_sets=[clip_frames,clip_image,clip_text,clip_vocab]"
+
+
+@pytest.fixture(scope="module")
+def media_manifest(tmp_path_factory):
+    """Six good items with video (+audio track), image, audio and texts, plus one item whose media is missing."""
+    from conftest import write_video
+
+    root = tmp_path_factory.mktemp("media")
+    rows = []
+    for i in range(6):
+        video = write_video(root / f"v{i}.mp4", frames=10, audio_seconds=1.0, colour=(40 * i, 100, 200))
+        image = root / f"i{i}.jpg"
+        Image.new("RGB", (48, 40), (30 * i, 0, 0)).save(image)
+        wav = root / f"a{i}.wav"
+        soundfile.write(wav, (0.2 * np.sin(np.arange(16000) * (i + 1) / 20)).astype(np.float32), 16000)
+        rows.append(dict(item_id=f"t:{i}", dataset="folder", split="train", video_path=str(video),
+                         audio_path=str(wav), image_path=str(image), texts=[f"caption {i}", "what is it?"],
+                         text_kinds=["caption", "question"], label=["dog", "car"][i % 2], label_id=i % 2))
+    rows.append(dict(item_id="t:bad", dataset="folder", split="test", video_path=str(root / "gone.mp4"),
+                     audio_path=str(root / "gone.wav"), image_path=str(root / "gone.jpg"), texts=["still text"],
+                     text_kinds=["caption"]))
+    manifest = root / "manifest.arrow"
+    write_manifest(rows, manifest)
+    return manifest
+
+
+def test_clip_feature_sets_end_to_end_in_process(media_manifest, tmp_path):
+    config = load_config(overrides=[CLIP_SETS, "rows_per_shard=4", "video.num_frames=4"])
+    report = extract(media_manifest, tmp_path / "store", config, LocalRunner())
+    by_name = {r.name: r for r in report.feature_sets}
+    assert (by_name["clip_frames"].written, by_name["clip_frames"].failed) == (6, 1)
+    assert (by_name["clip_image"].written, by_name["clip_image"].failed) == (6, 1)
+    assert (by_name["clip_text"].written, by_name["clip_text"].failed) == (7, 0)
+    assert by_name["clip_vocab"].written == 2  # labels dog, car
+
+    store = FeatureStore(tmp_path / "store")
+    frames = store["clip_frames"]
+    assert frames.vectors("embedding").shape == (6, 64)
+    assert frames.sequence("t:3", "frames").shape == (4, 64)
+    assert np.allclose(np.linalg.norm(frames.sequence("t:3", "frames"), axis=1), 1.0, atol=1e-5)
+    assert frames.sequence("t:3", "timestamps").shape == (4,)
+    assert frames.meta["encoder"]["model"] == "avcache-tiny-clip"
+    assert frames.meta["preprocessing"]["num_frames"] == 4
+    text = store["clip_text"]
+    assert text.row("t:0")["texts"] == ["caption 0", "what is it?"]
+    assert text.sequence("t:0", "token_ids").dtype == np.int32
+    vocab = store["clip_vocab"]
+    assert sorted(vocab.item_ids) == ["labels:car", "labels:dog"]
+    assert vocab.row("labels:dog")["prompts"] == ["a photo of a dog.", "the sound of a dog."]
+
+    failures = store.failures().to_pylist()
+    assert {(f["feature_set"], f["stage"]) for f in failures} == {("clip_frames", "decode_video"),
+                                                                  ("clip_image", "decode_image")}
+    assert all(f["item_id"] == "t:bad" and "file not found" in f["reason"] for f in failures)
+
+
+def test_identical_inputs_give_identical_features(media_manifest, tmp_path):
+    config = load_config(overrides=["feature_sets=[clip_frames]", "video.num_frames=4"])
+    extract(media_manifest, tmp_path / "a", config, LocalRunner())
+    extract(media_manifest, tmp_path / "b", config, LocalRunner())
+    a, b = FeatureStore(tmp_path / "a")["clip_frames"], FeatureStore(tmp_path / "b")["clip_frames"]
+    assert a.item_ids == b.item_ids
+    assert np.array_equal(a.vectors("embedding"), b.vectors("embedding"))
+
+
+class ExplodingRunner(LocalRunner):
+    def run(self, rows, stages):
+        raise AssertionError("encoder work on a finished store")
+
+
+def test_rerun_of_a_finished_job_does_no_encoder_work(media_manifest, tmp_path):
+    config = load_config(overrides=["feature_sets=[clip_image,clip_text]"])
+    extract(media_manifest, tmp_path / "store", config, LocalRunner())
+    # The bad item failed at decode; only it is retried, and it never reaches an encoder.
+    config_good_only = load_config(overrides=["feature_sets=[clip_text]"])
+    report = extract(media_manifest, tmp_path / "store", config_good_only, ExplodingRunner())
+    assert report.feature_sets[0].already_done == 7 and report.feature_sets[0].written == 0
+
+
+def test_store_refuses_features_of_another_encoder(media_manifest, tmp_path):
+    extract(media_manifest, tmp_path / "store", load_config(overrides=["feature_sets=[clip_frames]",
+                                                                       "video.num_frames=4"]), LocalRunner())
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in (tmp_path / "store" / "clip_frames").iterdir())
+    other = load_config(overrides=["feature_sets=[clip_frames]", "video.num_frames=6"])
+    with pytest.raises(StoreMismatchError) as info:
+        extract(media_manifest, tmp_path / "store", other, LocalRunner())
+    assert "num_frames" in str(info.value) and "4" in str(info.value) and "6" in str(info.value)
+    after = sorted((p.name, p.stat().st_mtime_ns) for p in (tmp_path / "store" / "clip_frames").iterdir())
+    assert before == after
+
+
+def test_cli_reports_failures_in_exit_status(media_manifest, tmp_path, capsys):
+    status = cli_main(["extract", "--manifest", str(media_manifest), "--store", str(tmp_path / "s"),
+                       "--runner", "local", "--feature-sets", "clip_image"])
+    assert status == 3
+    assert "1 failed items" in capsys.readouterr().out
+    with ipc.open_file(pa.OSFile(str(tmp_path / "s" / "failures.arrow"))) as reader:
+        table = reader.read_all()
+    assert table.column_names[:4] == ["item_id", "path", "stage", "reason"]
+
+
+def test_cli_bad_input_is_one_line_not_a_traceback(tmp_path, capsys):
+    status = cli_main(["extract", "--manifest", str(tmp_path / "none.arrow"), "--store", str(tmp_path / "s"),
+                       "--runner", "local"])
+    err = capsys.readouterr().err
+    assert status == 2 and err.startswith("avcache extract: error:") and "Traceback" not in err
+    status = cli_main(["manifest", "--dataset", "nope", "--data", str(tmp_path), "--manifest", str(tmp_path / "m")])
+    assert status == 2 and "nope" in capsys.readouterr().err
+
+
+def test_killed_job_resumes_with_every_item_exactly_once(tmp_path):
+    rows = []
+    for i in range(16):
+        image = tmp_path / f"i{i}.png"
+        Image.new("RGB", (32, 32), (i * 15, 0, 0)).save(image)
+        rows.append(dict(item_id=f"k:{i:02d}", dataset="folder", split="train", image_path=str(image)))
+    write_manifest(rows, tmp_path / "m.arrow")
+    args = ["extract", "--manifest", str(tmp_path / "m.arrow"), "--store", str(tmp_path / "store"),
+            "--runner", "local", "--feature-sets", "clip_image", "--set", "rows_per_shard=2",
+            "--set", "batch_size.decode=1", "--set", "batch_size.clip=1"]
+    # The first run encodes slowly (a sleep wrapped around the encoder, in the child only) so the kill lands
+    # mid-job; the rerun is the plain CLI.
+    slow_child = ("import sys, time\n"
+                  "from avcache.pipeline import stages\n"
+                  "encode = stages.ClipImageStage.encode\n"
+                  "stages.ClipImageStage.encode = lambda self, rows: (time.sleep(0.2), encode(self, rows))[1]\n"
+                  "from avcache.pipeline.cli import main\n"
+                  "sys.exit(main(sys.argv[1:]))\n")
+    process = subprocess.Popen([sys.executable, "-c", slow_child, *args], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    meta = tmp_path / "store" / "clip_image" / "meta.json"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if meta.is_file() and json.loads(meta.read_text()).get("rows", 0) >= 2:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    partial = json.loads(meta.read_text())["rows"]
+    assert 2 <= partial < 16, "the kill must land mid-job"
+
+    rerun = subprocess.run([sys.executable, "-m", "avcache.pipeline.cli", *args], capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"{16 - partial} written, {partial} already stored" in rerun.stdout
+    fs = FeatureStore(tmp_path / "store")["clip_image"]
+    assert sorted(fs.item_ids) == [f"k:{i:02d}" for i in range(16)]
+    assert len(fs.item_ids) == len(set(fs.item_ids)) == 16
+    fs.verify()

@@ -1,0 +1,457 @@
+"""The synthetic dataset: official layouts, consistent ground truth, a real class signal, determinism, TTS."""
+from __future__ import annotations
+
+import csv
+import json
+import re
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from avcache.pipeline import synth, tts
+from avcache.pipeline.synth import CLASSES, write_synthetic
+
+ITEMS = 12          # 3 scenes per class: every class reaches train, val and test
+N_CLASSES = 4
+CAPTIONS = 2
+SPEC = {c.name: c for c in CLASSES}
+TTS_OK = tts.available()
+needs_tts = pytest.mark.skipif(not TTS_OK, reason="libespeak-ng (espeakng-loader) cannot be loaded here")
+
+
+@pytest.fixture(scope="module")
+def ds(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth") / "data"
+    summary = write_synthetic(root, items=ITEMS, seed=0, speech="auto", n_classes=N_CLASSES)
+    return root, summary
+
+
+def _truth(root: Path) -> dict:
+    return json.loads((root / "classes.json").read_text())
+
+
+def _lines(path: Path) -> list[str]:
+    text = path.read_text(encoding="utf-8")
+    assert text.endswith("\n")
+    return text[:-1].split("\n") if text != "\n" else []
+
+
+def _read_wav(path: Path) -> tuple[np.ndarray, int]:
+    with wave.open(str(path), "rb") as w:
+        assert (w.getnchannels(), w.getsampwidth()) == (1, 2), f"{path} must be mono PCM16"
+        x = np.frombuffer(w.readframes(w.getnframes()), "<i2").astype(np.float32) / 32768.0
+        return x, w.getframerate()
+
+
+def _dominant_hz(x: np.ndarray, sr: int) -> float:
+    spectrum = np.abs(np.fft.rfft(x * np.hanning(len(x))))
+    return float(np.fft.rfftfreq(len(x), 1.0 / sr)[spectrum.argmax()])
+
+
+def _nearest_class(rgb: np.ndarray, names: list[str]) -> str:
+    return min(names, key=lambda n: np.linalg.norm(rgb - np.array(SPEC[n].bg, float)))
+
+
+# ------------------------------------------------------------------------------------------------ layout
+
+
+def test_top_level_layout_and_summary(ds):
+    root, summary = ds
+    assert sorted(p.name for p in root.iterdir()) == ["avsd", "classes.json", "esc50", "flickr8k_audio"]
+    assert summary["classes"] == [c.name for c in CLASSES[:N_CLASSES]]
+    assert summary["speech"] is TTS_OK
+    assert sum(summary["counts"]["avsd"].values()) == ITEMS
+    assert sum(summary["counts"]["flickr8k_audio"].values()) == ITEMS * CAPTIONS
+    assert sum(summary["counts"]["esc50"].values()) == ITEMS
+    assert summary["seconds"] > 0
+
+
+def test_avsd_schema(ds):
+    root, _ = ds
+    avsd = root / "avsd"
+    assert sorted(p.name for p in avsd.iterdir()) == sorted(
+        ["Charades_v1_480", "train_set4DSTC7-AVSD.json", "valid_set4DSTC7-AVSD.json", "test_set4DSTC7-AVSD.json",
+         "test_set4DSTC7-AVSD_multiref.json"])
+    ids = []
+    for name in ("train_set4DSTC7-AVSD.json", "valid_set4DSTC7-AVSD.json", "test_set4DSTC7-AVSD.json"):
+        data = json.loads((avsd / name).read_text())
+        assert set(data) == {"type", "dialogs"} and data["type"] == "scene_aware_dialog"
+        assert data["dialogs"], f"{name} has no dialogs"
+        for d in data["dialogs"]:
+            assert set(d) == {"image_id", "caption", "summary", "dialog"}
+            assert re.fullmatch(r"[A-Z0-9]{5}", d["image_id"])
+            assert isinstance(d["caption"], str) and isinstance(d["summary"], str)
+            assert 3 <= len(d["dialog"]) <= 5
+            for turn in d["dialog"]:
+                assert set(turn) == {"question", "answer"}
+                assert isinstance(turn["question"], str) and isinstance(turn["answer"], str)
+            last = [t["answer"] == synth.UNDISCLOSED for t in d["dialog"]]
+            assert last == [False] * (len(last) - 1) + [name.startswith("test")]
+            ids.append(d["image_id"])
+    assert len(ids) == len(set(ids)) == ITEMS
+    videos = sorted(p.name for p in (avsd / "Charades_v1_480").iterdir())
+    assert videos == sorted(f"{i}.mp4" for i in ids)
+
+
+def test_avsd_multiref_matches_test_dialogs(ds):
+    root, _ = ds
+    test = json.loads((root / "avsd" / "test_set4DSTC7-AVSD.json").read_text())["dialogs"]
+    multi = json.loads((root / "avsd" / "test_set4DSTC7-AVSD_multiref.json").read_text())
+    assert set(multi) == {"type", "dialogs"}
+    assert [d["image_id"] for d in multi["dialogs"]] == [d["image_id"] for d in test]
+    for t, m in zip(test, multi["dialogs"]):
+        assert t["dialog"][:-1] == m["dialog"][:-1]
+        assert t["dialog"][-1]["question"] == m["dialog"][-1]["question"]
+        refs = m["dialog"][-1]["answer"]
+        assert isinstance(refs, list) and len(refs) >= 3 and all(isinstance(r, str) and r for r in refs)
+
+
+def test_avsd_answers_depend_on_the_class(ds):
+    """Within a class a question always gets the same answer; across classes it never does."""
+    root, _ = ds
+    truth = _truth(root)["items"]
+    answer = {}  # (question, class) -> answers seen
+    for name in ("train_set4DSTC7-AVSD.json", "valid_set4DSTC7-AVSD.json"):
+        for d in json.loads((root / "avsd" / name).read_text())["dialogs"]:
+            cls = truth[f"avsd:{d['image_id']}"]["class"]
+            for turn in d["dialog"]:
+                answer.setdefault((turn["question"], cls), set()).add(turn["answer"])
+                assert any(cue in turn["answer"] for cue in
+                           (cls, SPEC[cls].bg_name, SPEC[cls].fg_name, SPEC[cls].sound, SPEC[cls].action))
+    assert all(len(v) == 1 for v in answer.values())
+    for question in {q for q, _ in answer}:
+        per_class = [next(iter(v)) for (q, _), v in answer.items() if q == question]
+        assert len(per_class) == len(set(per_class)), question
+
+
+def test_flickr8k_audio_layout(ds):
+    root, _ = ds
+    base = root / "flickr8k_audio"
+    assert sorted(p.name for p in base.iterdir()) == sorted(["Flicker8k_Dataset", "Flickr8k_text", "flickr_audio"])
+    text = base / "Flickr8k_text"
+    assert sorted(p.name for p in text.iterdir()) == sorted(
+        ["Flickr8k.token.txt", "Flickr_8k.trainImages.txt", "Flickr_8k.devImages.txt", "Flickr_8k.testImages.txt"])
+    tokens = {}
+    for line in _lines(text / "Flickr8k.token.txt"):
+        m = re.fullmatch(r"(\d{10}_[0-9a-f]{10}\.jpg)#(\d)\t(.+)", line)
+        assert m, line
+        tokens[(m[1], int(m[2]))] = m[3]
+    images = sorted(p.name for p in (base / "Flicker8k_Dataset").iterdir())
+    assert images == sorted({img for img, _ in tokens}) and len(images) == ITEMS
+    assert sorted(tokens) == sorted((img, n) for img in images for n in range(CAPTIONS))
+
+    pairs = []
+    for line in _lines(base / "flickr_audio" / "wav2capt.txt"):
+        m = re.fullmatch(r"(\S+)_(\d)\.wav (\S+)\.jpg #(\d)", line)
+        assert m and m[1] == m[3] and m[2] == m[4], line
+        pairs.append((f"{m[3]}.jpg", int(m[4])))
+    assert sorted(pairs) == sorted(tokens)
+    wavs = sorted(p.name for p in (base / "flickr_audio" / "wavs").iterdir())
+    assert wavs == sorted(f"{img[:-4]}_{n}.wav" for img, n in pairs)
+    for w in wavs[:4]:
+        x, sr = _read_wav(base / "flickr_audio" / "wavs" / w)
+        assert sr == 16000 and 1.0 < len(x) / sr < 10.0
+
+    split_sets = [set(_lines(text / f"Flickr_8k.{s}Images.txt")) for s in ("train", "dev", "test")]
+    assert set().union(*split_sets) == set(images) and sum(map(len, split_sets)) == len(images)
+    assert all(split_sets), "each split lists at least one image"
+
+
+def test_esc50_layout(ds):
+    root, _ = ds
+    esc = root / "esc50"
+    header = _lines(esc / "meta" / "esc50.csv")[0]
+    assert header == "filename,fold,target,category,esc10,src_file,take"
+    rows = list(csv.DictReader((esc / "meta" / "esc50.csv").open()))
+    classes = _truth(root)["classes"]
+    assert len(rows) == ITEMS
+    for r in rows:
+        assert r["filename"] == f"{r['fold']}-{r['src_file']}-{r['take']}-{r['target']}.wav"
+        assert re.fullmatch(r"[1-5]-\d{6}-[A-J]-\d+\.wav", r["filename"])
+        assert classes[int(r["target"])] == r["category"]
+        assert r["esc10"] == str(r["category"] in synth.ESC10)
+    assert sorted(p.name for p in (esc / "audio").iterdir()) == sorted(r["filename"] for r in rows)
+    assert {r["category"] for r in rows if r["fold"] == "5"} == set(classes), "every class in the test fold"
+    x, sr = _read_wav(esc / "audio" / rows[0]["filename"])
+    assert sr == 44100 and len(x) == 5 * 44100
+
+
+def test_videos_decode_with_decord(ds):
+    decord = pytest.importorskip("decord")
+    root, _ = ds
+    for path in sorted((root / "avsd" / "Charades_v1_480").glob("*.mp4"))[:4]:
+        vr = decord.VideoReader(str(path))
+        assert len(vr) == synth.N_FRAMES and vr[0].shape == (synth.FRAME_SIZE, synth.FRAME_SIZE, 3)
+        assert vr.get_avg_fps() == pytest.approx(synth.FPS)
+        ar = decord.AudioReader(str(path), sample_rate=16000, mono=True)
+        assert ar.duration() == pytest.approx(synth.VIDEO_SECONDS, abs=0.1)
+        assert abs(ar.shape[1] - 16000 * synth.VIDEO_SECONDS) < 1600  # AAC pads up to one frame
+
+
+# ------------------------------------------------------------------------------------------------ ground truth
+
+
+def test_ground_truth_covers_every_item(ds):
+    root, _ = ds
+    truth = _truth(root)
+    names = truth["classes"]
+    assert names == [c.name for c in CLASSES[:N_CLASSES]]
+    assert set(truth["sounds"]) == set(truth["actions"]) == set(names)
+    items = truth["items"]
+    avsd_ids = [p.stem for p in (root / "avsd" / "Charades_v1_480").glob("*.mp4")]
+    wav_ids = [p.stem for p in (root / "flickr8k_audio" / "flickr_audio" / "wavs").glob("*.wav")]
+    esc_ids = [p.stem for p in (root / "esc50" / "audio").glob("*.wav")]
+    expected = ({f"avsd:{i}" for i in avsd_ids} | {f"flickr8k_audio:{w}" for w in wav_ids}
+                | {f"esc50:{e}" for e in esc_ids})
+    assert set(items) == expected
+    assert all(v["class"] in names for v in items.values())
+    counts = [sum(1 for k, v in items.items() if k.startswith("avsd:") and v["class"] == n) for n in names]
+    assert max(counts) - min(counts) <= 1, "classes are balanced"
+
+
+def test_ground_truth_splits_match_the_files(ds):
+    root, _ = ds
+    items = _truth(root)["items"]
+    for split, name in synth.AVSD_FILES.items():
+        for d in json.loads((root / "avsd" / name).read_text())["dialogs"]:
+            assert items[f"avsd:{d['image_id']}"]["split"] == split
+    text = root / "flickr8k_audio" / "Flickr8k_text"
+    for split, name in synth.FLICKR_SPLIT_FILES.items():
+        listed = set(_lines(text / name))
+        for key, v in items.items():
+            if key.startswith("flickr8k_audio:") and v["split"] == split:
+                assert v["image"] in listed
+    for split in synth.SPLITS:  # stratified: with 3 scenes per class every class is in every split
+        assert {v["class"] for k, v in items.items() if k.startswith("avsd:") and v["split"] == split} == \
+            set(_truth(root)["classes"])
+
+
+def test_planted_frames_are_recorded_and_visible(ds):
+    decord = pytest.importorskip("decord")
+    root, _ = ds
+    truth = _truth(root)
+    names = truth["classes"]
+    for key, v in list((k, v) for k, v in truth["items"].items() if k.startswith("avsd:"))[:4]:
+        own, planted = v["own_frames"], v["planted_frames"]
+        assert sorted(own + planted) == list(range(synth.N_FRAMES)) and not set(own) & set(planted)
+        assert planted == list(range(planted[0], planted[-1] + 1)) and v["planted_class"] != v["class"]
+        frames = decord.VideoReader(str(root / "avsd" / "Charades_v1_480" / f"{key[5:]}.mp4"))
+        frames = frames.get_batch(list(range(synth.N_FRAMES))).asnumpy().astype(float)
+        corners = frames[:, -20:, -12:].mean(axis=(1, 2))  # bottom-right corner: background only
+        for f in range(synth.N_FRAMES):
+            expected = v["planted_class"] if f in planted else v["class"]
+            # the moving shape can cover the corner; the whole-frame mean must still point to the right class
+            assert _nearest_class(corners[f], names) == expected or \
+                _nearest_class(frames[f].mean(axis=(0, 1)), names) == expected
+
+
+def test_flickr_captions_agree_with_ground_truth(ds):
+    root, _ = ds
+    items = _truth(root)["items"]
+    tokens = dict(line.split("\t") for line in _lines(root / "flickr8k_audio" / "Flickr8k_text" /
+                                                     "Flickr8k.token.txt"))
+    for key, v in items.items():
+        if key.startswith("flickr8k_audio:"):
+            stem, n = key.split(":")[1].rsplit("_", 1)
+            assert v["image"] == f"{stem}.jpg" and tokens[f"{stem}.jpg#{n}"] == v["caption"]
+            assert v["caption"] in [t.format(bg=SPEC[v["class"]].bg_name) for t in SPEC[v["class"]].captions]
+
+
+# ------------------------------------------------------------------------------------------------ class signal
+
+
+def test_image_colour_separates_classes(ds):
+    root, _ = ds
+    truth = _truth(root)
+    for key, v in truth["items"].items():
+        if key.startswith("flickr8k_audio:") and key.endswith("_0"):
+            img = np.asarray(Image.open(root / "flickr8k_audio" / "Flicker8k_Dataset" / v["image"]), float)
+            assert img.shape == (synth.IMAGE_SIZE[1], synth.IMAGE_SIZE[0], 3)
+            assert _nearest_class(img.mean(axis=(0, 1)), truth["classes"]) == v["class"]
+
+
+def test_class_sounds_have_distinct_dominant_frequencies(ds):
+    root, _ = ds
+    bands = sorted(c.band_hz for c in CLASSES)
+    assert all(a[1] < b[0] for a, b in zip(bands, bands[1:])), "class frequency bands are disjoint"
+    for row in csv.DictReader((root / "esc50" / "meta" / "esc50.csv").open()):
+        x, sr = _read_wav(root / "esc50" / "audio" / row["filename"])
+        lo, hi = SPEC[row["category"]].band_hz
+        assert lo <= _dominant_hz(x, sr) <= hi, row["filename"]
+
+
+def test_video_audio_track_carries_the_class_sound(ds):
+    av = pytest.importorskip("av")
+    root, _ = ds
+    items = _truth(root)["items"]
+    for path in sorted((root / "avsd" / "Charades_v1_480").glob("*.mp4"))[:4]:
+        with av.open(str(path)) as container:
+            x = np.concatenate([f.to_ndarray().reshape(-1) for f in container.decode(audio=0)])
+        lo, hi = SPEC[items[f"avsd:{path.stem}"]["class"]].band_hz
+        assert lo <= _dominant_hz(x, 16000) <= hi
+
+
+def test_class_sound_rejects_unknown_class():
+    with pytest.raises(KeyError):
+        synth.class_sound("unicorn", 1.0, 16000, np.random.default_rng(0))
+
+
+# ------------------------------------------------------------------------------------------------ determinism
+
+
+def _all_files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_same_bytes(ds, tmp_path):
+    root, _ = ds
+    write_synthetic(tmp_path / "again", items=ITEMS, seed=0, speech="auto", n_classes=N_CLASSES)
+    first, second = _all_files(root), _all_files(tmp_path / "again")
+    assert sorted(first) == sorted(second)
+    differing = [name for name in first if first[name] != second[name]]
+    assert not differing, f"not reproducible: {differing[:5]}"
+
+
+def test_same_seed_same_decoded_frames(ds, tmp_path):
+    """The contract's minimum, checked on its own in case an encoder update breaks byte identity."""
+    decord = pytest.importorskip("decord")
+    root, _ = ds
+    write_synthetic(tmp_path / "again", items=N_CLASSES, seed=0, speech="off", n_classes=N_CLASSES)
+    write_synthetic(tmp_path / "third", items=N_CLASSES, seed=0, speech="off", n_classes=N_CLASSES)
+    for path in sorted((tmp_path / "again" / "avsd" / "Charades_v1_480").glob("*.mp4")):
+        a = decord.VideoReader(str(path)).get_batch(list(range(synth.N_FRAMES))).asnumpy()
+        other = tmp_path / "third" / "avsd" / "Charades_v1_480" / path.name
+        b = decord.VideoReader(str(other)).get_batch(list(range(synth.N_FRAMES))).asnumpy()
+        assert np.array_equal(a, b)
+
+
+def test_other_seed_differs(ds, tmp_path):
+    root, _ = ds
+    write_synthetic(tmp_path / "seed1", items=ITEMS, seed=1, speech="off", n_classes=N_CLASSES)
+    ids0 = {p.name for p in (root / "avsd" / "Charades_v1_480").iterdir()}
+    ids1 = {p.name for p in (tmp_path / "seed1" / "avsd" / "Charades_v1_480").iterdir()}
+    assert ids0 != ids1
+    assert (root / "classes.json").read_bytes() != (tmp_path / "seed1" / "classes.json").read_bytes()
+
+
+# ------------------------------------------------------------------------------------------------ arguments
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(items=3), "items"),
+    (dict(items=True), "items"),
+    (dict(items=8, n_classes=1), "n_classes"),
+    (dict(items=8, n_classes=len(CLASSES) + 1), "n_classes"),
+    (dict(items=8, seed=-1), "seed"),
+    (dict(items=8, speech="yes"), "speech"),
+    (dict(items=8, captions_per_image=0), "captions_per_image"),
+    (dict(items=8, esc50_per_scene=11), "esc50_per_scene"),
+])
+def test_invalid_arguments(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        write_synthetic(tmp_path / "x", **kwargs)
+    assert not (tmp_path / "x").exists(), "nothing is written when arguments are invalid"
+
+
+def test_refuses_a_foreign_non_empty_directory(tmp_path):
+    (tmp_path / "mine.txt").write_text("keep me")
+    with pytest.raises(FileExistsError):
+        write_synthetic(tmp_path, items=4, speech="off")
+    assert (tmp_path / "mine.txt").read_text() == "keep me"
+
+
+def test_rewrite_replaces_a_previous_synthetic_dataset(tmp_path):
+    write_synthetic(tmp_path, items=4, seed=0, speech="off")
+    old = {p.name for p in (tmp_path / "avsd" / "Charades_v1_480").iterdir()}
+    summary = write_synthetic(tmp_path, items=4, seed=1, speech="off", esc50_per_scene=2,
+                              captions_per_image=1)
+    new = {p.name for p in (tmp_path / "avsd" / "Charades_v1_480").iterdir()}
+    assert new != old and len(new) == 4, "no stale videos of the previous seed remain"
+    assert sum(summary["counts"]["esc50"].values()) == 8
+    assert len(list((tmp_path / "esc50" / "audio").iterdir())) == 8
+    assert len(list((tmp_path / "flickr8k_audio" / "flickr_audio" / "wavs").iterdir())) == 4
+
+
+def test_speech_off_writes_class_sounds_only(tmp_path):
+    summary = write_synthetic(tmp_path, items=4, speech="off")
+    assert summary["speech"] is False and _truth(tmp_path)["speech"] is False
+    for key, v in _truth(tmp_path)["items"].items():
+        if key.startswith("flickr8k_audio:"):
+            x, sr = _read_wav(tmp_path / "flickr8k_audio" / "flickr_audio" / "wavs" / f"{key.split(':')[1]}.wav")
+            lo, hi = SPEC[v["class"]].band_hz
+            assert lo <= _dominant_hz(x, sr) <= hi
+
+
+def test_speech_auto_falls_back_with_a_warning(tmp_path, monkeypatch):
+    monkeypatch.setattr(tts, "available", lambda: False)
+    with pytest.warns(RuntimeWarning, match="text-to-speech is unavailable"):
+        summary = write_synthetic(tmp_path / "auto", items=4, speech="auto")
+    assert summary["speech"] is False
+    with pytest.raises(tts.TTSUnavailable, match="speech='on'"):
+        write_synthetic(tmp_path / "on", items=4, speech="on")
+
+
+# ------------------------------------------------------------------------------------------------ TTS
+
+
+@needs_tts
+def test_tts_speaks_a_caption():
+    x = tts.synthesize("A dog is barking in a red room .", 16000)
+    assert x.dtype == np.float32 and np.abs(x).max() <= 1.0
+    seconds = len(x) / 16000
+    assert 1.0 < seconds < 6.0, f"7 words at ~150 wpm, got {seconds:.2f} s"
+    frame_rms = np.sqrt(np.mean(x[: len(x) // 400 * 400].reshape(-1, 400) ** 2, axis=1))
+    assert (frame_rms > 0.02).mean() > 0.3, "mostly voiced, not silence"
+
+
+@needs_tts
+def test_tts_is_deterministic():
+    text = "Two birds are flying over the green grass ."
+    a = tts.synthesize(text)
+    tts.synthesize("Something else in between, to disturb any state .")
+    b = tts.synthesize(text)
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a[: len(b)], tts.synthesize("Heavy rain falls on the black road .")[: len(a)])
+
+
+@needs_tts
+def test_spoken_captions_are_speech_plus_a_quiet_class_sound(ds):
+    root, _ = ds
+    key, v = next((k, v) for k, v in _truth(root)["items"].items() if k.startswith("flickr8k_audio:"))
+    assert v["spoken"] is True
+    x, sr = _read_wav(root / "flickr8k_audio" / "flickr_audio" / "wavs" / f"{key.split(':')[1]}.wav")
+    speech = tts.synthesize(v["caption"], sr)
+    assert len(x) == len(speech) + 2 * int(0.3 * sr)  # speech padded with 0.3 s of lead and tail
+
+
+def test_tts_rejects_empty_text():
+    with pytest.raises(ValueError):
+        tts.synthesize("   ")
+
+
+# ------------------------------------------------------------------------------------------------ resampler
+
+
+@pytest.mark.parametrize("sr_in, sr_out", [(22050, 16000), (44100, 16000), (16000, 44100), (16000, 16000)])
+def test_resample_keeps_a_passband_tone(sr_in, sr_out):
+    t = np.arange(sr_in) / sr_in
+    y = tts.resample(np.sin(2 * np.pi * 1000 * t), sr_in, sr_out)
+    assert len(y) == sr_out
+    ref = np.sin(2 * np.pi * 1000 * np.arange(sr_out) / sr_out)
+    assert np.abs(y[200:-200] - ref[200:-200]).max() < 1e-3
+
+
+def test_resample_removes_what_the_new_rate_cannot_hold():
+    t = np.arange(22050) / 22050
+    y = tts.resample(np.sin(2 * np.pi * 10000 * t), 22050, 16000)  # above the new 8 kHz Nyquist
+    assert np.abs(y[200:-200]).max() < 1e-3
+
+
+def test_resample_validates_input():
+    with pytest.raises(ValueError):
+        tts.resample(np.zeros((2, 10)), 22050, 16000)
+    with pytest.raises(ValueError):
+        tts.resample(np.zeros(10), 0, 16000)
