@@ -1,13 +1,14 @@
 """Where checkpoints live and how they are identified: cache directory, file hashes, profile files."""
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from functools import lru_cache
 from pathlib import Path
 
 import yaml
+
+from avcache.features.durable import sha256_of
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
 
@@ -26,11 +27,7 @@ def sha256_file(path: str | Path) -> str:
 @lru_cache(maxsize=64)
 def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
     # size and mtime are part of the key so a rewritten checkpoint is hashed again.
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return sha256_of(path)
 
 
 _ENV_REF = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")

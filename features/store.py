@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -36,6 +35,14 @@ import h5py
 import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
+
+# Module-level names (not durable.X calls) so crash tests can stop the commit protocol at any single step.
+from avcache.features.durable import fsync_dir as _fsync_dir
+from avcache.features.durable import fsync_file as _fsync_file
+from avcache.features.durable import sha256_of as _sha256
+from avcache.features.durable import write_arrow as _write_arrow
+from avcache.features.durable import write_arrow_atomic
+from avcache.features.durable import write_json_atomic as _write_json_atomic
 
 try:  # advisory lock against two writers on one feature set; POSIX only
     import fcntl
@@ -58,7 +65,6 @@ _TMP_RE = re.compile(r"^\.(shard-\d{5,}\.(arrow|h5)|meta\.json)\.tmp$")
 
 _SCALAR_TYPES = {"bool": pa.bool_(), "int64": pa.int64(), "float64": pa.float64(),
                  "string": pa.string(), "list<string>": pa.list_(pa.string())}
-_HASH_BLOCK = 1 << 20
 _H5_CHUNK_BYTES = 64 * 1024
 _H5_MIN_CHUNK_ROWS = 64
 _H5_CACHE_SIZE = 8
@@ -106,48 +112,6 @@ def _json_normal(value: Any, what: str) -> Any:
         return json.loads(json.dumps(value, sort_keys=True, allow_nan=False))
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{what} must be JSON-serialisable (plain dict/list/str/number): {exc}") from exc
-
-
-def _fsync_file(path: Path) -> None:
-    # pyarrow and h5py write through their own handles; fsync via a fresh descriptor works on any fd mode.
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make renames inside ``path`` durable (the rename lives in the directory entry)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(_HASH_BLOCK):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=2, sort_keys=False)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def _read_meta(directory: Path) -> dict:
@@ -398,13 +362,6 @@ def _arrow_table(rows: list[dict], spec: FeatureSetSpec, scalar_types: dict) -> 
     for column, kind in scalar_types.items():
         arrays[column] = pa.array([r["scalars"].get(column) for r in rows], _SCALAR_TYPES[kind])
     return pa.table(arrays)
-
-
-def _write_arrow(path: Path, table: pa.Table) -> None:
-    # Uncompressed IPC file format: readers memory-map it and get zero-copy buffers.
-    with pa.OSFile(str(path), "wb") as sink, ipc.new_file(sink, table.schema) as writer:
-        writer.write_table(table)
-    _fsync_file(path)
 
 
 def _open_arrow(path: Path) -> pa.Table:
@@ -936,11 +893,7 @@ class FeatureStore:
         with contextlib.closing(_lock(self.root / ".failures.lock", blocking=True, what="failures table")):
             kept = [r for r in self.failures().to_pylist() if r["feature_set"] != feature_set]
             table = pa.Table.from_pylist(kept + new, schema=FAILURES_SCHEMA)
-            path = self.root / FAILURES_NAME
-            tmp = path.with_name(f".{path.name}.tmp")
-            _write_arrow(tmp, table)
-            os.replace(tmp, path)
-            _fsync_dir(self.root)
+            write_arrow_atomic(self.root / FAILURES_NAME, table)
 
     @staticmethod
     def _failure_row(feature_set: str, row: dict) -> dict:

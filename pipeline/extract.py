@@ -11,7 +11,7 @@ from avcache.features.checkpoints import load_profile
 from avcache.features.store import FeatureSetWriter, FeatureStore
 from avcache.pipeline.config import ExtractConfig
 from avcache.pipeline.extractors import Context, Extractor, get_extractor, ordered
-from avcache.pipeline.manifest import read_failures, read_manifest
+from avcache.pipeline.manifest import failures_path_for, read_failures, read_manifest
 from avcache.pipeline.progress import Progress
 
 
@@ -38,10 +38,6 @@ class ExtractReport:
         return self.manifest_failures + sum(r.failed for r in self.feature_sets)
 
 
-def manifest_failures_path(manifest_path: Path) -> Path:
-    return manifest_path.with_name(f"{manifest_path.stem}.failures.arrow")
-
-
 def extract(manifest_path: str | Path, store_root: str | Path, config: ExtractConfig, runner, log=print) -> ExtractReport:
     start = time.monotonic()
     manifest_path, store_root = Path(manifest_path), Path(store_root)
@@ -50,7 +46,7 @@ def extract(manifest_path: str | Path, store_root: str | Path, config: ExtractCo
     store = FeatureStore(store_root)
     report = ExtractReport(store=str(store_root), runner=runner.name)
 
-    failures_file = manifest_failures_path(manifest_path)
+    failures_file = failures_path_for(manifest_path)
     if failures_file.is_file():
         rows = read_failures(failures_file).to_pylist()
         store.write_failures("manifest", rows)

@@ -19,6 +19,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from avcache.features.durable import write_arrow_atomic
+
 MANIFEST_SCHEMA = pa.schema(
     [
         pa.field("item_id", pa.string(), nullable=False),
@@ -79,7 +81,7 @@ def write_manifest(rows: list[dict], path: str | os.PathLike) -> pa.Table:
         raise ManifestError(f"manifest rows do not fit the manifest schema: {exc}") from exc
     _validate(table, source="manifest rows")
     _check_text_kinds(table)
-    _write_ipc_atomic(table, Path(path))
+    write_arrow_atomic(Path(path), table)
     return table
 
 
@@ -142,43 +144,12 @@ def write_failures(rows: Iterable[dict], path: str | os.PathLike) -> pa.Table:
             }
         )
     table = pa.Table.from_pylist(normalized, schema=FAILURES_SCHEMA)
-    _write_ipc_atomic(table, Path(path))
+    write_arrow_atomic(Path(path), table)
     return table
 
 
 def _str_or_none(value: Any) -> str | None:
     return None if value is None else os.fspath(value) if isinstance(value, os.PathLike) else str(value)
-
-
-def _write_ipc_atomic(table: pa.Table, path: Path) -> None:
-    """Write then rename, so a reader never sees a half-written file (and a crash leaves the old one)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as handle:
-            with pa.ipc.new_file(handle, table.schema) as writer:
-                writer.write_table(table)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    # Makes the rename itself durable; not every platform lets a directory be opened, hence the guard.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------- reading

@@ -93,6 +93,10 @@ def load_image(path) -> np.ndarray:
 def resample(wave: np.ndarray, source_rate: int, target_rate: int) -> np.ndarray:
     """Band-limited resampling with libswresample (through PyAV), so no SciPy or torchaudio is needed."""
     wave = np.ascontiguousarray(wave, dtype=np.float32)
+    if wave.ndim != 1:
+        raise ValueError(f"resample expects 1-D mono samples, got shape {wave.shape}")
+    if source_rate <= 0 or target_rate <= 0:
+        raise ValueError(f"sample rates must be positive, got {source_rate} -> {target_rate}")
     if source_rate == target_rate:
         return wave
     import av

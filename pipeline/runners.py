@@ -127,7 +127,8 @@ class RayRunner:
             if stage.uses_model:
                 ds = ds.map_batches(_StageActor, fn_constructor_kwargs={"stage": stage}, batch_size=resources.batch_size,
                                     batch_format="numpy", num_cpus=resources.num_cpus, num_gpus=resources.num_gpus,
-                                    concurrency=resources.concurrency, zero_copy_batch=False)
+                                    compute=self.ray.data.ActorPoolStrategy(size=resources.concurrency),
+                                    zero_copy_batch=False)
             else:
                 # Decoders declare their memory; besides guarding the node, differing resource requests keep
                 # Ray Data from fusing the decoder into the model actor. Decode must run in its own CPU tasks,

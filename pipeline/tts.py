@@ -1,4 +1,4 @@
-"""Offline text-to-speech with espeak-ng through a tiny ctypes binding, plus a windowed-sinc resampler.
+"""Offline text-to-speech with espeak-ng through a tiny ctypes binding.
 
 The synthetic dataset needs spoken captions that a real ASR model (Whisper tiny.en) can transcribe, without any
 network access. `espeakng-loader` ships libespeak-ng and its voice data inside a wheel; we call the C API
@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import atexit
 import ctypes
-import functools
-import math
 import os
 import shutil
 import tempfile
@@ -30,7 +28,9 @@ import threading
 
 import numpy as np
 
-__all__ = ["TTSUnavailable", "available", "synthesize", "resample"]
+from avcache.pipeline.media import resample
+
+__all__ = ["TTSUnavailable", "available", "synthesize"]
 
 # espeak-ng enums and flags (speak_lib.h)
 _AUDIO_OUTPUT_SYNCHRONOUS = 2
@@ -169,46 +169,4 @@ def synthesize(text: str, sample_rate: int = 16000, *, voice: str = "en", wpm: i
             rate = utt.rate
         finally:
             utt.close()
-    return resample(audio, rate, sample_rate)
-
-
-def resample(x: np.ndarray, sr_in: int, sr_out: int, *, half_width: int = 32, beta: float = 8.6) -> np.ndarray:
-    """Band-limited resampling of a 1-D signal with a Kaiser-windowed sinc kernel; returns float32.
-
-    Output sample n sits at input position t = n * sr_in / sr_out and is sum_k x[k] h(t - k), h a low-pass at
-    the lower of the two Nyquist rates (times 0.95, so the finite kernel's transition band stays below it).
-    Integer rates make the fractional part of t periodic in n (period sr_out / gcd), so the kernel is tabulated
-    once per phase (polyphase); cost is 2 * half_width multiply-adds per output sample, no scipy needed.
-    """
-    x = np.asarray(x, dtype=np.float64)
-    if x.ndim != 1:
-        raise ValueError(f"resample() expects a 1-D signal, got shape {x.shape}")
-    if int(sr_in) != sr_in or int(sr_out) != sr_out or sr_in <= 0 or sr_out <= 0:
-        raise ValueError(f"sample rates must be positive integers, got {sr_in} -> {sr_out}")
-    if sr_in == sr_out or len(x) == 0:
-        return x.astype(np.float32)
-    g = math.gcd(int(sr_in), int(sr_out))
-    up, down = int(sr_out) // g, int(sr_in) // g
-    table = _polyphase_table(up, down, half_width, beta)  # (up, 2 * half_width)
-    n_out = (len(x) * up) // down
-    padded = np.concatenate([np.zeros(half_width), x, np.zeros(half_width + 1)])
-    offsets = np.arange(-half_width + 1, half_width + 1) + half_width  # tap positions inside `padded`
-    out = np.empty(n_out, dtype=np.float64)
-    block = 16384  # bounds memory to block x 2*half_width matrices
-    for start in range(0, n_out, block):
-        n = np.arange(start, min(start + block, n_out), dtype=np.int64)
-        base = (n * down) // up
-        out[start:start + len(n)] = (padded[base[:, None] + offsets] * table[n % up]).sum(axis=1)
-    return out.astype(np.float32)
-
-
-@functools.lru_cache(maxsize=16)
-def _polyphase_table(up: int, down: int, half_width: int, beta: float) -> np.ndarray:
-    """Kernel taps for each output phase p: fractional input position frac = (p * down mod up) / up."""
-    cutoff = 0.95 * min(1.0, up / down)  # in units of the input Nyquist frequency
-    frac = ((np.arange(up) * down) % up) / up
-    d = frac[:, None] - np.arange(-half_width + 1, half_width + 1)[None, :]  # distance to each tap
-    window = np.i0(beta * np.sqrt(np.clip(1.0 - (d / half_width) ** 2, 0.0, None))) / np.i0(beta)
-    table = cutoff * np.sinc(cutoff * d) * window
-    table.setflags(write=False)
-    return table
+    return resample(audio, rate, sample_rate)  # libswresample, the same resampler extraction uses

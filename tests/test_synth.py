@@ -432,26 +432,3 @@ def test_tts_rejects_empty_text():
         tts.synthesize("   ")
 
 
-# ------------------------------------------------------------------------------------------------ resampler
-
-
-@pytest.mark.parametrize("sr_in, sr_out", [(22050, 16000), (44100, 16000), (16000, 44100), (16000, 16000)])
-def test_resample_keeps_a_passband_tone(sr_in, sr_out):
-    t = np.arange(sr_in) / sr_in
-    y = tts.resample(np.sin(2 * np.pi * 1000 * t), sr_in, sr_out)
-    assert len(y) == sr_out
-    ref = np.sin(2 * np.pi * 1000 * np.arange(sr_out) / sr_out)
-    assert np.abs(y[200:-200] - ref[200:-200]).max() < 1e-3
-
-
-def test_resample_removes_what_the_new_rate_cannot_hold():
-    t = np.arange(22050) / 22050
-    y = tts.resample(np.sin(2 * np.pi * 10000 * t), 22050, 16000)  # above the new 8 kHz Nyquist
-    assert np.abs(y[200:-200]).max() < 1e-3
-
-
-def test_resample_validates_input():
-    with pytest.raises(ValueError):
-        tts.resample(np.zeros((2, 10)), 22050, 16000)
-    with pytest.raises(ValueError):
-        tts.resample(np.zeros(10), 0, 16000)
