@@ -3,14 +3,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 EXIT_ITEMS_FAILED = 3  # the job finished, but some items are listed in failures.arrow
-
-
-class UserError(Exception):
-    """Bad input from the command line: printed as one line, no traceback."""
 
 
 def cmd_synth(args) -> int:
@@ -124,7 +121,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.run(args)
-    except (UserError, ManifestError, ConfigError, StoreError, FileNotFoundError, KeyError, ValueError) as exc:
+    except (ManifestError, ConfigError, StoreError, FileNotFoundError, KeyError, ValueError) as exc:
+        if os.environ.get("AVCACHE_DEBUG"):  # the one-line message hides the traceback a developer may want
+            raise
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"avcache {args.verb}: error: {message}", file=sys.stderr)
         return 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import pyarrow as pa
@@ -106,8 +107,6 @@ def _vocabulary_labels(vocab, manifest: pa.Table) -> list[str]:
             return []
         return sorted({label for label in manifest.column("label").to_pylist() if label})
     if vocab.source == "file":
-        from pathlib import Path
-
         if not vocab.path or not Path(vocab.path).is_file():
             raise FileNotFoundError(f"vocabulary {vocab.name!r}: file {vocab.path!r} not found")
         lines = Path(vocab.path).read_text(encoding="utf-8").splitlines()

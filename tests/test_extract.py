@@ -171,3 +171,46 @@ def test_killed_job_resumes_with_every_item_exactly_once(tmp_path):
     assert sorted(fs.item_ids) == [f"k:{i:02d}" for i in range(16)]
     assert len(fs.item_ids) == len(set(fs.item_ids)) == 16
     fs.verify()
+
+
+def test_bad_audio_items_are_listed_and_the_good_one_is_extracted(tmp_path):
+    good = tmp_path / "good.wav"
+    soundfile.write(good, (0.3 * np.sin(np.arange(16000) / 5)).astype(np.float32), 16000)
+    too_short = tmp_path / "short.wav"  # 0.05 s: fewer fbank frames than one BEATs patch
+    soundfile.write(too_short, np.full(800, 0.1, np.float32), 16000)
+    silent = tmp_path / "none.wav"
+    soundfile.write(silent, np.zeros(0, np.float32), 16000)
+    low_rate = tmp_path / "low.wav"
+    soundfile.write(low_rate, np.zeros(4000, np.float32), 4000)
+    empty = tmp_path / "empty.wav"
+    empty.write_bytes(b"")
+    paths = {"good": good, "short": too_short, "silent": silent, "low": low_rate, "empty": empty,
+             "missing": tmp_path / "missing.wav"}
+    write_manifest([dict(item_id=f"a:{k}", dataset="folder", split="train", audio_path=str(p))
+                    for k, p in paths.items()], tmp_path / "m.arrow")
+    report = extract(tmp_path / "m.arrow", tmp_path / "store", load_config(overrides=["feature_sets=[beats]"]),
+                     LocalRunner())
+    assert (report.feature_sets[0].written, report.feature_sets[0].failed) == (1, 5)
+    store = FeatureStore(tmp_path / "store")
+    assert store["beats"].item_ids == ["a:good"]
+    reasons = {f["item_id"]: (f["stage"], f["reason"]) for f in store.failures().to_pylist()}
+    assert reasons["a:short"][0] == "beats" and "at least 16 fbank frames (0.175 s)" in reasons["a:short"][1]
+    assert reasons["a:silent"] == ("decode_audio", "audio has no samples")
+    assert "below the minimum" in reasons["a:low"][1]
+    assert "empty file" in reasons["a:empty"][1] and "file not found" in reasons["a:missing"][1]
+
+
+def test_manifest_failures_reach_the_store_failures_table(media_manifest, tmp_path):
+    import shutil
+
+    from avcache.pipeline.manifest import failures_path_for, write_failures
+
+    manifest = tmp_path / "manifest.arrow"
+    shutil.copy(media_manifest, manifest)
+    write_failures([{"item_id": "t:9", "path": "captions.txt", "stage": "manifest",
+                     "reason": "captions.txt line 3: not UTF-8"}], failures_path_for(manifest))
+    report = extract(manifest, tmp_path / "store", load_config(overrides=["feature_sets=[clip_text]"]), LocalRunner())
+    assert report.manifest_failures == 1 and report.failed == 1
+    rows = FeatureStore(tmp_path / "store").failures().to_pylist()
+    assert rows == [{"item_id": "t:9", "path": "captions.txt", "stage": "manifest",
+                     "reason": "captions.txt line 3: not UTF-8", "feature_set": "manifest"}]
