@@ -1,0 +1,33 @@
+"""GPU paths (bf16 autocast, actors with num_gpus): run where CUDA is present, skipped elsewhere."""
+import numpy as np
+import pytest
+import torch
+
+from avcache.features.beats import BeatsEncoder
+from avcache.features.clip import create_clip
+from avcache.features.tiny import ensure_tiny_beats
+from avcache.pipeline.stages import ClipImageStage, Resources
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")]
+
+
+def test_clip_stage_on_gpu_matches_cpu_within_bf16_tolerance():
+    frames = np.random.default_rng(0).integers(0, 255, (4, 48, 48, 3), dtype=np.uint8)
+    cpu, _, _ = create_clip("avcache-tiny-clip", "tiny", device="cpu")
+    stage = ClipImageStage("avcache-tiny-clip", str(cpu.spec["checkpoint"]), "image", Resources(num_gpus=1))
+    stage.setup()
+    assert stage.device() == "cuda"
+    gpu_rows = stage.encode([{"image": f} for f in frames])
+    gpu = np.stack([row["embedding"] for row in gpu_rows])
+    assert np.abs(gpu - cpu.encode_images(list(frames))).max() < 3e-2
+
+
+def test_beats_on_gpu_matches_cpu_within_bf16_tolerance():
+    waves = [np.random.default_rng(i).standard_normal(16000 + 4000 * i).astype(np.float32) * 0.1 for i in range(3)]
+    checkpoint = ensure_tiny_beats()
+    on_cpu = BeatsEncoder(checkpoint, "cpu").encode(waves)
+    on_gpu = BeatsEncoder(checkpoint, "cuda").encode(waves)
+    for a, b in zip(on_cpu, on_gpu):
+        assert a["tokens"].shape == b["tokens"].shape
+        assert np.abs(a["tag_probs"] - b["tag_probs"]).max() < 3e-2
