@@ -4,8 +4,7 @@ Ray Data streams decode (CPU tasks) into encode (actor pool), so the whole shoul
 slower of the two, not their sum. Each figure is one run on this machine, all measured in the same process,
 after one untimed warm-up run (imports, page cache, Ray's worker pool). Every run through a model stage also
 starts its actors (a fresh process importing torch and loading the model); `setup_s`, the encode of a single
-item, measures that fixed cost, and the `steady_*` ratio takes it out of both sides, so that tiny models on
-a few items compare the stages' work rather than process start-up."""
+item, shows that fixed cost, which dominates tiny models on a few items."""
 from __future__ import annotations
 
 import json
@@ -55,7 +54,6 @@ def run_bench(out: Path, items: int = 24, feature_sets=BENCH_FEATURE_SETS) -> di
         _, t_encode = _drain(runner.run(decoded, [encode]))
         encoded, t_whole = _drain(runner.run(rows, [decode, encode]))
         failed = sum(1 for row in encoded if row["error"])
-        steady_encode, steady_whole = max(t_encode - t_setup, 1e-3), max(t_whole - t_setup, 1e-3)
         results.update({
             f"{name}_items": len(rows),
             f"{name}_failed": failed,
@@ -65,7 +63,6 @@ def run_bench(out: Path, items: int = 24, feature_sets=BENCH_FEATURE_SETS) -> di
             f"{name}_setup_s": round(t_setup, 3),
             f"{name}_pipeline_over_slowest": round(t_whole / max(t_decode, t_encode), 3),
             f"{name}_pipeline_over_sum": round(t_whole / (t_decode + t_encode), 3),
-            f"{name}_steady_pipeline_over_slowest": round(steady_whole / max(t_decode, steady_encode), 3),
             f"{name}_items_per_s": round(len(rows) / t_whole, 2),
         })
         print(f"[bench] {name}: decode {t_decode:.2f}s, encode {t_encode:.2f}s, pipeline {t_whole:.2f}s, "
@@ -78,11 +75,11 @@ def run_bench(out: Path, items: int = 24, feature_sets=BENCH_FEATURE_SETS) -> di
 def _write_markdown(path: Path, results: dict, feature_sets) -> None:
     lines = ["# avcache bench", "", f"{results['cpus']} CPUs, Python {results['python']}, one run each.", "",
              "| feature set | items | decode s | encode s | pipeline s | actor setup s | pipeline / slowest "
-             "| pipeline / sum | steady pipeline / slowest |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| pipeline / sum |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name in feature_sets:
         lines.append(f"| {name} | {results[f'{name}_items']} | {results[f'{name}_decode_s']} | "
                      f"{results[f'{name}_encode_s']} | {results[f'{name}_pipeline_s']} | "
                      f"{results[f'{name}_setup_s']} | {results[f'{name}_pipeline_over_slowest']} | "
-                     f"{results[f'{name}_pipeline_over_sum']} | {results[f'{name}_steady_pipeline_over_slowest']} |")
+                     f"{results[f'{name}_pipeline_over_sum']} |")
     path.write_text("\n".join(lines) + "\n")

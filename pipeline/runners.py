@@ -70,30 +70,19 @@ def _run_task(batch: dict, stage: Stage) -> dict:
     return _to_ray(stage.process(_from_ray(batch)))
 
 
-PICKLED = "pickled:"
+def _pickled(value) -> bytes:
+    return pickle.dumps(value, protocol=5)
 
 
 def _to_ray(batch: Batch) -> dict:
-    """Each value pickled into a binary column. Ray Data infers Arrow types per block, and a column holding
+    """Every value pickled into a binary column. Ray Data infers Arrow types per block, and a column holding
     ragged arrays in one block, equal-shaped ones (a tensor) in the next and None for failed rows cannot be
     unified; opaque bytes travel unchanged and cost one memcpy."""
-    out = {}
-    for key, values in batch.items():
-        column = np.empty(len(values), dtype=object)
-        for i, value in enumerate(values):  # element-wise: slice assignment would try to broadcast arrays
-            column[i] = pickle.dumps(value, protocol=5)
-        out[PICKLED + key] = column
-    return out
+    return {key: np.array([_pickled(v) for v in values], dtype=object) for key, values in batch.items()}
 
 
 def _from_ray(batch: dict) -> Batch:
-    out = {}
-    for key, values in batch.items():
-        if key.startswith(PICKLED):
-            out[key[len(PICKLED):]] = [pickle.loads(v) for v in values]
-        else:  # columns of the source rows, before any stage ran
-            out[key] = [v.tolist() if isinstance(v, np.ndarray) else v for v in values]
-    return out
+    return {key: [pickle.loads(v) for v in values] for key, values in batch.items()}
 
 
 class RayRunner:
@@ -121,7 +110,8 @@ class RayRunner:
         return float(self.ray.cluster_resources().get("GPU", 0.0))
 
     def run(self, rows: list[dict], stages: list[Stage]) -> Iterator[Batch]:
-        ds = self.ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // 4, 64)))
+        pickled = [{key: _pickled(value) for key, value in row.items()} for row in rows]
+        ds = self.ray.data.from_items(pickled, override_num_blocks=max(1, min(len(rows) // 4, 64)))
         for stage in stages:
             resources = stage.resources
             if stage.uses_model:
