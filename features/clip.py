@@ -1,7 +1,6 @@
 """CLIP through open_clip: one factory from (model name, pretrained tag or checkpoint path) to an encoder."""
 from __future__ import annotations
 
-import json
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,10 +112,6 @@ def save_clip_checkpoint(model: torch.nn.Module, path: Path) -> None:
     tmp = path.with_suffix(".tmp")
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
     tmp.replace(path)
-
-
-def model_config(model: str) -> dict:
-    return json.loads(json.dumps(open_clip.get_model_config(model)))
 
 
 def _as_pil(image) -> Image.Image:

@@ -3,6 +3,7 @@ checkpoints under the cache directory and then loaded through the same factories
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -62,10 +63,11 @@ def ensure_tiny_hf_whisper() -> Path:
 
     path = tiny_dir() / "whisper-tiny-hf"
     if not (path / "config.json").is_file():
-        tmp = Path(tempfile.mkdtemp(dir=tiny_dir() if tiny_dir().exists() else None, prefix=".whisper-"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".whisper-"))  # same filesystem: rename is atomic
         build_tiny_hf_whisper(tmp, seed=TINY_SEED)
         try:
             os.replace(tmp, path)
         except OSError:  # another worker won the race; its copy is identical (same seed)
-            pass
+            shutil.rmtree(tmp, ignore_errors=True)
     return path

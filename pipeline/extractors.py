@@ -52,11 +52,12 @@ def get_extractor(name: str) -> Extractor:
 
 
 def ordered(names: list[str]) -> list[str]:
-    """Config order, except that a feature set comes after those it reads (clip_transcript after whisper)."""
+    """Config order, with the feature sets a set reads put before it (clip_transcript needs whisper). A
+    dependency that is already complete costs nothing: its items are all committed."""
     result: list[str] = []
     for name in names:
         for dependency in get_extractor(name).after:
-            if dependency in names and dependency not in result:
+            if dependency not in result:
                 result.append(dependency)
         if name not in result:
             result.append(name)

@@ -214,3 +214,15 @@ def test_manifest_failures_reach_the_store_failures_table(media_manifest, tmp_pa
     rows = FeatureStore(tmp_path / "store").failures().to_pylist()
     assert rows == [{"item_id": "t:9", "path": "captions.txt", "stage": "manifest",
                      "reason": "captions.txt line 3: not UTF-8", "feature_set": "manifest"}]
+
+
+def test_whisper_through_the_transformers_backend_profile(tmp_path):
+    wav = tmp_path / "speech.wav"
+    soundfile.write(wav, (0.2 * np.sin(np.arange(24000) / 7)).astype(np.float32), 16000)
+    write_manifest([dict(item_id="w:0", dataset="folder", split="test", audio_path=str(wav))], tmp_path / "m.arrow")
+    config = load_config(overrides=["profile=tiny-transformers", "feature_sets=[clip_transcript]"])
+    report = extract(tmp_path / "m.arrow", tmp_path / "store", config, LocalRunner())
+    assert [fs.name for fs in report.feature_sets] == ["whisper", "clip_transcript"] and report.failed == 0
+    whisper = FeatureStore(tmp_path / "store")["whisper"]
+    assert whisper.meta["encoder"]["backend"] == "transformers"
+    assert whisper.sequence("w:0", "encoder_states").shape == (75, 64)  # 1.5 s at 50 states per second
