@@ -61,7 +61,8 @@ FAILURES_SCHEMA = pa.schema([(c, pa.string()) for c in FAILURE_COLUMNS])
 # Files a killed writer may leave behind. Only these are ever removed: other files beside the shards (a FAISS
 # index, a user's notes) are not the store's to delete.
 _SHARD_RE = re.compile(r"^shard-(\d{5,})\.(arrow|h5)$")
-_TMP_RE = re.compile(r"^\.(shard-\d{5,}\.(arrow|h5)|meta\.json)\.tmp$")
+# meta.json goes through durable.write_json_atomic, whose temporary name carries the writer's pid.
+_TMP_RE = re.compile(r"^\.(shard-\d{5,}\.(arrow|h5)\.tmp|meta\.json\.tmp(-\d+)?)$")
 
 _SCALAR_TYPES = {"bool": pa.bool_(), "int64": pa.int64(), "float64": pa.float64(),
                  "string": pa.string(), "list<string>": pa.list_(pa.string())}

@@ -97,7 +97,7 @@ def resample(wave: np.ndarray, source_rate: int, target_rate: int) -> np.ndarray
         raise ValueError(f"resample expects 1-D mono samples, got shape {wave.shape}")
     if source_rate <= 0 or target_rate <= 0:
         raise ValueError(f"sample rates must be positive, got {source_rate} -> {target_rate}")
-    if source_rate == target_rate:
+    if source_rate == target_rate or wave.size == 0:
         return wave
     import av
 

@@ -27,6 +27,10 @@ def test_resample_removes_what_the_new_rate_cannot_hold():
     assert np.abs(out[200:-200]).max() < 1e-3
 
 
+def test_resample_of_nothing_is_nothing():
+    assert resample(np.zeros(0, np.float32), 22050, 16000).shape == (0,)
+
+
 def test_resample_validates_input():
     with pytest.raises(ValueError, match="1-D"):
         resample(np.zeros((2, 10)), 22050, 16000)

@@ -346,6 +346,7 @@ def test_leftover_files_ignored_by_reader(tmp_path):
     directory = tmp_path / "clip_frames"
     (directory / ".shard-00001.arrow.tmp").write_bytes(b"partial")
     (directory / ".shard-00001.h5.tmp").write_bytes(b"partial")
+    (directory / ".meta.json.tmp-4242").write_bytes(b"{partial")  # a writer killed inside the meta write
     (directory / "shard-00007.arrow").write_bytes(b"garbage")
     (directory / "index.faiss").write_bytes(b"not ours")
     fs = FeatureSet(directory)
@@ -432,7 +433,7 @@ def test_failures_replace_per_feature_set(tmp_path):
         assert ipc.open_file(f).read_all().num_rows == 1
     with pytest.raises(ValueError, match="unknown keys"):
         store.write_failures("clip", [{"item": "x", "stage": "s", "reason": "r"}])
-    assert not list(tmp_path.glob(".failures.arrow.tmp"))
+    assert not list(tmp_path.glob(".failures.arrow.tmp*"))
 
 
 @pytest.mark.parametrize("shuffle", [False, True])
