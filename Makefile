@@ -15,12 +15,18 @@ STORE ?= $(OUT)/store
 CONFIG ?=
 RUNNER ?= ray
 PYTEST_ARGS ?=
+FEATURES ?=
+FACTORY ?=
+FEATURE_SET ?= clip_image
+K ?= 10
+SPLIT ?= test
+INDEX_VECTORS ?= 1000000
 
 .DEFAULT_GOAL := help
-.PHONY: help setup synth manifest extract info bench demo test clean
+.PHONY: help setup synth manifest extract info index search eval-retrieval bench demo test clean
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,8 +49,18 @@ extract: $(STAMP) ## extract every feature set: MANIFEST=<file.arrow> STORE=<dir
 info: $(STAMP) ## read a store back and describe it: STORE=<dir>
 	$(BIN)/avcache info --store $(STORE) --verify
 
-bench: $(STAMP) ## decode / encode / whole-pipeline wall times: OUT=<dir> (writes OUT/bench.json)
-	$(BIN)/avcache bench --out $(OUT)
+index: $(STAMP) ## FAISS index per vector column, built or updated: STORE=<dir> [FEATURES=a,b] [FACTORY=<faiss string>]
+	$(BIN)/avcache index --store $(STORE) $(if $(FEATURES),--feature-sets $(FEATURES)) $(if $(FACTORY),--factory "$(FACTORY)")
+
+search: $(STAMP) ## top-K items: STORE=<dir> one of QUERY="<text>" IMAGE=<file> AUDIO=<file> QUERIES=<file> [FEATURE_SET=clip_image] [K=10] [JSON=1]
+	$(BIN)/avcache search --store $(STORE) --feature-set $(FEATURE_SET) -k $(K) $(if $(QUERY),--text "$(QUERY)") \
+		$(if $(IMAGE),--image "$(IMAGE)") $(if $(AUDIO),--audio "$(AUDIO)") $(if $(QUERIES),--queries "$(QUERIES)") $(if $(JSON),--json)
+
+eval-retrieval: $(STAMP) ## zero-shot Whisper->CLIP retrieval + text upper bound: STORE=<dir> OUT=<dir> [SPLIT=test]
+	$(BIN)/avcache eval-retrieval --store $(STORE) --out $(OUT) --split $(SPLIT)
+
+bench: $(STAMP) ## extraction wall times and FAISS recall/QPS at 1M x 512: OUT=<dir> (writes OUT/bench.json, bench.md)
+	$(BIN)/avcache bench --out $(OUT) --index-vectors $(INDEX_VECTORS)
 
 demo: $(STAMP) ## synth -> manifest -> extract -> read back on the synthetic set: [OUT=<dir>]
 	$(BIN)/avcache demo --out $(OUT) --items $(ITEMS) --seed $(SEED) --runner $(RUNNER)

@@ -1,4 +1,5 @@
-"""`make bench`: on the same items, wall time of decode alone, encode alone and the whole streaming pipeline.
+"""`make bench`: on the same items, wall time of decode alone, encode alone and the whole streaming pipeline;
+then the default FAISS index against exact search (eval/index_bench.py).
 
 Ray Data streams decode (CPU tasks) into encode (actor pool), so the whole should take about as long as the
 slower of the two, not their sum. Each figure is one run on this machine, all measured in the same process,
@@ -31,8 +32,19 @@ def _drain(batches) -> tuple[list[dict], float]:
     return rows, time.monotonic() - start
 
 
-def run_bench(out: Path, items: int = 24, feature_sets=BENCH_FEATURE_SETS) -> dict:
+def run_bench(out: Path, items: int = 24, feature_sets=BENCH_FEATURE_SETS, index_vectors: int = 1_000_000) -> dict:
     out.mkdir(parents=True, exist_ok=True)
+    results = _pipeline_bench(out, items, feature_sets)
+    if index_vectors:
+        from avcache.eval.index_bench import run_index_bench
+
+        results.update(run_index_bench(index_vectors))
+    (out / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
+    _write_markdown(out / "bench.md", results, feature_sets)
+    return results
+
+
+def _pipeline_bench(out: Path, items: int, feature_sets) -> dict:
     data, manifest_path = out / "bench_data", out / "bench_manifest.arrow"
     if not manifest_path.is_file():
         write_synthetic(data, items=items, seed=0)
@@ -67,8 +79,6 @@ def run_bench(out: Path, items: int = 24, feature_sets=BENCH_FEATURE_SETS) -> di
         })
         print(f"[bench] {name}: decode {t_decode:.2f}s, encode {t_encode:.2f}s, pipeline {t_whole:.2f}s, "
               f"actor setup {t_setup:.2f}s ({len(rows)} items)", flush=True)
-    (out / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
-    _write_markdown(out / "bench.md", results, feature_sets)
     return results
 
 
@@ -82,4 +92,13 @@ def _write_markdown(path: Path, results: dict, feature_sets) -> None:
                      f"{results[f'{name}_encode_s']} | {results[f'{name}_pipeline_s']} | "
                      f"{results[f'{name}_setup_s']} | {results[f'{name}_pipeline_over_slowest']} | "
                      f"{results[f'{name}_pipeline_over_sum']} |")
+    if "index_factory" in results:
+        r = results
+        lines += ["", f"FAISS, {r['index_vectors']:,} x {r['index_dim']} clustered float32 vectors, "
+                  f"{r['index_queries']} fresh queries, {r['index_threads']} threads:", "",
+                  "| search | recall@10 | queries/s | speed-up | bytes/vector | build s |", "|---|---:|---:|---:|---:|---:|",
+                  f"| exact (`Flat`) | 1.0 | {r['exact_qps']} | 1.0 | {r['exact_bytes_per_vector']} | - |",
+                  f"| default: `{r['index_factory']}` ({r['index_search_params']}) | {r['index_recall@10']} | "
+                  f"{r['index_qps']} | {r['index_speedup_over_exact']} | {r['index_bytes_per_vector']} | "
+                  f"{r['index_build_s']} |"]
     path.write_text("\n".join(lines) + "\n")

@@ -733,6 +733,10 @@ class FeatureSet:
             self._views[column] = views
         return self._views[column]
 
+    def vector_shards(self, column: str) -> list[np.ndarray]:
+        """One read-only (rows, D) view per shard, in row order: a column larger than RAM can be streamed."""
+        return list(self._vector_views(column))
+
     def vectors(self, column: str, item_ids=None) -> np.ndarray:
         """(N, D) array in the store dtype. With item_ids=None and a single shard it is a zero-copy view of the
         mapped file; several shards are concatenated (one copy); item_ids gathers rows in the given order."""

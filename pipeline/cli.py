@@ -1,4 +1,4 @@
-"""`avcache <verb>`: one verb per stage (synth, manifest, extract, info, bench, demo)."""
+"""`avcache <verb>`: one verb per stage (synth, manifest, extract, info, index, search, eval-retrieval, bench, demo)."""
 from __future__ import annotations
 
 import argparse
@@ -54,10 +54,55 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_index(args) -> int:
+    from avcache.features.index import index_status, read_info, update_index
+    from avcache.features.store import FeatureStore
+
+    store = FeatureStore(args.store)
+    names = args.feature_sets.split(",") if args.feature_sets else store.feature_sets()
+    if not names:
+        raise ValueError(f"{args.store}: no feature sets to index (run make extract first)")
+    for name in names:
+        fs = store[name]
+        columns = args.columns.split(",") if args.columns else list(fs.spec.vectors)
+        for column in columns:
+            if args.status:
+                info = read_info(fs, column) if column in fs.spec.vectors else None
+                detail = (f"{info['factory']}, {info['count']} rows, recall@{info['recall']['k']} "
+                          f"{info['recall']['value']}" if info else "")
+                print(f"{name}/{column}: {index_status(fs, column) if info else 'missing'} {detail}".rstrip())
+            elif len(fs) == 0:
+                print(f"{name}/{column}: no rows, skipped")
+            else:
+                update_index(fs, column, args.factory, rebuild=args.rebuild, target_recall=args.target_recall)
+    return 0
+
+
+def cmd_search(args) -> int:
+    from avcache.pipeline.search import Query, answers_json, answers_text, read_queries, search
+
+    queries = [Query(kind, value) for kind in ("text", "image", "audio") for value in getattr(args, kind) or []]
+    if args.queries:
+        queries += read_queries(args.queries)
+    if not queries:
+        raise ValueError("give a query: --text, --image, --audio or --queries FILE")
+    answers = search(args.store, queries, args.feature_set, args.column, k=args.k, distinct=args.distinct,
+                     manifest=args.manifest, allow_stale=args.allow_stale)
+    print(json.dumps(answers_json(answers), indent=2) if args.json else answers_text(answers))
+    return 0
+
+
+def cmd_eval_retrieval(args) -> int:
+    from avcache.eval.retrieval import run_eval_retrieval
+
+    run_eval_retrieval(args.store, args.out, manifest=args.manifest, split=args.split, dataset=args.dataset)
+    return 0
+
+
 def cmd_bench(args) -> int:
     from avcache.eval.bench import run_bench
 
-    results = run_bench(Path(args.out), items=args.items)
+    results = run_bench(Path(args.out), items=args.items, index_vectors=args.index_vectors)
     print(json.dumps(results, indent=2))
     return 0
 
@@ -99,9 +144,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true", help="recompute shard checksums")
     p.set_defaults(run=cmd_info)
 
+    p = verbs.add_parser("index", help="build or update a FAISS index per vector column of each feature set")
+    p.add_argument("--store", required=True, type=Path)
+    p.add_argument("--feature-sets", default=None, help="comma-separated (default: every feature set)")
+    p.add_argument("--columns", default=None, help="comma-separated vector columns (default: all of them)")
+    p.add_argument("--factory", default=None, help="FAISS index_factory string (default: by size, see README)")
+    p.add_argument("--rebuild", action="store_true", help="build from scratch even if only new rows were added")
+    p.add_argument("--target-recall", type=float, default=0.95, help="recall@10 the search parameters are tuned to")
+    p.add_argument("--status", action="store_true", help="only report missing / fresh / appendable / stale")
+    p.set_defaults(run=cmd_index)
+
+    p = verbs.add_parser("search", help="top-k items of a feature set for text, image or audio queries")
+    p.add_argument("--store", required=True, type=Path)
+    p.add_argument("--text", action="append", help="a text query (CLIP text tower); repeatable")
+    p.add_argument("--image", action="append", help="an image file (CLIP image tower); repeatable")
+    p.add_argument("--audio", action="append", help="an audio file (Whisper transcript -> CLIP text); repeatable")
+    p.add_argument("--queries", type=Path, help=".jsonl of {text|image|audio: ...} per line, or one text per line")
+    p.add_argument("--feature-set", default="clip_image")
+    p.add_argument("--column", default="embedding")
+    p.add_argument("-k", type=int, default=10)
+    p.add_argument("--distinct", action="store_true", help="one result per source media file")
+    p.add_argument("--manifest", type=Path, default=None, help="for media paths (default: the extraction manifest)")
+    p.add_argument("--allow-stale", action="store_true", help="search an index older than its store (warns)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(run=cmd_search)
+
+    p = verbs.add_parser("eval-retrieval", help="zero-shot Whisper->CLIP retrieval and the text upper bound")
+    p.add_argument("--store", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--manifest", type=Path, default=None, help="default: the manifest clip_image was extracted from")
+    p.add_argument("--split", default="test")
+    p.add_argument("--dataset", default=None, help="only items of this dataset (e.g. flickr8k_audio)")
+    p.set_defaults(run=cmd_eval_retrieval)
+
     p = verbs.add_parser("bench", help="wall time of decode alone, encode alone and the whole pipeline")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--items", type=int, default=24)
+    p.add_argument("--index-vectors", type=int, default=1_000_000, help="size of the FAISS benchmark (0 skips it)")
     p.set_defaults(run=cmd_bench)
 
     p = verbs.add_parser("demo", help="synth -> manifest -> extract -> read back, with a summary")

@@ -125,10 +125,14 @@ def _clip_encoder(ctx: Context) -> dict:
 
 
 def _clip_model(ctx: Context) -> tuple[str, str | None]:
+    return clip_model(ctx.profile)
+
+
+def clip_model(profile: dict) -> tuple[str, str | None]:
     """(model, checkpoint) resolved in the driver, so workers load exactly the file the spec hashed."""
     from avcache.features.clip import resolve_clip_checkpoint
 
-    clip = ctx.profile["clip"]
+    clip = profile["clip"]
     return clip["model"], resolve_clip_checkpoint(clip["model"], clip.get("pretrained"))
 
 
@@ -289,7 +293,12 @@ register_extractor(Extractor(
 
 
 def _whisper_options(ctx: Context) -> dict:
-    options = dict(ctx.profile["whisper"])
+    return whisper_options(ctx.profile)
+
+
+def whisper_options(profile: dict) -> dict:
+    """create_whisper keyword arguments of a profile, with the tiny offline checkpoint resolved to its path."""
+    options = dict(profile["whisper"])
     if options.get("model") == "tiny-hf":
         from avcache.features.tiny import ensure_tiny_hf_whisper
 

@@ -31,3 +31,23 @@ def test_beats_on_gpu_matches_cpu_within_bf16_tolerance():
     for a, b in zip(on_cpu, on_gpu):
         assert a["tokens"].shape == b["tokens"].shape
         assert np.abs(a["tag_probs"] - b["tag_probs"]).max() < 3e-2
+
+
+
+def _faiss_has_gpu() -> bool:
+    from avcache.features.index import gpu_available
+
+    return gpu_available()
+
+
+@pytest.mark.skipif(not _faiss_has_gpu(), reason="faiss was built without GPU support (faiss-cpu)")
+def test_ivf_trained_on_gpu_is_saved_as_a_cpu_index_that_reaches_the_target():
+    import faiss
+
+    from avcache.eval.index_bench import clustered_vectors
+    from avcache.features.index import VectorRows, make_index
+
+    vectors = clustered_vectors(20_000, dim=64, clusters=500, latent=16, seed=3)
+    index, info = make_index(VectorRows([vectors], 64), "IVF128,PQ8x4fs,Refine(SQ8)", use_gpu=True, log=print)
+    assert info["device"] == "gpu" and info["recall"]["target_met"]
+    faiss.write_index(index, faiss.VectorIOWriter())  # a GPU index would refuse to serialise

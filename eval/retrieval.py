@@ -1,0 +1,337 @@
+"""Caption<->image retrieval metrics (Recall@K, MRR, ranks) and the BrewCLIP zero-shot baselines from a store."""
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+
+from avcache.features.store import FeatureSet, FeatureStore
+from avcache.pipeline.manifest import read_manifest
+
+KS = (1, 5, 10)
+COLUMN = "embedding"
+# result prefix -> (feature set holding the caption queries, row label in the report)
+SYSTEMS = {
+    "zeroshot": ("clip_transcript", "pipeline (Whisper → CLIP text)"),
+    "textupper": ("clip_text", "text upper bound (ground-truth captions)"),
+}
+# what to pass to `avcache extract --feature-sets` for each feature set this evaluation reads
+_EXTRACT = {"clip_image": "clip_image", "clip_text": "clip_text", "clip_transcript": "whisper,clip_transcript"}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# metrics
+
+
+def _as_embeddings(x, what: str) -> np.ndarray:
+    arr = np.asarray(x)
+    if arr.ndim != 2:
+        raise ValueError(f"{what} must be a 2-D (N, D) array, got shape {arr.shape}")
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ValueError(f"{what} is empty (shape {arr.shape}); need at least one row and one dimension")
+    if arr.dtype.kind not in "biuf":
+        raise ValueError(f"{what} must be real numbers, got dtype {arr.dtype}")
+    arr = arr.astype(np.float32)
+    if not np.isfinite(arr).all():
+        bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+        raise ValueError(f"{what} has {bad} non-finite value(s) (NaN/inf)")
+    return arr
+
+
+def _as_index(x, n: int, length: int, what: str, target: str) -> np.ndarray:
+    arr = np.asarray(x)
+    if arr.ndim != 1 or arr.shape[0] != length:
+        raise ValueError(f"{what} must have shape ({length},) (one entry per query), got {arr.shape}")
+    if arr.dtype.kind not in "iu":
+        raise ValueError(f"{what} must hold integer indices into {target}, got dtype {arr.dtype}")
+    arr = arr.astype(np.int64)
+    bad = (arr < 0) | (arr >= n)
+    if bad.any():
+        raise ValueError(f"{what} has {int(bad.sum())} index(es) outside [0, {n}) (the {n} rows of {target}), "
+                         f"e.g. {int(arr[bad][0])}")
+    return arr
+
+
+def _check_chunk(chunk_size) -> int:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    return int(chunk_size)
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=1, keepdims=True)  # (N, 1)
+    # A zero vector stays zero: it scores 0 against everything, which the tie rule turns into the worst rank.
+    return x / np.where(norms > 0, norms, 1).astype(np.float32)
+
+
+def _chunk_ranks(scores: np.ndarray, correct: np.ndarray) -> np.ndarray:
+    """Rank of the best correct item: 1 + #incorrect items scoring >= it (ties count against the query)."""
+    best = np.max(scores, axis=1, where=correct, initial=-np.inf)  # (B,)
+    ge = scores >= best[:, None]  # (B, N)
+    return 1 + np.count_nonzero(ge, axis=1) - np.count_nonzero(ge & correct, axis=1)
+
+
+def _ranks(query: np.ndarray, gallery: np.ndarray, query_key: np.ndarray, gallery_key: np.ndarray,
+           chunk_size: int) -> np.ndarray:
+    """Gallery row j is correct for query i iff gallery_key[j] == query_key[i]; every query has one."""
+    ranks = np.empty(len(query), np.int64)
+    for start in range(0, len(query), chunk_size):
+        q = query[start:start + chunk_size]  # (B, D)
+        scores = q @ gallery.T  # (B, N); the only block ever held, never the whole (Nq, N) matrix
+        correct = query_key[start:start + len(q), None] == gallery_key[None, :]  # (B, N)
+        ranks[start:start + len(q)] = _chunk_ranks(scores, correct)
+    return ranks
+
+
+def _summary(ranks: np.ndarray, prefix: str) -> dict:
+    p = f"{prefix}_" if prefix else ""
+    out = {f"{p}R@{k}": float(np.mean(ranks <= k)) for k in KS}
+    out[f"{p}MRR"] = float(np.mean(1.0 / ranks))
+    out[f"{p}median_rank"] = float(np.median(ranks))
+    out[f"{p}mean_rank"] = float(np.mean(ranks))
+    out[f"{p}queries"] = int(len(ranks))
+    return out
+
+
+def retrieval_metrics(query_emb, gallery_emb, query_to_gallery, *, chunk_size: int = 1024, prefix: str = "") -> dict:
+    """One retrieval direction where each query has exactly one correct gallery row.
+
+    query_emb (Nq, D), gallery_emb (Ng, D), query_to_gallery (Nq,) int: the index of each query's correct row.
+    Similarity is the dot product of L2-normalised rows (normalised here too; a zero row stays zero).
+    rank = 1 + #{other gallery rows j with score >= score of the correct row}: ties count against the query,
+    so a constant scorer gets the worst rank Ng for every query, never a lucky R@1.
+    Scores are computed a (chunk_size, Ng) block at a time in float32.
+
+    Returns {"R@1", "R@5", "R@10" (fractions in [0, 1]), "MRR", "median_rank", "mean_rank", "queries"}, each
+    key prefixed with ``prefix + "_"`` when a prefix is given.
+    """
+    query = _as_embeddings(query_emb, "query_emb")
+    gallery = _as_embeddings(gallery_emb, "gallery_emb")
+    if query.shape[1] != gallery.shape[1]:
+        raise ValueError(f"query_emb and gallery_emb dims differ: {query.shape[1]} vs {gallery.shape[1]}")
+    target = _as_index(query_to_gallery, len(gallery), len(query), "query_to_gallery", "gallery_emb")
+    ranks = _ranks(_normalise(query), _normalise(gallery), target, np.arange(len(gallery)), _check_chunk(chunk_size))
+    return _summary(ranks, prefix)
+
+
+def cross_modal_retrieval(captions, images, caption_image, *, prefix=("s2i", "i2s"), chunk_size: int = 1024) -> dict:
+    """Bidirectional caption<->image retrieval with several captions per image, the standard way.
+
+    captions (Nc, D), images (Ni, D), caption_image (Nc,) int: index of each caption's own image.
+    Similarity is the dot product of L2-normalised rows (normalised here too; a zero row stays zero).
+    Ties always count against the query (pessimistic), so a constant scorer gets the worst possible rank.
+
+    * caption->image (prefix[0], e.g. "s2i" speech->image or "t2i"): query = a caption, gallery = the Ni images.
+      rank = 1 + #{other images j with score >= score of its own image}.
+    * image->caption (prefix[1], e.g. "i2s"): query = an image, gallery = the Nc captions; it is correct iff any
+      of its own captions is retrieved: rank = 1 + #{captions of other images with score >= the max score over
+      its own captions}. Images without captions are not i2s queries but stay in the caption->image gallery as
+      distractors.
+
+    Per direction: R@1, R@5, R@10 (fraction of queries with rank <= K), MRR (mean 1/rank), median_rank,
+    mean_rank and queries (count), as flat keys "<prefix>_R@1", ... Scores are computed a (chunk_size, N) block
+    at a time in float32, so Nc = 25k, Ni = 5k needs about chunk_size * 25k * 7 bytes (~180 MB at 1024).
+    """
+    cap = _as_embeddings(captions, "captions")
+    img = _as_embeddings(images, "images")
+    if cap.shape[1] != img.shape[1]:
+        raise ValueError(f"captions and images dims differ: {cap.shape[1]} vs {img.shape[1]}")
+    own = _as_index(caption_image, len(img), len(cap), "caption_image", "images")
+    if isinstance(prefix, str) or len(prefix) != 2:
+        raise ValueError(f"prefix must be two names (caption->image, image->caption), got {prefix!r}")
+    chunk_size = _check_chunk(chunk_size)
+    cap, img = _normalise(cap), _normalise(img)
+
+    c2i = _ranks(cap, img, own, np.arange(len(img)), chunk_size)
+    queried = np.unique(own)  # (Ni',) images with at least one caption
+    i2c = _ranks(img[queried], cap, queried, own, chunk_size)
+    return {**_summary(c2i, prefix[0]), **_summary(i2c, prefix[1])}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# zero-shot baselines from a feature store
+
+
+def _open_sets(store: FeatureStore, stack: contextlib.ExitStack) -> dict[str, FeatureSet]:
+    names = ["clip_image"] + [fs for fs, _ in SYSTEMS.values()]
+    missing = [n for n in names if n not in store]
+    if missing:
+        what = ",".join(dict.fromkeys(x for n in missing for x in _EXTRACT[n].split(",")))
+        raise ValueError(f"store {str(store.root)!r} lacks feature set(s) {missing} (has {store.feature_sets()}); "
+                         f"extract them first: `make extract` with them in the config, or "
+                         f"`avcache extract --manifest M --store {store.root} --feature-sets {what}`")
+    sets = {n: stack.enter_context(store[n]) for n in names}
+    for name, fs in sets.items():
+        if COLUMN not in fs.spec.vectors:
+            raise ValueError(f"feature set {name!r} has no vector column {COLUMN!r} (has {list(fs.spec.vectors)})")
+    image_encoder = sets["clip_image"].spec.encoder
+    for name in names[1:]:
+        # Embeddings of two different CLIPs live in unrelated spaces: their scores would mean nothing.
+        if sets[name].spec.encoder != image_encoder:
+            raise ValueError(f"{name!r} and 'clip_image' were extracted with different CLIP encoders "
+                             f"({sets[name].spec.encoder} vs {image_encoder}); re-extract them with one profile")
+    return sets
+
+
+def _load_manifest(clip_image: FeatureSet, manifest):
+    if manifest is None:
+        manifest = (clip_image.meta.get("provenance") or {}).get("manifest")
+        if not manifest:
+            raise ValueError(f"{clip_image.path / 'meta.json'} records no manifest (provenance.manifest); pass the "
+                             f"manifest the features were extracted from (manifest=... / --manifest)")
+        where = f"the manifest recorded in {clip_image.path / 'meta.json'}"
+    else:
+        where = "the manifest"
+    try:
+        return read_manifest(manifest)
+    except ValueError as exc:  # ManifestError: missing file, not Arrow, bad columns
+        raise ValueError(f"cannot read {where} ({manifest}): {exc}; pass the right manifest "
+                         f"(manifest=... / --manifest)") from None
+
+
+def _present(column):
+    return pc.fill_null(pc.and_(pc.is_valid(column), pc.not_equal(column, "")), False)
+
+
+def _select_items(table, split: str, dataset: str | None) -> list[dict]:
+    mask = pc.and_(pc.equal(table["split"], split), _present(table["audio_path"]))
+    mask = pc.and_(pc.and_(mask, _present(table["image_path"])), _present(table["group_id"]))
+    if dataset is not None:
+        mask = pc.and_(mask, pc.equal(table["dataset"], dataset))
+    rows = table.filter(mask).select(["item_id", "dataset", "group_id"]).to_pylist()
+    if not rows:
+        splits = sorted(set(table["split"].to_pylist()))
+        datasets = sorted(set(table["dataset"].to_pylist()))
+        raise ValueError(f"no manifest rows of split {split!r}" + (f", dataset {dataset!r}" if dataset else "")
+                         + f" with both audio_path and image_path (manifest splits: {splits}, datasets: {datasets})")
+    return rows
+
+
+def _gallery(rows: list[dict], clip_image: FeatureSet) -> tuple[dict, np.ndarray, int]:
+    """One image per (dataset, group_id): the first item of the group that clip_image holds."""
+    groups, first = {}, {}
+    for r in rows:
+        key = (r["dataset"], r["group_id"])
+        groups[key] = True
+        if key not in first and r["item_id"] in clip_image:
+            first[key] = r["item_id"]
+    if not first:
+        raise ValueError(f"none of the {len(groups)} images of the selected items is in 'clip_image' "
+                         f"(its extraction failed or ran on another manifest); re-extract clip_image")
+    index = {key: i for i, key in enumerate(first)}
+    images = clip_image.vectors(COLUMN, list(first.values())).astype(np.float32)  # (Ni, D)
+    return index, images, len(groups) - len(first)
+
+
+def _system(name: str, fs: FeatureSet, captions: list[tuple[str, int]], images: np.ndarray,
+            chunk_size: int) -> dict:
+    present = [(item, image) for item, image in captions if item in fs]
+    if not present:
+        raise ValueError(f"none of the {len(captions)} selected captions is in {fs.name!r} (extraction failed or "
+                         f"ran on another manifest); re-extract it: --feature-sets {_EXTRACT[fs.name]}")
+    queries = fs.vectors(COLUMN, [item for item, _ in present]).astype(np.float32)  # (Nc, D)
+    own = np.array([image for _, image in present], np.int64)  # (Nc,)
+    out = cross_modal_retrieval(queries, images, own, prefix=(f"{name}_s2i", f"{name}_i2s"), chunk_size=chunk_size)
+    out[f"{name}_missing"] = len(captions) - len(present)
+    return out
+
+
+def evaluate_zeroshot(store_root, manifest=None, split: str = "test", dataset: str | None = None, *,
+                      chunk_size: int = 1024) -> dict:
+    """BrewCLIP's pipeline-only zero-shot baseline and the text upper bound, both directions, from a store.
+
+    Items: manifest rows of ``split`` (and ``dataset``) with an audio_path, an image_path and a group_id. The
+    gallery holds one clip_image embedding per (dataset, group_id). "zeroshot" queries are clip_transcript
+    embeddings (CLIP text of the Whisper transcript), "textupper" queries are clip_text embeddings (CLIP text of
+    the ground-truth caption). Captions missing from a feature set are dropped and counted.
+
+    Keys (all numbers): images, images_missing (groups with no clip_image row), captions (items whose image is in
+    the gallery), captions_without_image, and per system S in (zeroshot, textupper) and direction in (s2i, i2s):
+    S_<dir>_R@1/R@5/R@10/MRR/median_rank/mean_rank/queries, plus S_missing.
+    """
+    with contextlib.ExitStack() as stack:
+        sets = _open_sets(FeatureStore(store_root), stack)
+        rows = _select_items(_load_manifest(sets["clip_image"], manifest), split, dataset)
+        index, images, images_missing = _gallery(rows, sets["clip_image"])
+        captions = [(r["item_id"], index[(r["dataset"], r["group_id"])]) for r in rows
+                    if (r["dataset"], r["group_id"]) in index]
+        results = {"images": len(images), "images_missing": images_missing, "captions": len(captions),
+                   "captions_without_image": len(rows) - len(captions)}
+        for name, (feature_set, _) in SYSTEMS.items():
+            results.update(_system(name, sets[feature_set], captions, images, chunk_size))
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# report
+
+
+def _systems_in(results: dict) -> list[str]:
+    return [name for name in SYSTEMS if f"{name}_s2i_R@1" in results]
+
+
+def _median(value: float) -> str:
+    return f"{value:.0f}" if float(value).is_integer() else f"{value:.1f}"
+
+
+def retrieval_markdown(results: dict) -> str:
+    """One markdown table: a row per system, Recall@K in percent, MRR and median rank per direction."""
+    header = (["system", "queries s2i / i2s"] + [f"{d} R@{k} (%)" for d in ("s2i", "i2s") for k in KS]
+              + ["s2i MRR", "i2s MRR", "s2i median rank", "i2s median rank"])
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    for name in _systems_in(results):
+        r = {k[len(name) + 1:]: v for k, v in results.items() if k.startswith(f"{name}_")}
+        cells = [SYSTEMS[name][1], f"{r['s2i_queries']} / {r['i2s_queries']}"]
+        cells += [f"{100 * r[f'{d}_R@{k}']:.1f}" for d in ("s2i", "i2s") for k in KS]
+        cells += [f"{r['s2i_MRR']:.3f}", f"{r['i2s_MRR']:.3f}", _median(r["s2i_median_rank"]),
+                  _median(r["i2s_median_rank"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_retrieval(results: dict, path) -> Path:
+    """Grouped bars: Recall@1/5/10 of each direction, one bar per system; written as a PNG."""
+    # Lazy, and through the Agg canvas directly: no pyplot, so the caller's global backend is left alone.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    systems = _systems_in(results)
+    if not systems:
+        raise ValueError(f"no retrieval results to plot (expected keys like 'zeroshot_s2i_R@1'); got {sorted(results)}")
+    metrics = [f"{d}_R@{k}" for d in ("s2i", "i2s") for k in KS]
+    x = np.arange(len(metrics))
+    width = 0.8 / len(systems)
+    fig = Figure(figsize=(8, 4.2))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for s, name in enumerate(systems):
+        values = [100 * results[f"{name}_{m}"] for m in metrics]
+        bars = ax.bar(x + (s - (len(systems) - 1) / 2) * width, values, width, label=SYSTEMS[name][1])
+        ax.bar_label(bars, fmt="%.0f", fontsize=7)
+    ax.set_xticks(x, [m.replace("_", " ") for m in metrics])
+    ax.set_ylabel("recall (%)")
+    ax.set_ylim(0, 122)  # headroom above 100 % for the legend
+    ax.set_yticks(range(0, 101, 20))
+    ax.set_title("speech ↔ image retrieval, zero-shot")
+    ax.legend(fontsize=8, loc="upper center", ncol=len(systems), frameon=False)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def run_eval_retrieval(store_root, out_dir, manifest=None, split: str = "test", dataset: str | None = None) -> dict:
+    """Evaluate, then write OUT/results.json (flat name -> number), OUT/results.md and OUT/retrieval.png."""
+    results = evaluate_zeroshot(store_root, manifest=manifest, split=split, dataset=dataset)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    table = retrieval_markdown(results)
+    (out / "results.md").write_text(table, encoding="utf-8")
+    plot_retrieval(results, out / "retrieval.png")
+    print(table, end="")
+    return results
