@@ -21,9 +21,11 @@ FEATURE_SET ?= clip_image
 K ?= 10
 SPLIT ?= test
 INDEX_VECTORS ?= 1000000
+RUN ?= runs/brewclip
+SET ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup synth manifest extract info index search eval-retrieval bench demo test clean
+.PHONY: help setup synth manifest extract info index search eval-retrieval train-retrieval train-ser bench demo test clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -58,6 +60,12 @@ search: $(STAMP) ## top-K items: STORE=<dir> one of QUERY="<text>" IMAGE=<file> 
 
 eval-retrieval: $(STAMP) ## zero-shot Whisper->CLIP retrieval + text upper bound: STORE=<dir> OUT=<dir> [SPLIT=test]
 	$(BIN)/avcache eval-retrieval --store $(STORE) --out $(OUT) --split $(SPLIT)
+
+train-retrieval: $(STAMP) ## BrewCLIP heads on cached features: STORE=<dir> RUN=<dir> [CONFIG=train/configs/brewclip_*.yaml] [SET="k=v ..."]
+	$(BIN)/avcache train-retrieval --store $(STORE) --run $(RUN) $(if $(CONFIG),--config $(CONFIG)) $(foreach s,$(SET),--set $(s))
+
+train-ser: $(STAMP) ## emotion classifier on the acoustic channel: STORE=<dir> RUN=<dir> [CONFIG=...] [SET="init_from=runs/brewclip ..."]
+	$(BIN)/avcache train-ser --store $(STORE) --run $(RUN) $(if $(CONFIG),--config $(CONFIG)) $(foreach s,$(SET),--set $(s))
 
 bench: $(STAMP) ## extraction wall times and FAISS recall/QPS at 1M x 512: OUT=<dir> (writes OUT/bench.json, bench.md)
 	$(BIN)/avcache bench --out $(OUT) --index-vectors $(INDEX_VECTORS)

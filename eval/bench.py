@@ -1,5 +1,6 @@
 """`make bench`: on the same items, wall time of decode alone, encode alone and the whole streaming pipeline;
-then the default FAISS index against exact search (eval/index_bench.py).
+then the default FAISS index against exact search (eval/index_bench.py) and BrewCLIP training fed from the store
+against the same training fed from memory (eval/train_bench.py).
 
 Ray Data streams decode (CPU tasks) into encode (actor pool), so the whole should take about as long as the
 slower of the two, not their sum. Each figure is one run on this machine, all measured in the same process,
@@ -32,13 +33,20 @@ def _drain(batches) -> tuple[list[dict], float]:
     return rows, time.monotonic() - start
 
 
-def run_bench(out: Path, items: int = 24, feature_sets=BENCH_FEATURE_SETS, index_vectors: int = 1_000_000) -> dict:
+def run_bench(out: Path, items: int = 24, feature_sets=BENCH_FEATURE_SETS, index_vectors: int = 1_000_000,
+              train_images: int = 256) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     results = _pipeline_bench(out, items, feature_sets)
     if index_vectors:
         from avcache.eval.index_bench import run_index_bench
 
         results.update(run_index_bench(index_vectors))
+    if train_images:
+        from avcache.eval.train_bench import run_train_bench
+
+        # A caption costs at least its Whisper pass when features are not cached (CLIP text and image on top).
+        whisper = results.get("whisper_encode_s", 0) / results["whisper_items"] if "whisper_items" in results else None
+        results.update(run_train_bench(out, images=train_images, encode_seconds_per_pair=whisper))
     (out / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
     _write_markdown(out / "bench.md", results, feature_sets)
     return results
@@ -101,4 +109,13 @@ def _write_markdown(path: Path, results: dict, feature_sets) -> None:
                   f"| default: `{r['index_factory']}` ({r['index_search_params']}) | {r['index_recall@10']} | "
                   f"{r['index_qps']} | {r['index_speedup_over_exact']} | {r['index_bytes_per_vector']} | "
                   f"{r['index_build_s']} |"]
+    if "train_pairs" in results:
+        r = results
+        lines += ["", f"BrewCLIP fast-mode training, {r['train_pairs']} planted caption/image pairs, one process:", "",
+                  "| batches from | pairs/s | epoch s |", "|---|---:|---:|",
+                  f"| the store (HDF5 per batch) | {r['train_pairs_per_s_store']} | {r['train_epoch_s_cached']} |",
+                  f"| tensors in memory | {r['train_pairs_per_s_memory']} | - |",
+                  f"| store / memory | {r['train_store_over_memory']} | |"]
+        if "train_epoch_s_with_encoders" in r:
+            lines.append(f"| frozen encoders run again (Whisper per caption) | - | {r['train_epoch_s_with_encoders']} |")
     path.write_text("\n".join(lines) + "\n")

@@ -155,6 +155,10 @@ def cross_modal_retrieval(captions, images, caption_image, *, prefix=("s2i", "i2
 # zero-shot baselines from a feature store
 
 
+class NoItemsError(ValueError):
+    """The manifest has no caption/image items for the requested split (or dataset)."""
+
+
 def _open_sets(store: FeatureStore, stack: contextlib.ExitStack) -> dict[str, FeatureSet]:
     names = ["clip_image"] + [fs for fs, _ in SYSTEMS.values()]
     missing = [n for n in names if n not in store]
@@ -176,7 +180,7 @@ def _open_sets(store: FeatureStore, stack: contextlib.ExitStack) -> dict[str, Fe
     return sets
 
 
-def _load_manifest(clip_image: FeatureSet, manifest):
+def extraction_manifest(clip_image: FeatureSet, manifest):
     if manifest is None:
         manifest = (clip_image.meta.get("provenance") or {}).get("manifest")
         if not manifest:
@@ -196,7 +200,7 @@ def _present(column):
     return pc.fill_null(pc.and_(pc.is_valid(column), pc.not_equal(column, "")), False)
 
 
-def _select_items(table, split: str, dataset: str | None) -> list[dict]:
+def select_caption_items(table, split: str, dataset: str | None) -> list[dict]:
     mask = pc.and_(pc.equal(table["split"], split), _present(table["audio_path"]))
     mask = pc.and_(pc.and_(mask, _present(table["image_path"])), _present(table["group_id"]))
     if dataset is not None:
@@ -205,12 +209,12 @@ def _select_items(table, split: str, dataset: str | None) -> list[dict]:
     if not rows:
         splits = sorted(set(table["split"].to_pylist()))
         datasets = sorted(set(table["dataset"].to_pylist()))
-        raise ValueError(f"no manifest rows of split {split!r}" + (f", dataset {dataset!r}" if dataset else "")
+        raise NoItemsError(f"no manifest rows of split {split!r}" + (f", dataset {dataset!r}" if dataset else "")
                          + f" with both audio_path and image_path (manifest splits: {splits}, datasets: {datasets})")
     return rows
 
 
-def _gallery(rows: list[dict], clip_image: FeatureSet) -> tuple[dict, np.ndarray, int]:
+def image_gallery(rows: list[dict], clip_image: FeatureSet) -> tuple[dict, np.ndarray, int]:
     """One image per (dataset, group_id): the first item of the group that clip_image holds."""
     groups, first = {}, {}
     for r in rows:
@@ -254,8 +258,8 @@ def evaluate_zeroshot(store_root, manifest=None, split: str = "test", dataset: s
     """
     with contextlib.ExitStack() as stack:
         sets = _open_sets(FeatureStore(store_root), stack)
-        rows = _select_items(_load_manifest(sets["clip_image"], manifest), split, dataset)
-        index, images, images_missing = _gallery(rows, sets["clip_image"])
+        rows = select_caption_items(extraction_manifest(sets["clip_image"], manifest), split, dataset)
+        index, images, images_missing = image_gallery(rows, sets["clip_image"])
         captions = [(r["item_id"], index[(r["dataset"], r["group_id"])]) for r in rows
                     if (r["dataset"], r["group_id"]) in index]
         results = {"images": len(images), "images_missing": images_missing, "captions": len(captions),

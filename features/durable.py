@@ -52,7 +52,7 @@ def write_arrow(path: Path, table: pa.Table) -> None:
 
 
 def write_arrow_atomic(path: Path, table: pa.Table) -> None:
-    _replace_with(path, lambda tmp: write_arrow(tmp, table))
+    replace_atomically(path, lambda tmp: write_arrow(tmp, table))
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:
@@ -63,10 +63,11 @@ def write_json_atomic(path: Path, obj: dict) -> None:
             fh.flush()
             os.fsync(fh.fileno())
 
-    _replace_with(path, write)
+    replace_atomically(path, write)
 
 
-def _replace_with(path: Path, write) -> None:
+def replace_atomically(path: Path, write) -> None:
+    """Call write(tmp) on a temporary file beside `path`, then rename it into place (any file format)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # per process: concurrent writers never share it

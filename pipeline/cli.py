@@ -99,10 +99,25 @@ def cmd_eval_retrieval(args) -> int:
     return 0
 
 
+def cmd_train_retrieval(args) -> int:
+    from avcache.train.recipes.brewclip import main as brewclip
+
+    brewclip(args.store, args.run_dir, args.config, args.set)
+    return 0
+
+
+def cmd_train_ser(args) -> int:
+    from avcache.train.recipes.ser import main as ser
+
+    ser(args.store, args.run_dir, args.config, args.set)
+    return 0
+
+
 def cmd_bench(args) -> int:
     from avcache.eval.bench import run_bench
 
-    results = run_bench(Path(args.out), items=args.items, index_vectors=args.index_vectors)
+    results = run_bench(Path(args.out), items=args.items, index_vectors=args.index_vectors,
+                        train_images=args.train_images)
     print(json.dumps(results, indent=2))
     return 0
 
@@ -177,10 +192,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default=None, help="only items of this dataset (e.g. flickr8k_audio)")
     p.set_defaults(run=cmd_eval_retrieval)
 
+    p = verbs.add_parser("train-retrieval", help="train BrewCLIP retrieval heads on a store (train/recipes/brewclip.py)")
+    p.add_argument("--store", required=True, type=Path)
+    p.add_argument("--run", required=True, type=Path, dest="run_dir",
+                   help="run directory (an existing run of the same config resumes)")
+    p.add_argument("--config", type=Path, default=None, help="recipe YAML (default: train/configs/brewclip.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.set_defaults(run=cmd_train_retrieval)
+
+    p = verbs.add_parser("train-ser", help="emotion classifier on BrewCLIP's acoustic channel (train/recipes/ser.py)")
+    p.add_argument("--store", required=True, type=Path)
+    p.add_argument("--run", required=True, type=Path, dest="run_dir")
+    p.add_argument("--config", type=Path, default=None, help="recipe YAML (default: train/configs/ser.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.set_defaults(run=cmd_train_ser)
+
     p = verbs.add_parser("bench", help="wall time of decode alone, encode alone and the whole pipeline")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--items", type=int, default=24)
     p.add_argument("--index-vectors", type=int, default=1_000_000, help="size of the FAISS benchmark (0 skips it)")
+    p.add_argument("--train-images", type=int, default=256, help="images of the training benchmark (0 skips it)")
     p.set_defaults(run=cmd_bench)
 
     p = verbs.add_parser("demo", help="synth -> manifest -> extract -> read back, with a summary")

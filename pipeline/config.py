@@ -1,4 +1,4 @@
-"""Extraction configs: YAML files read into typed dataclasses, with `key.sub=value` overrides."""
+"""Configs: YAML files read into typed dataclasses, with `key.sub=value` overrides and `inherit:` variants."""
 from __future__ import annotations
 
 import dataclasses
@@ -73,19 +73,43 @@ class ExtractConfig:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> ExtractConfig:
-    path = Path(path) if path else DEFAULT_CONFIG
+    config = load_dataclass(ExtractConfig, Path(path) if path else DEFAULT_CONFIG, overrides)
+    if config.dtype not in ("float32", "float16"):
+        raise ConfigError(f"dtype must be float32 or float16, not {config.dtype!r}")
+    return config
+
+
+def load_dataclass(cls, path: Path, overrides: list[str] = ()):
+    """YAML file -> dataclass `cls`, after `key.sub=value` overrides. A top-level `inherit: <file>` (relative to
+    the file) starts from another config, so a variant states only what it changes."""
+    data = _read_yaml(Path(path))
+    for override in overrides:
+        _apply_override(data, override)
+    return from_dict(cls, data, where=str(path))
+
+
+def _read_yaml(path: Path, seen: tuple = ()) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: inherit loop through {[str(p) for p in seen]}")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from None
-    for override in overrides:
-        _apply_override(data, override)
-    config = from_dict(ExtractConfig, data, where=str(path))
-    if config.dtype not in ("float32", "float16"):
-        raise ConfigError(f"dtype must be float32 or float16, not {config.dtype!r}")
-    return config
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    parent = data.pop("inherit", None)
+    if parent is None:
+        return data
+    return _merge(_read_yaml(path.parent / parent, seen + (path.resolve(),)), data)
+
+
+def _merge(base: dict, changes: dict) -> dict:
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def _apply_override(data: dict, override: str) -> None:
@@ -128,6 +152,8 @@ def _convert(hint, value, where: str):
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         return [_convert(item_hint, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if hint is bool and not isinstance(value, bool):
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
     if hint in (int, float) and not isinstance(value, (int, float)) or hint is int and isinstance(value, float):
         raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")
     return value

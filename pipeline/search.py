@@ -82,6 +82,29 @@ def _jsonl_query(line: str, number: int, path: Path) -> Query:
     return Query(kind, value)
 
 
+def encoders_of(fs: FeatureSet) -> dict:
+    """The resolved encoder profile a feature set was extracted with (its provenance)."""
+    encoders = (fs.meta.get("provenance") or {}).get("encoders")
+    if not encoders:
+        raise StoreError(f"feature set {fs.name!r} records no encoders in its provenance, so no encoder can be "
+                         f"matched to it")
+    return encoders
+
+
+def clip_of(fs: FeatureSet, device: str = "cpu"):
+    """The CLIP that made a feature set, loaded again and checked against the weights hash the store recorded."""
+    from avcache.features.clip import create_clip
+    from avcache.pipeline.extractors import clip_model
+
+    encoder, _, spec = create_clip(*clip_model(encoders_of(fs)), device=device)
+    stored = fs.spec.encoder.get("checkpoint_sha256")
+    if spec["checkpoint_sha256"] != stored:
+        raise StoreError(f"the CLIP named by {fs.name!r}'s provenance ({spec['model']}, {spec['checkpoint']}) has "
+                         f"weights {spec['checkpoint_sha256'][:16]}..., but the feature set was made with "
+                         f"{str(stored)[:16]}...; its embeddings would live in another space")
+    return encoder
+
+
 class QueryEncoder:
     """Embeds queries into the space of a CLIP feature set, with the encoders its provenance names."""
 
@@ -93,25 +116,9 @@ class QueryEncoder:
         self._clip = None
         self._whisper = None
 
-    def _profile(self, fs: FeatureSet) -> dict:
-        encoders = (fs.meta.get("provenance") or {}).get("encoders")
-        if not encoders:
-            raise StoreError(f"feature set {fs.name!r} records no encoders in its provenance, so the query encoder "
-                             f"cannot be matched to it")
-        return encoders
-
     def clip(self):
         if self._clip is None:
-            from avcache.features.clip import create_clip
-            from avcache.pipeline.extractors import clip_model
-
-            encoder, _, spec = create_clip(*clip_model(self._profile(self.fs)))
-            stored = self.fs.spec.encoder.get("checkpoint_sha256")
-            if spec["checkpoint_sha256"] != stored:
-                raise StoreError(f"the CLIP named by {self.fs.name!r}'s provenance ({spec['model']}, "
-                                 f"{spec['checkpoint']}) has weights {spec['checkpoint_sha256'][:16]}..., but the "
-                                 f"feature set was made with {str(stored)[:16]}...; queries would land in another space")
-            self._clip = encoder
+            self._clip = clip_of(self.fs)
         return self._clip
 
     def whisper(self):
@@ -121,7 +128,7 @@ class QueryEncoder:
 
             # The Whisper that made the store's transcripts, so audio queries go through the same pipeline.
             source = self.store["whisper"] if "whisper" in self.store else self.fs
-            self._whisper, _, _ = create_whisper(**whisper_options(self._profile(source)))
+            self._whisper, _, _ = create_whisper(**whisper_options(encoders_of(source)))
         return self._whisper
 
     def encode(self, queries: list[Query]) -> tuple[np.ndarray, list[str | None]]:

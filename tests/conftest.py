@@ -45,3 +45,26 @@ def write_video(path: Path, frames: int = 12, size: int = 64, fps: int = 8, audi
 @pytest.fixture
 def make_video():
     return write_video
+
+
+@pytest.fixture(scope="session")
+def spoken_caption_store(tmp_path_factory):
+    """The Flickr8k part of the synthetic set (40 scenes, 2 spoken captions each) extracted with the tiny CLIP and
+    real Whisper tiny.en: clip_image, clip_text, whisper, clip_transcript. Shared by the search and training
+    tests because Whisper is the slow part (about 1.5 minutes on 2 cores)."""
+    from avcache.pipeline.adapters import build_manifest
+    from avcache.pipeline.config import load_config
+    from avcache.pipeline.extract import extract
+    from avcache.pipeline.manifest import read_manifest, write_manifest
+    from avcache.pipeline.runners import LocalRunner
+    from avcache.pipeline.synth import write_synthetic
+
+    root = tmp_path_factory.mktemp("spoken")
+    write_synthetic(root / "data", items=40, seed=0, speech="on")
+    build_manifest("synthetic", root / "data", root / "all.arrow")
+    rows = [r for r in read_manifest(root / "all.arrow").to_pylist() if r["dataset"] == "flickr8k_audio"]
+    write_manifest(rows, root / "manifest.arrow")
+    config = load_config(overrides=["feature_sets=[clip_image,clip_text,clip_transcript]", "rows_per_shard=32"])
+    report = extract(root / "manifest.arrow", root / "store", config, LocalRunner(), log=lambda *a: None)
+    assert report.failed == 0
+    return root

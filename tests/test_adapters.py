@@ -298,6 +298,137 @@ def test_esc50_missing_csv_is_an_error(tmp_path):
         build_manifest("esc50", root, tmp_path / "m.arrow")
 
 
+# ---------------------------------------------------------------------------------------------- RAVDESS
+
+# Real RAVDESS names (MM-VV-EE-II-SS-RR-AA), in the layout of the Zenodo zips: Actor_XX/<name>.
+RAVDESS_SPEECH = ["03-01-01-01-01-01-01.wav", "03-01-06-02-02-01-01.wav", "03-01-08-01-01-02-01.wav",
+                  "03-01-05-02-01-01-02.wav", "03-01-03-01-02-02-18.wav", "03-01-04-02-01-01-19.wav",
+                  "03-01-07-01-02-02-20.wav", "03-01-02-02-01-01-21.wav", "03-01-06-01-02-02-24.wav"]
+RAVDESS_SONG = ["03-02-06-02-01-01-01.wav", "03-02-02-01-02-02-22.wav"]
+RAVDESS_VIDEO = ["01-01-06-01-01-01-01.mp4", "02-01-06-01-01-01-01.mp4"]
+
+
+def make_ravdess(root: Path, video: bool = False) -> Path:
+    for name in RAVDESS_SPEECH:
+        write_wav(root / "Audio_Speech_Actors_01-24" / f"Actor_{name[-6:-4]}" / name)
+    for name in RAVDESS_SONG:
+        write_wav(root / "Audio_Song_Actors_01-24" / f"Actor_{name[-6:-4]}" / name)
+    if video:
+        for name in RAVDESS_VIDEO:
+            write_mp4(root / "Video_Speech_Actor_01" / "Actor_01" / name)
+    return root
+
+
+def test_ravdess_rows_labels_and_speaker_splits(tmp_path):
+    root = make_ravdess(tmp_path / "ravdess")
+    (root / "Audio_Speech_Actors_01-24" / "Actor_01" / "readme.txt").write_text("not media")  # ignored
+    result = ADAPTERS["ravdess"](root)
+    rows = by_id(result)
+    assert result.failures == []
+    assert sorted(rows) == sorted(f"ravdess:{n[:-4]}" for n in RAVDESS_SPEECH + RAVDESS_SONG)
+    wav = root / "Audio_Speech_Actors_01-24" / "Actor_01" / "03-01-06-02-02-01-01.wav"
+    assert rows["ravdess:03-01-06-02-02-01-01"] == {
+        "item_id": "ravdess:03-01-06-02-02-01-01", "dataset": "ravdess", "split": "train", "group_id": "actor_01",
+        "audio_path": str(wav), "label": "fearful", "label_id": 5,
+        "texts": ["Dogs are sitting by the door"], "text_kinds": ["text"],
+        "extra": {"modality": "audio-only", "vocal_channel": "speech", "intensity": "strong", "statement": 2,
+                  "repetition": 1, "actor": 1, "gender": "male"},
+    }
+    labels = {i: (r["label"], r["label_id"]) for i, r in rows.items()}
+    assert labels["ravdess:03-01-01-01-01-01-01"] == ("neutral", 0)
+    assert labels["ravdess:03-01-08-01-01-02-01"] == ("surprised", 7)
+    assert labels["ravdess:03-01-07-01-02-02-20"] == ("disgust", 6)
+    assert rows["ravdess:03-01-01-01-01-01-01"]["texts"] == ["Kids are talking by the door"]
+    splits = {r["extra"]["actor"]: r["split"] for r in rows.values()}
+    assert splits == {1: "train", 2: "train", 18: "train", 19: "val", 20: "val", 21: "test", 22: "test", 24: "test"}
+    female = rows["ravdess:03-01-07-01-02-02-20"]
+    assert female["group_id"] == "actor_20" and female["extra"]["gender"] == "female"
+    assert female["extra"]["repetition"] == 2
+    song = rows["ravdess:03-02-02-01-02-02-22"]
+    assert song["extra"]["vocal_channel"] == "song" and song["split"] == "test" and song["label"] == "calm"
+    assert all("video_path" not in r for r in rows.values())  # audio-only wavs
+    assert by_id(ADAPTERS["ravdess"](root)) == rows  # deterministic
+
+
+def test_ravdess_video_files(tmp_path):
+    root = make_ravdess(tmp_path / "ravdess", video=True)
+    rows = by_id(ADAPTERS["ravdess"](root))
+    full = root / "Video_Speech_Actor_01" / "Actor_01" / "01-01-06-01-01-01-01.mp4"
+    silent = root / "Video_Speech_Actor_01" / "Actor_01" / "02-01-06-01-01-01-01.mp4"
+    av = rows["ravdess:01-01-06-01-01-01-01"]
+    assert av["video_path"] == av["audio_path"] == str(full) and av["extra"]["modality"] == "full-AV"
+    video_only = rows["ravdess:02-01-06-01-01-01-01"]
+    assert video_only["video_path"] == str(silent) and "audio_path" not in video_only
+    assert video_only["extra"]["modality"] == "video-only" and video_only["label"] == "fearful"
+    assert len(rows) == len(RAVDESS_SPEECH + RAVDESS_SONG + RAVDESS_VIDEO)
+
+
+def test_ravdess_flat_folder_without_actor_folders(tmp_path):
+    write_wav(tmp_path / "flat" / "03-01-05-01-01-01-23.wav")
+    (row,) = ADAPTERS["ravdess"](tmp_path / "flat").rows
+    assert (row["item_id"], row["split"], row["label"], row["group_id"]) == (
+        "ravdess:03-01-05-01-01-01-23", "test", "angry", "actor_23")
+
+
+def test_ravdess_malformed_names_become_failures(tmp_path):
+    root = make_ravdess(tmp_path / "ravdess")
+    actor = root / "Audio_Speech_Actors_01-24" / "Actor_03"
+    bad = {
+        "03-01-05-01-01-03.wav": "expected 7 two-digit fields MM-VV-EE-II-SS-RR-AA, got 6",
+        "03-01-05-01-01-01-03-01.wav": "expected 7 two-digit fields MM-VV-EE-II-SS-RR-AA, got 8",
+        "03-01-xx-01-01-01-03.wav": "emotion field 'xx' is not a two-digit number",
+        "03-01-5-01-01-01-03.wav": "emotion field '5' is not a two-digit number",
+        "03-01-09-01-01-01-03.wav": "emotion code 09 out of range 01-08",
+        "04-01-05-01-01-01-03.wav": "modality code 04 out of range 01-03",
+        "03-01-05-03-01-01-03.wav": "intensity code 03 out of range 01-02",
+        "03-01-05-01-01-01-25.wav": "actor code 25 out of range 01-24",
+        "03-01-01-02-01-01-03.wav": "neutral (emotion 01) has no strong intensity (02)",
+        "03-02-08-01-01-01-03.wav": "song (vocal channel 02) has no emotion 08 (surprised)",
+        "01-01-05-01-01-01-03.wav": "modality 01 (full-AV) is an .mp4 in RAVDESS, not .wav",
+        "03-01-05-01-01-01-04.wav": "actor field 04 disagrees with its folder Actor_03",
+    }
+    for name in bad:
+        write_wav(actor / name)
+    write_mp4(actor / "03-01-05-01-01-01-03.mp4")
+    bad["03-01-05-01-01-01-03.mp4"] = "modality 03 (audio-only) is a .wav in RAVDESS, not .mp4"
+    result = ADAPTERS["ravdess"](root)
+    assert len(result.rows) == len(RAVDESS_SPEECH + RAVDESS_SONG)  # every good file survives
+    got = {Path(f["path"]).name: f for f in result.failures}
+    assert {name: f["reason"] for name, f in got.items()} == {name: f"{name}: {why}" for name, why in bad.items()}
+    assert all(f["item_id"] == f"ravdess:{Path(n).stem}" and f["stage"] == "manifest" for n, f in got.items())
+    assert got["03-01-05-01-01-01-04.wav"]["path"] == str(actor / "03-01-05-01-01-01-04.wav")
+
+
+def test_ravdess_build_manifest_round_trip(tmp_path):
+    root = make_ravdess(tmp_path / "ravdess")
+    write_wav(root / "Audio_Speech_Actors_01-24" / "Actor_02" / "03-01-02-01-01-01-05.wav")
+    out = tmp_path / "ravdess.arrow"
+    result = build_manifest("ravdess", root, out)
+    table = read_manifest(out)
+    assert table.schema == MANIFEST_SCHEMA and table.num_rows == len(result.rows) == 11
+    row = table.to_pylist()[table["item_id"].to_pylist().index("ravdess:03-01-06-02-02-01-01")]
+    assert json.loads(row["extra"])["gender"] == "male" and row["label_id"] == 5
+    failures = read_failures(failures_path_for(out)).to_pylist()
+    assert [f["reason"] for f in failures] == [
+        "03-01-02-01-01-01-05.wav: actor field 05 disagrees with its folder Actor_02"]
+
+
+def test_ravdess_empty_folder_is_an_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ManifestError, match=r"ravdess: no Actor_<AA>/ folder .* found under .*empty"):
+        build_manifest("ravdess", tmp_path / "empty", tmp_path / "m.arrow")
+    (tmp_path / "actors" / "Actor_01").mkdir(parents=True)
+    (tmp_path / "actors" / "Actor_01" / "notes.txt").write_text("no audio")
+    with pytest.raises(ManifestError, match=r"Actor folders \(Actor_01\) hold no .wav or .mp4"):
+        ADAPTERS["ravdess"](tmp_path / "actors")
+
+
+def test_ravdess_only_malformed_names_lists_them(tmp_path):
+    write_wav(tmp_path / "bad" / "Actor_01" / "hello.wav")
+    with pytest.raises(ManifestError, match=r"ravdess: no items found.*Actor_01/.*hello.wav: expected 7"):
+        build_manifest("ravdess", tmp_path / "bad", tmp_path / "m.arrow")
+
+
 # ---------------------------------------------------------------------------------------------- folder
 
 

@@ -10,28 +10,19 @@ import sys
 import numpy as np
 import pytest
 
-from avcache.features.index import build_index
+from avcache.features.index import update_index
 from avcache.features.store import FeatureStore, StoreError
-from avcache.pipeline.adapters import build_manifest
-from avcache.pipeline.config import load_config
-from avcache.pipeline.extract import extract
 from avcache.pipeline.manifest import read_manifest
-from avcache.pipeline.runners import LocalRunner
 from avcache.pipeline.search import QueryEncoder, Query, read_queries, search
-from avcache.pipeline.synth import write_synthetic
 
 
 @pytest.fixture(scope="module")
-def indexed_store(tmp_path_factory):
-    root = tmp_path_factory.mktemp("search")
-    write_synthetic(root / "data", items=4, seed=2, speech="on")
-    build_manifest("synthetic", root / "data", root / "manifest.arrow")
-    config = load_config(overrides=["feature_sets=[clip_image,clip_text,clip_transcript,beats]", "rows_per_shard=8"])
-    assert extract(root / "manifest.arrow", root / "store", config, LocalRunner(), log=lambda *a: None).failed == 0
+def indexed_store(spoken_caption_store):
+    root = spoken_caption_store
     store = FeatureStore(root / "store")
-    for name in ("clip_image", "clip_text", "clip_transcript", "beats"):
-        build_index(store[name], "embedding", log=lambda *a: None)
-    flickr = [r for r in read_manifest(root / "manifest.arrow").to_pylist() if r["dataset"] == "flickr8k_audio"]
+    for name in ("clip_image", "clip_text", "clip_transcript", "whisper"):
+        update_index(store[name], "embedding", log=lambda *a: None)
+    flickr = read_manifest(root / "manifest.arrow").to_pylist()
     return root, store, flickr
 
 
@@ -86,8 +77,8 @@ def test_read_queries_formats(tmp_path):
 
 def test_misuse_gets_one_line_errors(indexed_store, tmp_path):
     root, store, flickr = indexed_store
-    with pytest.raises(ValueError, match="'beats' was not made by CLIP"):
-        search(root / "store", [Query("text", "a dog")], feature_set="beats")
+    with pytest.raises(ValueError, match="'whisper' was not made by CLIP"):
+        search(root / "store", [Query("text", "a dog")], feature_set="whisper")
     with pytest.raises(StoreError, match="no index for clip_image/tag_probs|no vector column 'tag_probs'"):
         search(root / "store", [Query("text", "a dog")], column="tag_probs")
     base = [sys.executable, "-m", "avcache.pipeline.cli", "search", "--store", str(root / "store")]

@@ -1,0 +1,153 @@
+"""Spoken-caption / image pairs read from the feature store: what the retrieval trainers see of a dataset.
+
+A pair is one caption item (an item with audio and an image, e.g. one Flickr8k spoken caption): its cached
+Whisper encoder states (HDF5, read per batch unless preloaded), the CLIP text embedding of its Whisper
+transcript and its transcript's CLIP token ids (clip_transcript), and the CLIP embedding of its image
+(clip_image), plus the index of that image, so that other captions of the same image are never negatives.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from avcache.eval.retrieval import NoItemsError, extraction_manifest, image_gallery, select_caption_items
+from avcache.features.store import FeatureSet, FeatureStore
+
+NEEDED = {"clip_image": "clip_image", "whisper": "whisper", "clip_transcript": "whisper,clip_transcript"}
+
+
+@dataclass
+class PairsInfo:
+    split: str
+    pairs: int
+    images: int
+    dropped: int  # caption items of the split missing from a needed feature set (failed extraction)
+
+
+class WhisperItems(torch.utils.data.Dataset):
+    """Items whose Whisper encoder states are read from the store (or preloaded); subclasses pick the items."""
+
+    whisper: FeatureSet
+    item_ids: list[str]
+    max_frames: int
+    _states: list[torch.Tensor] | None = None
+
+    def _load(self, preload: bool) -> None:
+        self._states = [self._read_states(i) for i in range(len(self))] if preload else None
+
+    @property
+    def whisper_dim(self) -> int:
+        return self.whisper.spec.sequences["encoder_states"][0]
+
+    def __len__(self) -> int:
+        return len(self.item_ids)
+
+    def _read_states(self, i: int) -> torch.Tensor:
+        states = self.whisper.sequence(self.item_ids[i], "encoder_states")[: self.max_frames]     # (T, Dw)
+        return torch.from_numpy(np.asarray(states, np.float32))
+
+    def states(self, i: int) -> torch.Tensor:
+        return self._states[i] if self._states is not None else self._read_states(i)
+
+
+class CachedPairs(WhisperItems):
+    """The caption/image pairs of one split. Pooled vectors come from the memory-mapped Arrow shards at
+    construction (N x D, small); Whisper states, the bulk, are read from HDF5 in __getitem__ unless preloaded."""
+
+    def __init__(self, store_root: str | Path, split: str, manifest=None, dataset: str | None = None,
+                 max_frames: int = 1500, preload: bool = False):
+        store = FeatureStore(store_root)
+        missing = [name for name in NEEDED if name not in store]
+        if missing:
+            what = ",".join(dict.fromkeys(x for n in missing for x in NEEDED[n].split(",")))
+            raise ValueError(f"store {str(store_root)!r} lacks {missing}; extract them first "
+                             f"(avcache extract ... --feature-sets {what})")
+        clip_image, transcript = store["clip_image"], store["clip_transcript"]
+        self.whisper: FeatureSet = store["whisper"]
+        rows = select_caption_items(extraction_manifest(clip_image, manifest), split, dataset)
+        key_of_image, images, _ = image_gallery(rows, clip_image)
+        kept = [r for r in rows if (r["dataset"], r["group_id"]) in key_of_image
+                and r["item_id"] in transcript and r["item_id"] in self.whisper]
+        if not kept:
+            raise NoItemsError(f"split {split!r}: no caption item has whisper, clip_transcript and an image in the "
+                               f"store ({len(rows)} in the manifest)")
+        self.item_ids = [r["item_id"] for r in kept]
+        self.groups = torch.tensor([key_of_image[(r["dataset"], r["group_id"])] for r in kept])      # (N,)
+        self.images = torch.from_numpy(np.asarray(images, np.float32))                               # (Ni, D)
+        self.transcripts = torch.from_numpy(transcript.vectors("embedding", self.item_ids).astype(np.float32))
+        self.token_ids = torch.from_numpy(np.stack([transcript.sequence(i, "token_ids")[0] for i in self.item_ids])
+                                          .astype(np.int64))                                         # (N, L)
+        self.max_frames = max_frames
+        self.info = PairsInfo(split, len(kept), len(images), len(rows) - len(kept))
+        self._load(preload)
+
+    @property
+    def clip_dim(self) -> int:
+        return self.images.shape[1]
+
+    def __getitem__(self, i: int) -> dict:
+        return {"index": i, "states": self.states(i), "pipeline": self.transcripts[i], "token_ids": self.token_ids[i],
+                "image": self.images[self.groups[i]], "group": self.groups[i]}
+
+
+def collate(items: list[dict]) -> dict:
+    """Pad the Whisper states to the longest in the batch (`mask` marks real frames); stack everything else."""
+    longest = max(1, max(len(item["states"]) for item in items))
+    states = torch.zeros(len(items), longest, items[0]["states"].shape[-1])                   # (B, T, Dw)
+    mask = torch.zeros(len(items), longest, dtype=torch.bool)                                 # (B, T)
+    for b, item in enumerate(items):
+        states[b, : len(item["states"])] = item["states"]
+        mask[b, : len(item["states"])] = True
+    out = {"states": states, "mask": mask}
+    for key in items[0]:
+        if key != "states":
+            out[key] = torch.stack([torch.as_tensor(item[key]) for item in items])
+    return out
+
+
+def loader(dataset: torch.utils.data.Dataset, batch_size: int, shuffle: bool, seed: int = 0, epoch: int = 0,
+           num_workers: int = 0) -> torch.utils.data.DataLoader:
+    """Deterministic order: the shuffle of epoch e depends only on (seed, e), so a resumed run sees the same
+    batches as an uninterrupted one. Workers read HDF5 in their own processes (the reader reopens after fork)."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
+                                       collate_fn=collate, num_workers=num_workers, drop_last=False)
+
+
+class LabelledStates(WhisperItems):
+    """Audio items of one split that carry a label (e.g. RAVDESS emotions): Whisper states read from the store
+    and the label's index in `classes` (the training split's labels; items of unknown labels are dropped)."""
+
+    def __init__(self, store_root: str | Path, split: str, classes: list[str] | None = None, manifest=None,
+                 dataset: str | None = None, label_column: str = "label", max_frames: int = 1500,
+                 preload: bool = False):
+        store = FeatureStore(store_root)
+        if "whisper" not in store:
+            raise ValueError(f"store {str(store_root)!r} has no whisper feature set; extract it first "
+                             f"(avcache extract ... --feature-sets whisper)")
+        self.whisper: FeatureSet = store["whisper"]
+        table = extraction_manifest(self.whisper, manifest)
+        if label_column not in table.column_names:
+            raise ValueError(f"the manifest has no column {label_column!r}; columns: {table.column_names}")
+        rows = [r for r in table.select(["item_id", "dataset", "split", label_column]).to_pylist()
+                if r["split"] == split and r[label_column] not in (None, "")
+                and (dataset is None or r["dataset"] == dataset)]
+        labelled = [r for r in rows if r["item_id"] in self.whisper]
+        self.classes = classes if classes is not None else sorted({str(r[label_column]) for r in labelled})
+        index = {c: i for i, c in enumerate(self.classes)}
+        kept = [r for r in labelled if str(r[label_column]) in index]
+        if not kept:
+            raise NoItemsError(f"split {split!r}: no labelled item ({label_column!r}) with Whisper states in the store "
+                               f"({len(rows)} labelled rows in the manifest)")
+        self.item_ids = [r["item_id"] for r in kept]
+        self.labels = torch.tensor([index[str(r[label_column])] for r in kept])                    # (N,)
+        self.dropped = len(rows) - len(kept)
+        self.max_frames = max_frames
+        self._load(preload)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"index": i, "states": self.states(i), "label": self.labels[i]}
+

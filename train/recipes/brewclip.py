@@ -1,0 +1,161 @@
+"""BrewCLIP recipe: speech -> image retrieval heads on cached Whisper and CLIP features.
+
+Read top to bottom: setup (config, data from the store, model, optimiser, resumption) -> train (one pass per
+epoch, validation recall after each, best and last checkpoints) -> evaluate (the best weights on the test split,
+both directions, next to the untrained model) -> save (results.json, curves). Ablations are config variants
+(train/configs/brewclip_*.yaml) or `--set key=value` overrides. In the default fast mode nothing here touches
+raw media or an encoder: every input comes from the store.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from avcache.eval.retrieval import NoItemsError, cross_modal_retrieval
+from avcache.pipeline.config import ConfigError, load_dataclass
+from avcache.train.brewclip import BrewClip, BrewClipConfig, PromptedTextTower, brewclip_loss
+from avcache.train.data import CachedPairs, loader
+from avcache.train.runs import RunDir, seed_everything
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "brewclip.yaml"
+
+
+@dataclass
+class DataConfig:
+    dataset: str | None = None      # only caption items of this dataset (None: every item with audio and image)
+    manifest: str | None = None     # default: the manifest the store was extracted from
+    max_frames: int = 1500          # Whisper states per caption (50 per second); longer captions are cut
+    preload: bool = False           # hold every Whisper state in memory instead of reading HDF5 per batch
+    num_workers: int = 0            # DataLoader processes reading the store while the model trains
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    select_on: str = "s2i_R@1"      # validation metric that picks the best checkpoint
+
+
+@dataclass
+class RecipeConfig:
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: dict = field(default_factory=dict)   # BrewClipConfig fields (the dims come from the store)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    store: str = ""                              # filled in from the command line
+
+
+def load_recipe_config(path: str | Path | None = None, overrides=()) -> RecipeConfig:
+    return load_dataclass(RecipeConfig, Path(path) if path else DEFAULT_CONFIG, overrides)
+
+
+def build_model(cfg: RecipeConfig, clip_dim: int, whisper_dim: int, store_root) -> BrewClip:
+    try:
+        model_cfg = BrewClipConfig(clip_dim=clip_dim, whisper_dim=whisper_dim, **cfg.model)
+    except TypeError as exc:
+        known = sorted(f.name for f in dataclasses.fields(BrewClipConfig) if f.name not in ("clip_dim", "whisper_dim"))
+        raise ConfigError(f"model: {exc}; known keys: {known}") from None
+    text_tower = None
+    if model_cfg.prompt_mode == "full" and model_cfg.channels != "e2e":
+        # The full mode runs the frozen CLIP text tower that made the store's transcript embeddings.
+        from avcache.features.store import FeatureStore
+        from avcache.pipeline.search import clip_of
+
+        text_tower = PromptedTextTower(clip_of(FeatureStore(store_root)["clip_transcript"]).model)
+    return BrewClip(model_cfg, text_tower)
+
+
+def forward(model: BrewClip, batch: dict) -> dict:
+    return model(batch["states"], batch["mask"], pipeline_emb=batch["pipeline"], token_ids=batch["token_ids"])
+
+
+@torch.no_grad()
+def evaluate(model: BrewClip, pairs: CachedPairs, batch_size: int) -> dict:
+    """Speech->image and image->speech retrieval of the fused embedding against the split's images."""
+    model.eval()
+    fused = torch.cat([forward(model, batch)["fused"] for batch in loader(pairs, batch_size, shuffle=False)])
+    return cross_modal_retrieval(fused.numpy(), pairs.images.numpy(), pairs.groups.numpy())
+
+
+def main(store: str | Path, run: str | Path, config: str | Path | None = None, overrides=(), log=print) -> dict:
+    # ---- setup ----------------------------------------------------------------------------------------------
+    cfg = load_recipe_config(config, [*overrides, f"store={Path(store).resolve()}"])
+    run_dir = RunDir(run, cfg)
+    state = run_dir.start()
+    seed_everything(cfg.seed)
+    splits = {}
+    for split in ("train", "val", "test"):
+        try:
+            splits[split] = CachedPairs(store, split, cfg.data.manifest, cfg.data.dataset, cfg.data.max_frames,
+                                        cfg.data.preload)
+        except NoItemsError:
+            if split != "val":  # without a validation split the last epoch is kept
+                raise
+    train_pairs = splits["train"]
+    for pairs in splits.values():
+        log(f"[brewclip] {pairs.info.split}: {pairs.info.pairs} captions of {pairs.info.images} images"
+            + (f" ({pairs.info.dropped} without features, skipped)" if pairs.info.dropped else ""))
+    model = build_model(cfg, train_pairs.clip_dim, train_pairs.whisper_dim, store)
+    optimiser = torch.optim.AdamW(model.trainable_parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    select = f"val_{cfg.train.select_on}" if "val" in splits else None  # no val split: the last epoch is kept
+    untrained = evaluate(model, splits["test"], cfg.train.batch_size)
+    start_epoch, best = run_dir.resume(state, model, optimiser)
+    if start_epoch:
+        log(f"[brewclip] resuming {run} after epoch {start_epoch}")
+
+    # ---- train ----------------------------------------------------------------------------------------------
+    started = time.monotonic()
+    pairs_seen = 0
+    for epoch in range(start_epoch + 1, cfg.train.epochs + 1):
+        model.train()
+        losses = []
+        for batch in loader(train_pairs, cfg.train.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch,
+                                 num_workers=cfg.data.num_workers):
+            loss, parts = brewclip_loss(forward(model, batch), batch["image"], batch["group"], model)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), cfg.train.grad_clip)
+            optimiser.step()
+            losses.append(loss.item())
+            pairs_seen += len(batch["group"])
+        metrics = {"epoch": epoch, "train_loss": float(np.mean(losses)), "temperature": model.temperature()}
+        if "val" in splits:
+            metrics.update({f"val_{k}": v for k, v in evaluate(model, splits["val"], cfg.train.batch_size).items()})
+        run_dir.log(epoch, metrics)
+        log(f"[brewclip] epoch {epoch}: loss {metrics['train_loss']:.4f}"
+            + (f", {select} {metrics[select]:.3f}" if select else ""))
+        best = run_dir.end_epoch(epoch, metrics[select] if select else epoch, best, model, optimiser)
+    seconds = time.monotonic() - started
+
+    # ---- evaluate -------------------------------------------------------------------------------------------
+    if not (run_dir.path / "best.safetensors").is_file():  # zero epochs asked for
+        run_dir.save_weights("best", model, {"epoch": 0})
+    run_dir.load_weights("best", model)
+    results = evaluate(model, splits["test"], cfg.train.batch_size)
+    results.update({f"untrained_{k}": v for k, v in untrained.items() if not k.endswith("queries")})
+    history = run_dir.history()
+    results.update({"epochs": cfg.train.epochs, "train_seconds": round(seconds, 2),
+                    "train_pairs_per_second": round(pairs_seen / seconds, 1) if pairs_seen else 0.0,
+                    "best_epoch": max(history, key=lambda r: r.get(select, r["epoch"]))["epoch"] if history else 0})
+
+    # ---- save -----------------------------------------------------------------------------------------------
+    run_dir.write_results(results)
+    run_dir.plot("loss.png", {"train": [(r["epoch"], r["train_loss"]) for r in history]}, "InfoNCE loss",
+                 "BrewCLIP training loss")
+    run_dir.plot("recall.png", {f"val {m}": [(r["epoch"], r[f"val_{m}"]) for r in history if f"val_{m}" in r]
+                                for m in ("s2i_R@1", "s2i_R@5", "i2s_R@1", "i2s_R@5")},
+                 "recall", "validation recall")
+    run_dir.close()
+    log(f"[brewclip] test: s2i R@1 {results['s2i_R@1']:.3f} (untrained {results['untrained_s2i_R@1']:.3f}), "
+        f"i2s R@1 {results['i2s_R@1']:.3f} -> {run_dir.path / 'results.json'}")
+    return results
+

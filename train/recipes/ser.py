@@ -1,0 +1,164 @@
+"""SER recipe: speech emotion recognition with a classifier on BrewCLIP's acoustic channel.
+
+Read top to bottom: setup (config, labelled Whisper states from the store, the acoustic channel, optionally with
+the weights of a BrewCLIP run, and what trains) -> train (cross-entropy, validation accuracy per epoch, best and
+last checkpoints) -> evaluate (best weights on the test split, next to the untrained head and the majority
+class) -> save. "Fine-tuned" as in the paper: only the prompts and the encoder layer train, plus the classifier.
+Labels come from a manifest column (`label` by default: the RAVDESS adapter puts the emotion there).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from avcache.eval.retrieval import NoItemsError
+from avcache.pipeline.config import ConfigError, load_dataclass
+from avcache.train.brewclip import AcousticChannel, BrewClipConfig, SerHead, freeze_for_ser
+from avcache.train.data import LabelledStates, loader
+from avcache.train.runs import RunDir, seed_everything
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "ser.yaml"
+FINETUNE = ("prompts_and_layer", "all")
+
+
+@dataclass
+class DataConfig:
+    dataset: str | None = None      # e.g. ravdess; None: every labelled item with Whisper states
+    manifest: str | None = None     # default: the manifest the store was extracted from
+    label_column: str = "label"
+    max_frames: int = 1500
+    preload: bool = True
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    finetune: str = "prompts_and_layer"   # prompts_and_layer (the paper's fine-tuning) | all
+
+
+@dataclass
+class RecipeConfig:
+    seed: int = 0
+    init_from: str | None = None     # a BrewCLIP run directory: its best acoustic channel is the starting point
+    data: DataConfig = field(default_factory=DataConfig)
+    model: dict = field(default_factory=dict)   # BrewClipConfig fields, used when init_from is None
+    train: TrainConfig = field(default_factory=TrainConfig)
+    store: str = ""
+
+
+def build_acoustic(cfg: RecipeConfig, whisper_dim: int) -> AcousticChannel:
+    """The acoustic channel of a BrewCLIP run (its config and best weights), or a fresh one from cfg.model."""
+    if cfg.init_from is None:
+        fields = {k: v for k, v in cfg.model.items() if k not in ("clip_dim", "whisper_dim")}
+        try:  # the CLIP-space projection is unused by SER (the classifier reads the CLS state): any width does
+            model_cfg = BrewClipConfig(clip_dim=fields.get("width", 256), whisper_dim=whisper_dim,
+                                       **{**fields, "channels": "e2e"})
+        except TypeError as exc:
+            raise ConfigError(f"model: {exc}") from None
+        return AcousticChannel(model_cfg)
+    run = Path(cfg.init_from)
+    if not (run / "config.yaml").is_file() or not (run / "best.safetensors").is_file():
+        raise FileNotFoundError(f"init_from {run}: not a BrewCLIP run directory (config.yaml, best.safetensors)")
+    weights = load_file(str(run / "best.safetensors"))
+    acoustic_weights = {k.removeprefix("acoustic."): v for k, v in weights.items() if k.startswith("acoustic.")}
+    if not acoustic_weights:
+        raise ConfigError(f"init_from {run}: that run has no acoustic channel (pipeline-only); SER needs one")
+    model_cfg = dict((yaml.safe_load((run / "config.yaml").read_text()) or {}).get("model") or {})
+    clip_dim = weights["acoustic.out.weight"].shape[0]
+    acoustic = AcousticChannel(BrewClipConfig(clip_dim=clip_dim, whisper_dim=whisper_dim, **model_cfg))
+    acoustic.load_state_dict(acoustic_weights)
+    return acoustic
+
+
+@torch.no_grad()
+def evaluate(head: SerHead, data: LabelledStates, batch_size: int) -> dict:
+    head.eval()
+    predicted = torch.cat([head(b["states"], b["mask"]).argmax(1) for b in loader(data, batch_size, shuffle=False)])
+    truth = data.labels
+    f1 = []
+    for c in range(len(data.classes)):
+        tp = int(((predicted == c) & (truth == c)).sum())
+        denominator = int((predicted == c).sum() + (truth == c).sum())
+        f1.append(2 * tp / denominator if denominator else 0.0)
+    return {"accuracy": float((predicted == truth).float().mean()), "macro_f1": float(np.mean(f1)),
+            "items": len(truth)}
+
+
+def main(store: str | Path, run: str | Path, config: str | Path | None = None, overrides=(), log=print) -> dict:
+    # ---- setup ----------------------------------------------------------------------------------------------
+    cfg = load_dataclass(RecipeConfig, Path(config) if config else DEFAULT_CONFIG,
+                         [*overrides, f"store={Path(store).resolve()}"])
+    if cfg.train.finetune not in FINETUNE:
+        raise ConfigError(f"train.finetune must be one of {FINETUNE}, got {cfg.train.finetune!r}")
+    run_dir = RunDir(run, cfg)
+    state = run_dir.start()
+    seed_everything(cfg.seed)
+    d = cfg.data
+    train_data = LabelledStates(store, "train", None, d.manifest, d.dataset, d.label_column, d.max_frames, d.preload)
+    splits = {"train": train_data}
+    for split in ("val", "test"):
+        try:
+            splits[split] = LabelledStates(store, split, train_data.classes, d.manifest, d.dataset, d.label_column,
+                                           d.max_frames, d.preload)
+        except NoItemsError:
+            if split == "test":
+                raise
+    log(f"[ser] classes {train_data.classes}; " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()))
+    head = SerHead(build_acoustic(cfg, train_data.whisper_dim), len(train_data.classes))
+    trainable = freeze_for_ser(head) if cfg.train.finetune == "prompts_and_layer" else list(head.parameters())
+    optimiser = torch.optim.AdamW(trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    untrained = evaluate(head, splits["test"], cfg.train.batch_size)
+    start_epoch, best = run_dir.resume(state, head, optimiser)
+
+    # ---- train ----------------------------------------------------------------------------------------------
+    started = time.monotonic()
+    select = "val_accuracy" if "val" in splits else None
+    for epoch in range(start_epoch + 1, cfg.train.epochs + 1):
+        head.train()
+        losses = []
+        for batch in loader(train_data, cfg.train.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch):
+            loss = torch.nn.functional.cross_entropy(head(batch["states"], batch["mask"]), batch["label"])
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, cfg.train.grad_clip)
+            optimiser.step()
+            losses.append(loss.item())
+        metrics = {"epoch": epoch, "train_loss": float(np.mean(losses))}
+        if "val" in splits:
+            metrics.update({f"val_{k}": v for k, v in evaluate(head, splits["val"], cfg.train.batch_size).items()})
+        run_dir.log(epoch, metrics)
+        log(f"[ser] epoch {epoch}: loss {metrics['train_loss']:.4f}" + (f", {select} {metrics[select]:.3f}" if select else ""))
+        best = run_dir.end_epoch(epoch, metrics[select] if select else epoch, best, head, optimiser)
+
+    # ---- evaluate -------------------------------------------------------------------------------------------
+    if not (run_dir.path / "best.safetensors").is_file():
+        run_dir.save_weights("best", head, {"epoch": 0})
+    run_dir.load_weights("best", head)
+    test = evaluate(head, splits["test"], cfg.train.batch_size)
+    majority = int(torch.bincount(train_data.labels).argmax())
+    results = {"ser_accuracy": test["accuracy"], "ser_macro_f1": test["macro_f1"], "ser_test_items": test["items"],
+               "untrained_ser_accuracy": untrained["accuracy"],
+               "majority_class_accuracy": float((splits["test"].labels == majority).float().mean()),
+               "classes": len(train_data.classes), "trainable_parameters": sum(p.numel() for p in trainable),
+               "train_seconds": round(time.monotonic() - started, 2)}
+
+    # ---- save -----------------------------------------------------------------------------------------------
+    run_dir.write_results(results)
+    history = run_dir.history()
+    run_dir.plot("loss.png", {"train": [(r["epoch"], r["train_loss"]) for r in history]}, "cross-entropy", "SER loss")
+    run_dir.plot("accuracy.png", {"val": [(r["epoch"], r["val_accuracy"]) for r in history if "val_accuracy" in r]},
+                 "accuracy", "SER validation accuracy")
+    run_dir.close()
+    log(f"[ser] test accuracy {results['ser_accuracy']:.3f} (untrained {results['untrained_ser_accuracy']:.3f}, "
+        f"majority class {results['majority_class_accuracy']:.3f}) -> {run_dir.path / 'results.json'}")
+    return results
