@@ -13,7 +13,7 @@ import pyarrow as pa
 from avcache.features.store import FeatureSetSpec, FeatureStore
 from avcache.pipeline.config import ExtractConfig
 from avcache.pipeline.stages import (BeatsStage, ClipImageStage, ClipTextStage, DecodeAudio, DecodeImage,
-                                     DecodeVideo, Resources, Stage, WhisperStage)
+                                     DecodeVideo, GlossStage, Resources, Stage, WhisperStage)
 
 
 @dataclass
@@ -325,3 +325,20 @@ register_extractor(Extractor(
     scalars=("transcript", "n_frames", "duration"),
 ))
 
+
+def _gloss_spec(ctx: Context) -> FeatureSetSpec:
+    from avcache.features.gloss import GLOSS_VERSION, gloss_library
+
+    # Not _spec(): its encoder identity keeps model/checkpoint keys only, and here the library versions and the
+    # rules are the identity. No float columns, so the config's dtype would only refuse mixing for nothing.
+    encoder = {"name": "gloss", "library": gloss_library(), "rules": GLOSS_VERSION}
+    return FeatureSetSpec(name="gloss", extractor="gloss", encoder=encoder, preprocessing={}, dtype="float32")
+
+
+register_extractor(Extractor(
+    name="gloss",
+    select=rows_with("texts"),
+    stages=lambda ctx: [GlossStage()],
+    spec=_gloss_spec,
+    scalars=("glosses", "gloss_tokens"),
+))

@@ -263,3 +263,26 @@ def _limit_threads(resources: Resources) -> None:
     import torch
 
     torch.set_num_threads(max(1, int(resources.num_cpus)))
+
+
+class GlossStage(PerItemStage):
+    """Sign-language glosses of each row's `texts` (features/gloss.py): rules and lookup tables on the CPU, no
+    model. `glosses` holds one space-joined gloss string per text; `gloss_tokens` counts them all."""
+
+    name = "gloss"
+    outputs = ("glosses", "gloss_tokens")
+
+    def __init__(self, batch_size: int = 64):
+        self.resources = Resources(num_cpus=1, batch_size=batch_size)
+
+    def setup(self) -> None:
+        from avcache.features.gloss import load_pipeline
+
+        load_pipeline()  # once per worker, before the first batch is timed
+
+    def process_item(self, row: dict) -> dict:
+        from avcache.features.gloss import text_to_gloss
+
+        per_text = [text_to_gloss(text) for text in row["texts"]]
+        return {"glosses": [" ".join(tokens) for tokens in per_text],
+                "gloss_tokens": sum(len(tokens) for tokens in per_text)}

@@ -42,6 +42,17 @@ def write_video(path: Path, frames: int = 12, size: int = 64, fps: int = 8, audi
     return path
 
 
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """Tiny models: intra-op threads only add sync overhead, which explodes when another process holds a core."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def make_video():
     return write_video

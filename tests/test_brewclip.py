@@ -21,12 +21,8 @@ def small_cfg(**kw) -> BrewClipConfig:
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny matrices: intra-op threads only add sync overhead, which explodes when another process holds a core.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def one_thread(torch_one_thread):
     yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
