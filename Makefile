@@ -25,7 +25,7 @@ RUN ?= runs/brewclip
 SET ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup synth manifest extract info index search eval-retrieval train-retrieval train-ser bench demo test clean
+.PHONY: help setup synth manifest extract info index search eval-retrieval train-retrieval train-ser train-aligner aligner-efficiency bench demo test clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -66,6 +66,12 @@ train-retrieval: $(STAMP) ## BrewCLIP heads on cached features: STORE=<dir> RUN=
 
 train-ser: $(STAMP) ## emotion classifier on the acoustic channel: STORE=<dir> RUN=<dir> [CONFIG=...] [SET="init_from=runs/brewclip ..."]
 	$(BIN)/avcache train-ser --store $(STORE) --run $(RUN) $(if $(CONFIG),--config $(CONFIG)) $(foreach s,$(SET),--set $(s))
+
+train-aligner: $(STAMP) ## BGTAI aligner on cached features: STORE=<dir> RUN=<dir> [CONFIG=train/configs/bgtai_*.yaml] [SET="k=v ..."]
+	$(BIN)/avcache train-aligner --store $(STORE) --run $(RUN) $(if $(CONFIG),--config $(CONFIG)) $(foreach s,$(SET),--set $(s))
+
+aligner-efficiency: $(STAMP) ## BGTAI Base / DS-Net / Result Filter / DS & RF, accuracy per epoch plotted: STORE=<dir> RUN=<dir>
+	$(BIN)/avcache train-aligner --efficiency-study --store $(STORE) --run $(RUN) $(foreach s,$(SET),--set $(s))
 
 bench: $(STAMP) ## extraction wall times and FAISS recall/QPS at 1M x 512: OUT=<dir> (writes OUT/bench.json, bench.md)
 	$(BIN)/avcache bench --out $(OUT) --index-vectors $(INDEX_VECTORS)

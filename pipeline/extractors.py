@@ -13,7 +13,8 @@ import pyarrow as pa
 from avcache.features.store import FeatureSetSpec, FeatureStore
 from avcache.pipeline.config import ExtractConfig
 from avcache.pipeline.stages import (BeatsStage, ClipImageStage, ClipTextStage, DecodeAudio, DecodeImage,
-                                     DecodeVideo, GlossStage, Resources, Stage, WhisperStage)
+                                     DecodeVideo, GlossAlignmentStage, GlossStage, Resources, Stage,
+                                     WhisperStage)
 
 
 @dataclass
@@ -341,4 +342,88 @@ register_extractor(Extractor(
     stages=lambda ctx: [GlossStage()],
     spec=_gloss_spec,
     scalars=("glosses", "gloss_tokens"),
+))
+
+
+# -- gloss_alignment: BGTAI's Result Filter supervision, precomputed ------------------------------------------
+
+DESCRIPTION_KINDS = ("caption", "summary")  # the first text of the first of these kinds present, else texts[0]
+
+
+def description_index(kinds: list[str | None], n_texts: int) -> int:
+    """Index of an item's description text: the first caption, else the first summary, else the first text."""
+    kinds = list(kinds or [])
+    for wanted in DESCRIPTION_KINDS:
+        if wanted in kinds[:n_texts]:
+            return kinds.index(wanted)
+    return 0
+
+
+def gloss_alignment_rows(ctx: Context) -> list[dict]:
+    """Manifest items with a video and a text whose CLIP frames are in the store, each with its description's
+    gloss tokens and (for items not yet committed here) its (Q, D) frame sequence, read in the driver.
+
+    Items whose clip_frames failed are not selected (their failure is clip_frames'), as clip_transcript does with
+    Whisper's. Frames are read only for items this feature set lacks: a rerun of a finished store reads none."""
+    from avcache.features.gloss import text_to_gloss
+
+    if "clip_frames" not in ctx.store:
+        return []
+    frames_set = ctx.store["clip_frames"]
+    stored_glosses: dict[str, list[str]] = {}
+    if "gloss" in ctx.store:
+        table = ctx.store["gloss"].table(columns=["item_id", "glosses"])
+        stored_glosses = dict(zip(table.column("item_id").to_pylist(), table.column("glosses").to_pylist()))
+    done = set(ctx.store["gloss_alignment"].item_ids) if "gloss_alignment" in ctx.store else set()
+    wanted = [c for c in ("item_id", "video_path", "texts", "text_kinds") if c in ctx.manifest.column_names]
+    rows = []
+    for row in ctx.manifest.select(wanted).to_pylist():
+        texts = row.get("texts") or []
+        if not row.get("video_path") or not texts or row["item_id"] not in frames_set:
+            continue
+        kinds = row.get("text_kinds") or []
+        i = description_index(kinds, len(texts))
+        glosses = stored_glosses.get(row["item_id"])
+        if glosses is not None and len(glosses) == len(texts):
+            tokens = glosses[i].split()
+        else:
+            # The gloss feature set lacks this item (it is extracted first, so only when it failed there or the
+            # store's glosses belong to other texts): gloss the description here, with the same rules.
+            tokens = text_to_gloss(texts[i])
+        item_id = row["item_id"]
+        rows.append({"item_id": item_id, "path": row["video_path"], "error": "", "text": texts[i],
+                     "text_kind": kinds[i] if i < len(kinds) else None, "gloss": tokens,
+                     "frames": None if item_id in done else frames_set.sequence(item_id, "frames")})
+    frames_set.close()
+    return rows
+
+
+def _gloss_alignment_spec(ctx: Context) -> FeatureSetSpec:
+    from avcache.features.gloss import GLOSS_VERSION, gloss_library
+
+    encoder = _clip_encoder(ctx)
+    # The frames' identity: the stored clip_frames' (extracted first, so present in an extraction), or what this
+    # config would store there.
+    frames = ctx.store["clip_frames"].spec if "clip_frames" in ctx.store else _clip_frames_spec(ctx)
+    preprocessing = {**_clip_preprocessing(encoder), "tokenizer": f"open_clip:{encoder['model']}",
+                     "text": "first caption, else summary, else first text",
+                     "token_prompt": "{word}",  # each gloss token embedded alone, lower-cased
+                     "dtw": "cosine, classic steps, middle source index per frame",
+                     "gloss_rules": GLOSS_VERSION, "gloss_library": gloss_library(),
+                     "frames_from": {"feature_set": "clip_frames", "encoder": frames.encoder,
+                                     "preprocessing": frames.preprocessing},
+                     "pooled": "normalised mean of gloss_embeddings, zeros when no gloss token"}
+    d = encoder["dim"]
+    return _spec(ctx, "gloss_alignment", encoder, preprocessing, {"embedding": d},
+                 {"gloss_embeddings": [d], "alignment": []})
+
+
+register_extractor(Extractor(
+    name="gloss_alignment",
+    select=gloss_alignment_rows,
+    stages=lambda ctx: [GlossAlignmentStage(*_clip_model(ctx), ctx.config.dtype,
+                                            _model_resources(ctx, ctx.config.batch_size.clip))],
+    spec=_gloss_alignment_spec,
+    scalars=("gloss", "text", "text_kind", "aligned"),
+    after=("gloss", "clip_frames"),
 ))

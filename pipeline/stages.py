@@ -286,3 +286,53 @@ class GlossStage(PerItemStage):
         per_text = [text_to_gloss(text) for text in row["texts"]]
         return {"glosses": [" ".join(tokens) for tokens in per_text],
                 "gloss_tokens": sum(len(tokens) for tokens in per_text)}
+
+
+class GlossAlignmentStage(ModelStage):
+    """BGTAI's Result Filter supervision: each row's gloss tokens (`gloss`) embedded one word at a time by the CLIP
+    text tower, then DTW between those (n, D) embeddings and the row's (Q, D) CLIP frames (`frames`, read from the
+    store by the driver). `alignment` (Q,) int64 holds, per frame, the index of the gloss token it aligns with;
+    a text without gloss tokens gives (0, D) embeddings, an all-IGNORE alignment and `aligned` False."""
+
+    name = "gloss_alignment"
+    outputs = ("gloss_embeddings", "alignment", "embedding", "aligned")
+
+    def __init__(self, model: str, pretrained: str | None, dtype: str, resources: Resources):
+        self.model_name, self.pretrained, self.dtype, self.resources = model, pretrained, dtype, resources
+
+    def setup(self) -> None:
+        from avcache.features.clip import create_clip
+
+        _limit_threads(self.resources)
+        self.encoder, _, _ = create_clip(self.model_name, self.pretrained, device=self.device())
+
+    def encode(self, rows: list[dict]) -> list[dict]:
+        # Imported here: the pipeline does not import the trainers' package at module import time.
+        from avcache.train.alignment import IGNORE, dtw_alignment
+
+        for row in rows:
+            if row["frames"] is None or len(row["frames"]) == 0:
+                raise ValueError(f"{row['item_id']}: no CLIP frames to align with")
+        # Every distinct word of the batch once, in one forward pass; the prompt is the lower-case word alone.
+        words = sorted({token.lower() for row in rows for token in row["gloss"]})
+        dim = self.encoder.spec["dim"]
+        vectors = self.encoder.encode_texts(words)[0] if words else np.zeros((0, dim), np.float32)  # (W, D)
+        # Cast to the store dtype before DTW, so the stored alignment is what the stored embeddings give.
+        vectors = vectors.astype(self.dtype)
+        position = {word: i for i, word in enumerate(words)}
+        out = []
+        for row in rows:
+            frames = np.asarray(row["frames"])
+            gloss = vectors[[position[token.lower()] for token in row["gloss"]]].reshape(-1, dim)  # (n, D)
+            if len(gloss):
+                alignment = dtw_alignment(gloss, frames, "cosine").astype(np.int64)  # (Q,) in [0, n)
+                pooled = gloss.astype(np.float32).mean(axis=0)
+                pooled /= max(float(np.linalg.norm(pooled)), 1e-12)
+            else:
+                # Nothing to align with: every frame is IGNORE, and the pooled vector is zeros (the store takes
+                # no NaN; FAISS leaves a zero row at zero similarity to everything).
+                alignment = np.full(len(frames), IGNORE, np.int64)
+                pooled = np.zeros(dim, np.float32)
+            out.append({"gloss_embeddings": gloss, "alignment": alignment, "embedding": pooled,
+                        "aligned": bool(len(gloss))})
+        return out

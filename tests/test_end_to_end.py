@@ -6,8 +6,8 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
+from avcache.eval.probe import linear_probe_accuracy
 from avcache.eval.readback import read_back
 from avcache.features.store import FeatureStore
 from avcache.pipeline.adapters import build_manifest
@@ -16,22 +16,6 @@ from avcache.pipeline.extract import extract
 from avcache.pipeline.manifest import read_manifest
 from avcache.pipeline.runners import LocalRunner, RayRunner
 from avcache.pipeline.synth import write_synthetic
-
-
-def _linear_probe_accuracy(train_x, train_y, test_x, test_y, n_classes: int, seed: int = 0) -> float:
-    """Multinomial logistic regression, full-batch Adam: a fixed recipe, so the result is a property of the features."""
-    torch.manual_seed(seed)
-    x = torch.tensor(train_x, dtype=torch.float32)
-    mean, std = x.mean(0), x.std(0) + 1e-6
-    head = torch.nn.Linear(x.shape[1], n_classes)
-    optimiser = torch.optim.Adam(head.parameters(), lr=0.05, weight_decay=1e-3)
-    for _ in range(300):
-        optimiser.zero_grad()
-        torch.nn.functional.cross_entropy(head((x - mean) / std), torch.tensor(train_y)).backward()
-        optimiser.step()
-    with torch.no_grad():
-        predicted = head((torch.tensor(test_x, dtype=torch.float32) - mean) / std).argmax(1).numpy()
-    return float((predicted == np.asarray(test_y)).mean())
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +41,7 @@ def test_a_linear_head_on_cached_tiny_features_beats_chance(synthetic_store, fea
     train = [i for i, item in enumerate(fs.item_ids) if manifest[item] != "test"]
     test = [i for i, item in enumerate(fs.item_ids) if manifest[item] == "test"]
     assert len(test) >= 8
-    accuracy = _linear_probe_accuracy(vectors[train], np.array(labels)[train], vectors[test],
+    accuracy = linear_probe_accuracy(vectors[train], np.array(labels)[train], vectors[test],
                                       np.array(labels)[test], len(classes))
     chance = 1 / len(classes)
     assert accuracy >= chance + 0.35, f"{feature_set}: accuracy {accuracy:.2f}, chance {chance:.2f}"

@@ -7,6 +7,7 @@ transcript and its transcript's CLIP token ids (clip_transcript), and the CLIP e
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,12 +110,12 @@ def collate(items: list[dict]) -> dict:
 
 
 def loader(dataset: torch.utils.data.Dataset, batch_size: int, shuffle: bool, seed: int = 0, epoch: int = 0,
-           num_workers: int = 0) -> torch.utils.data.DataLoader:
+           num_workers: int = 0, collate_fn=None) -> torch.utils.data.DataLoader:
     """Deterministic order: the shuffle of epoch e depends only on (seed, e), so a resumed run sees the same
     batches as an uninterrupted one. Workers read HDF5 in their own processes (the reader reopens after fork)."""
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
-                                       collate_fn=collate, num_workers=num_workers, drop_last=False)
+                                       collate_fn=collate_fn or collate, num_workers=num_workers, drop_last=False)
 
 
 class LabelledStates(WhisperItems):
@@ -151,3 +152,84 @@ class LabelledStates(WhisperItems):
     def __getitem__(self, i: int) -> dict:
         return {"index": i, "states": self.states(i), "label": self.labels[i]}
 
+
+
+def words(text: str) -> list[str]:
+    """Lower-case word tokens of a sentence: the text-source input of Langue2Gloss."""
+    return re.findall(r"[a-z0-9']+", text.lower())
+
+
+class GlossItems(WhisperItems):
+    """Video items of one split with a description, its gloss and the cached DTW alignment of the video's CLIP
+    frames to that gloss (gloss_alignment). The source is the description's words (text) or the video's audio
+    track (Whisper states); the target image is the video's pooled CLIP frame embedding."""
+
+    def __init__(self, store_root: str | Path, split: str, source: str = "audio", vocabularies=None, manifest=None,
+                 max_frames: int = 1500, max_gloss: int = 24, max_words: int = 48):
+        from avcache.train.langue2gloss import Vocabulary
+
+        store = FeatureStore(store_root)
+        needed = ["gloss_alignment", "clip_frames"] + (["whisper"] if source == "audio" else [])
+        missing = [n for n in needed if n not in store]
+        if missing:
+            raise ValueError(f"store {str(store_root)!r} lacks {missing}; extract them first "
+                             f"(avcache extract ... --feature-sets {','.join(missing)})")
+        aligned, frames = store["gloss_alignment"], store["clip_frames"]
+        self.whisper = store["whisper"] if source == "audio" else None
+        table = extraction_manifest(aligned, manifest).select(["item_id", "split"]).to_pylist()
+        in_split = {r["item_id"] for r in table if r["split"] == split}
+        info = {r["item_id"]: r for r in aligned.table(["item_id", "gloss", "text", "aligned"]).to_pylist()}
+        self.item_ids = [i for i in aligned.item_ids if i in in_split and info[i]["aligned"] and i in frames
+                         and (self.whisper is None or i in self.whisper)]
+        if not self.item_ids:
+            raise NoItemsError(f"split {split!r}: no video item with an aligned gloss"
+                               + (" and Whisper states" if source == "audio" else "") + " in the store")
+        self.source, self.max_frames = source, max_frames
+        self.glosses = [info[i]["gloss"][:max_gloss] for i in self.item_ids]
+        self.texts = [words(info[i]["text"])[:max_words] for i in self.item_ids]
+        if vocabularies is None:
+            vocabularies = (Vocabulary.build(self.texts), Vocabulary.build(self.glosses))
+        self.text_vocab, self.gloss_vocab = vocabularies
+        self.frames = [torch.from_numpy(np.asarray(frames.sequence(i, "frames"), np.float32)) for i in self.item_ids]
+        # Alignment indices past the kept gloss prefix point at a dropped token: ignore those frames.
+        self.alignments = [torch.from_numpy(np.where(a < len(g), a, -1).astype(np.int64))
+                           for a, g in zip((aligned.sequence(i, "alignment") for i in self.item_ids), self.glosses)]
+        self.images = torch.from_numpy(frames.vectors("embedding", self.item_ids).astype(np.float32))  # (N, D)
+        self._load(preload=source == "audio")
+
+    @property
+    def vocabularies(self):
+        return self.text_vocab, self.gloss_vocab
+
+    @property
+    def clip_dim(self) -> int:
+        return self.images.shape[1]
+
+    def __getitem__(self, i: int) -> dict:
+        source = self.states(i) if self.source == "audio" else \
+            torch.tensor(self.text_vocab.encode(self.texts[i], 10**6, bos_eos=False) or [0])
+        return {"source": source, "gloss_ids": torch.tensor(self.gloss_vocab.encode(self.glosses[i], 10**6)),
+                "frames": self.frames[i], "alignment": self.alignments[i], "image": self.images[i]}
+
+
+def collate_gloss(items: list[dict]) -> dict:
+    """Pad every sequence of a GlossItems batch: sources (ids or states), gloss ids, frames, alignments."""
+    from avcache.train.langue2gloss import PAD
+
+    def pad(key, value):
+        longest = max(1, max(len(item[key]) for item in items))
+        first = items[0][key]
+        out = torch.full((len(items), longest, *first.shape[1:]), value, dtype=first.dtype)
+        mask = torch.zeros(len(items), longest, dtype=torch.bool)
+        for b, item in enumerate(items):
+            out[b, : len(item[key])] = item[key]
+            mask[b, : len(item[key])] = True
+        return out, mask
+
+    source, source_mask = pad("source", PAD if items[0]["source"].dtype == torch.long else 0.0)
+    if source.dtype == torch.long:
+        source_mask = source != PAD
+    frames, frame_mask = pad("frames", 0.0)
+    return {"source": source, "source_mask": source_mask, "gloss_ids": pad("gloss_ids", PAD)[0],
+            "frames": frames, "frame_mask": frame_mask, "alignment": pad("alignment", -1)[0],
+            "image": torch.stack([item["image"] for item in items])}
