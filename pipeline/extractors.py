@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -112,7 +113,8 @@ def _vocabulary_labels(vocab, manifest: pa.Table) -> list[str]:
         if not vocab.path or not Path(vocab.path).is_file():
             raise FileNotFoundError(f"vocabulary {vocab.name!r}: file {vocab.path!r} not found")
         lines = Path(vocab.path).read_text(encoding="utf-8").splitlines()
-        return [line.strip() for line in lines if line.strip()]
+        # Charades_v1_classes.txt prefixes each action with its class id ("c000 Holding some clothes").
+        return [re.sub(r"^c\d{3}\s+", "", line.strip()) for line in lines if line.strip()]
     raise ValueError(f"vocabulary {vocab.name!r}: source must be 'manifest' or 'file', not {vocab.source!r}")
 
 

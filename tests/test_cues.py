@@ -1,0 +1,110 @@
+"""AVSD cues from the store: the frame ranking finds the frames that show what the dialogue is about, the cues
+are deterministic, readable and stored once."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from avcache.features.store import FeatureSetSpec, FeatureSetWriter, FeatureStore
+from avcache.pipeline.manifest import write_manifest
+from avcache.train.cues import CueConfig, compute_cues, context_turns, rank_frames, zero_shot
+
+D = 16
+
+
+def unit(v):
+    return v / np.linalg.norm(v)
+
+
+def test_context_excludes_the_answer_to_generate():
+    kinds = ["caption", "summary", "question", "answer", "question", "answer"]
+    texts = ["c", "s", "q1", "a1", "q2", "a2"]
+    assert context_turns(texts, kinds) == ([2, 3, 4], "a2")
+    assert context_turns(texts[:5], kinds[:5]) == ([2, 3, 4], None)  # test dialog: last answer undisclosed
+
+
+def test_frame_ranking_picks_the_planted_frames():
+    rng = np.random.default_rng(0)
+    own, planted = unit(rng.standard_normal(D)), unit(rng.standard_normal(D))
+    frames = np.stack([own] * 8) + 0.05 * rng.standard_normal((8, D))
+    frames[3:5] = planted + 0.05 * rng.standard_normal((2, D))
+    scores, selected = rank_frames(frames, planted + 0.3 * own, k=2)
+    assert sorted(selected.tolist()) == [3, 4] and scores.shape == (8,)
+    _, selected = rank_frames(frames, own, k=3)
+    assert not {3, 4} & set(selected.tolist())
+
+
+def test_zero_shot_is_a_softmax_at_clip_scale():
+    prompts = np.eye(3, D, dtype=np.float32)
+    order, probs = zero_shot(prompts[1] + 0.1 * prompts[2], prompts, top=2)
+    assert order.tolist() == [1, 2] and probs[0] > 0.99 and probs.sum() <= 1.0 + 1e-6
+
+
+@pytest.fixture
+def cue_store(tmp_path):
+    """Two dialogues over videos whose middle frames show another class; the dialogue asks about that class."""
+    rng = np.random.default_rng(1)
+    classes = {name: unit(rng.standard_normal(D)).astype(np.float32) for name in ("dog", "rain", "bird")}
+    rows, root = [], tmp_path / "store"
+    spec = lambda name, **kw: FeatureSetSpec(name, name, {"name": "test"}, {}, **kw)  # noqa: E731
+    provenance = {"manifest": str(tmp_path / "manifest.arrow"), "encoders": {"beats": {"checkpoint": "tiny"}}}
+    writers = {
+        "clip_frames": FeatureSetWriter(root, spec("clip_frames", vectors={"embedding": D}, sequences={"frames": [D]}),
+                                        provenance=provenance),
+        "clip_text": FeatureSetWriter(root, spec("clip_text", vectors={"embedding": D},
+                                                 sequences={"text_embeddings": [D]}), provenance=provenance),
+        "clip_vocab": FeatureSetWriter(root, spec("clip_vocab", vectors={"embedding": D}), provenance=provenance),
+        "beats": FeatureSetWriter(root, spec("beats", vectors={"embedding": 4, "tag_probs": 527}), provenance=provenance),
+    }
+    for name, vector in classes.items():
+        writers["clip_vocab"].add(f"labels:{name}", vectors={"embedding": vector}, scalars={"vocab": "labels", "label": name})
+    for n, (own, planted) in enumerate((("dog", "rain"), ("bird", "dog"))):
+        item = f"avsd:V{n}"
+        frames = np.stack([classes[own]] * 8)
+        frames[5:7] = classes[planted]
+        texts = ["caption", f"what is the {planted}?", "an answer", "and then?", "target answer"]
+        kinds = ["caption", "question", "answer", "question", "answer"]
+        text_embeddings = np.stack([classes[own], classes[planted], classes[planted], classes[planted], classes[own]])
+        tag_probs = np.full(527, 0.01, np.float32)
+        tag_probs[[7, 100 + n]] = (0.9, 0.5)
+        writers["clip_frames"].add(item, vectors={"embedding": frames.mean(0)}, sequences={"frames": frames})
+        writers["clip_text"].add(item, vectors={"embedding": text_embeddings[0]},
+                                 sequences={"text_embeddings": text_embeddings})
+        writers["beats"].add(item, vectors={"embedding": np.zeros(4), "tag_probs": tag_probs})
+        rows.append({"item_id": item, "dataset": "avsd", "split": "train", "video_path": f"{item}.mp4",
+                     "texts": texts, "text_kinds": kinds})
+    for writer in writers.values():
+        writer.close()
+    write_manifest(rows, tmp_path / "manifest.arrow")
+    return root
+
+
+def test_cues_are_written_once_and_name_the_planted_class(cue_store):
+    fs = compute_cues(cue_store, CueConfig(top_k_frames=2, behaviour_top=1, auditory_top=2, auditory_threshold=0.3),
+                      log=lambda *a: None)
+    first = fs.row("avsd:V0")
+    assert sorted(fs.sequence("avsd:V0", "selected_frames").tolist()) == [5, 6]
+    assert first["behaviour"] == ["rain"] and fs.row("avsd:V1")["behaviour"] == ["dog"]
+    assert first["auditory"] == ["/m/tiny007", "/m/tiny100"]  # the tiny checkpoint names its tags by index
+    assert first["cue_text"] == "actions: rain ; sounds: /m/tiny007, /m/tiny100"
+    np.testing.assert_allclose(fs.sequence("avsd:V0", "auditory_scores"), [0.9, 0.5])
+    again = compute_cues(cue_store, CueConfig(top_k_frames=2, behaviour_top=1, auditory_top=2,
+                                              auditory_threshold=0.3), log=lambda *a: None)
+    assert len(again.meta["shards"]) == len(fs.meta["shards"])  # nothing recomputed
+    with pytest.raises(Exception, match="different fingerprint"):
+        compute_cues(cue_store, CueConfig(top_k_frames=3), log=lambda *a: None)  # other settings, same name
+    assert FeatureStore(cue_store)["avsd_cues"].row("avsd:V1")["cue_text"].startswith("actions: dog")
+
+
+def test_a_missing_vocabulary_is_a_clear_error(cue_store):
+    with pytest.raises(ValueError, match="no vocabulary 'charades'"):
+        compute_cues(cue_store, CueConfig(behaviour_vocab="charades"), log=lambda *a: None)
+
+
+def test_charades_class_file_gives_plain_action_labels(tmp_path):
+    from avcache.pipeline.config import VocabConfig
+    from avcache.pipeline.extractors import _vocabulary_labels
+
+    (tmp_path / "Charades_v1_classes.txt").write_text("c000 Holding some clothes\nc001 Putting clothes somewhere\n")
+    vocab = VocabConfig(name="charades", source="file", path=str(tmp_path / "Charades_v1_classes.txt"))
+    assert _vocabulary_labels(vocab, None) == ["Holding some clothes", "Putting clothes somewhere"]
