@@ -52,6 +52,9 @@ class RunDir:
                 raise ConfigError(f"{self.path} holds a run with another config ({'; '.join(differences[:5])}); "
                                   f"use a new RUN directory, or delete this one to start over")
             state = torch.load(self.path / "last_state.pt", weights_only=False)
+        else:  # nothing to resume: what an earlier, unfinished first epoch left behind would mislead
+            for name in ("metrics.jsonl", "best.safetensors", "last.safetensors", "results.json"):
+                (self.path / name).unlink(missing_ok=True)
         replace_atomically(saved_path, lambda tmp: tmp.write_text(yaml.safe_dump(self.config, sort_keys=False)))
         return state
 
