@@ -71,3 +71,26 @@ def ensure_tiny_hf_whisper() -> Path:
         except OSError:  # another worker won the race; its copy is identical (same seed)
             shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def ensure_tiny_bart(texts: list[str] | None = None) -> Path:
+    """The tiny BART (features.bart.build_tiny_bart) whose tokenizer is trained on `texts`, written once per corpus
+    under cache_dir()/bart-<hash>/, the hash covering the texts (in order) and the build parameters. texts None:
+    the small built-in FALLBACK_TEXTS, for smoke runs only; recipes pass their dataset's dialogue and captions."""
+    from avcache.features.bart import FALLBACK_TEXTS, TINY_ARCH, build_tiny_bart, texts_digest
+
+    texts = list(FALLBACK_TEXTS if texts is None else texts)
+    digest = texts_digest(texts, seed=TINY_SEED, vocab_size=2000, arch=TINY_ARCH, format=1)
+    path = cache_dir() / f"bart-{digest[:16]}"
+    if not (path / "config.json").is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".bart-"))  # same filesystem: rename is atomic
+        try:
+            build_tiny_bart(tmp, texts, seed=TINY_SEED, vocab_size=2000)
+            os.replace(tmp, path)
+        except OSError:
+            if not (path / "config.json").is_file():
+                raise
+        finally:  # another worker won the race (its copy is identical: same texts and seed), or the build failed
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
