@@ -28,7 +28,7 @@ SET ?=
 .PHONY: help setup synth manifest extract info index search eval-retrieval train-retrieval train-ser train-aligner aligner-efficiency bench demo test clean
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,7 +42,7 @@ setup: $(STAMP) ## install avcache and its dependencies into .venv
 synth: $(STAMP) ## write the synthetic dataset: DATA=<dir> [ITEMS=<n>] [SEED=<s>]
 	$(BIN)/avcache synth --data $(DATA) --items $(ITEMS) --seed $(SEED)
 
-manifest: $(STAMP) ## build a manifest: DATASET=<synthetic|avsd|flickr8k_audio|spokencoco|esc50|folder> DATA=<dir> MANIFEST=<file.arrow>
+manifest: $(STAMP) ## build a manifest: DATASET=<synthetic|avsd|flickr8k_audio|spokencoco|esc50|ravdess|folder> DATA=<dir> MANIFEST=<file.arrow>
 	$(BIN)/avcache manifest --dataset $(DATASET) --data $(DATA) --manifest $(MANIFEST)
 
 extract: $(STAMP) ## extract every feature set: MANIFEST=<file.arrow> STORE=<dir> [CONFIG=<file.yaml>]
@@ -73,10 +73,10 @@ train-aligner: $(STAMP) ## BGTAI aligner on cached features: STORE=<dir> RUN=<di
 aligner-efficiency: $(STAMP) ## BGTAI Base / DS-Net / Result Filter / DS & RF, accuracy per epoch plotted: STORE=<dir> RUN=<dir>
 	$(BIN)/avcache train-aligner --efficiency-study --store $(STORE) --run $(RUN) $(foreach s,$(SET),--set $(s))
 
-bench: $(STAMP) ## extraction wall times and FAISS recall/QPS at 1M x 512: OUT=<dir> (writes OUT/bench.json, bench.md)
+bench: $(STAMP) ## extraction times, FAISS recall/QPS at 1M x 512, training from the store vs memory: OUT=<dir>
 	$(BIN)/avcache bench --out $(OUT) --index-vectors $(INDEX_VECTORS)
 
-demo: $(STAMP) ## synth -> manifest -> extract -> read back on the synthetic set: [OUT=<dir>]
+demo: $(STAMP) ## synth -> manifest -> extract -> read back -> index -> zero-shot retrieval: [OUT=<dir>]
 	$(BIN)/avcache demo --out $(OUT) --items $(ITEMS) --seed $(SEED) --runner $(RUNNER)
 
 test: $(STAMP) ## run the whole test suite
