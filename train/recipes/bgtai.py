@@ -188,8 +188,6 @@ def classification(model: Bgtai, store, cfg: RecipeConfig, max_frames: int) -> d
 def main(store: str | Path, run: str | Path, config=None, overrides=(), log=print) -> dict:
     # ---- setup ----------------------------------------------------------------------------------------------
     cfg = load_recipe_config(config, [*overrides, f"store={Path(store).resolve()}"])
-    run_dir = RunDir(run, cfg)
-    state = run_dir.start()
     seed_everything(cfg.seed)
     d = cfg.data
     max_frames = int(d.audio_seconds * STATES_PER_SECOND) if d.audio_seconds else 1500
@@ -203,6 +201,8 @@ def main(store: str | Path, run: str | Path, config=None, overrides=(), log=prin
                 raise
     log(f"[bgtai] {d.source} -> gloss ({len(train.gloss_vocab)} tokens) -> video; "
         + ", ".join(f"{k} {len(v)}" for k, v in splits.items()))
+    run_dir = RunDir(run, cfg)  # only once the data loaded: a bad store leaves no half-made run behind
+    state = run_dir.start()
     model = build_model(cfg, train)
     optimiser = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     untrained = evaluate(model, splits["test"], cfg)

@@ -89,8 +89,6 @@ def evaluate(model: BrewClip, pairs: CachedPairs, batch_size: int) -> dict:
 def main(store: str | Path, run: str | Path, config: str | Path | None = None, overrides=(), log=print) -> dict:
     # ---- setup ----------------------------------------------------------------------------------------------
     cfg = load_recipe_config(config, [*overrides, f"store={Path(store).resolve()}"])
-    run_dir = RunDir(run, cfg)
-    state = run_dir.start()
     seed_everything(cfg.seed)
     splits = {}
     for split in ("train", "val", "test"):
@@ -104,6 +102,8 @@ def main(store: str | Path, run: str | Path, config: str | Path | None = None, o
     for pairs in splits.values():
         log(f"[brewclip] {pairs.info.split}: {pairs.info.pairs} captions of {pairs.info.images} images"
             + (f" ({pairs.info.dropped} without features, skipped)" if pairs.info.dropped else ""))
+    run_dir = RunDir(run, cfg)  # only once the data loaded: a bad store leaves no half-made run behind
+    state = run_dir.start()
     model = build_model(cfg, train_pairs.clip_dim, train_pairs.whisper_dim, store)
     optimiser = torch.optim.AdamW(model.trainable_parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     select = f"val_{cfg.train.select_on}" if "val" in splits else None  # no val split: the last epoch is kept

@@ -100,8 +100,6 @@ def main(store: str | Path, run: str | Path, config: str | Path | None = None, o
                          [*overrides, f"store={Path(store).resolve()}"])
     if cfg.train.finetune not in FINETUNE:
         raise ConfigError(f"train.finetune must be one of {FINETUNE}, got {cfg.train.finetune!r}")
-    run_dir = RunDir(run, cfg)
-    state = run_dir.start()
     seed_everything(cfg.seed)
     d = cfg.data
     train_data = LabelledStates(store, "train", None, d.manifest, d.dataset, d.label_column, d.max_frames, d.preload)
@@ -114,6 +112,8 @@ def main(store: str | Path, run: str | Path, config: str | Path | None = None, o
             if split == "test":
                 raise
     log(f"[ser] classes {train_data.classes}; " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()))
+    run_dir = RunDir(run, cfg)  # only once the data loaded: a bad store leaves no half-made run behind
+    state = run_dir.start()
     head = SerHead(build_acoustic(cfg, train_data.whisper_dim), len(train_data.classes))
     trainable = freeze_for_ser(head) if cfg.train.finetune == "prompts_and_layer" else list(head.parameters())
     optimiser = torch.optim.AdamW(trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
