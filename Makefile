@@ -25,7 +25,7 @@ RUN ?= runs/brewclip
 SET ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup synth manifest extract info index search eval-retrieval train-retrieval train-ser train-aligner aligner-efficiency bench demo test clean
+.PHONY: help setup synth manifest extract info index search eval-retrieval train-retrieval train-ser train-aligner aligner-efficiency train-generator bench demo test clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -72,6 +72,9 @@ train-aligner: $(STAMP) ## BGTAI aligner on cached features: STORE=<dir> RUN=<di
 
 aligner-efficiency: $(STAMP) ## BGTAI Base / DS-Net / Result Filter / DS & RF, accuracy per epoch plotted: STORE=<dir> RUN=<dir>
 	$(BIN)/avcache train-aligner --efficiency-study --store $(STORE) --run $(RUN) $(foreach s,$(SET),--set $(s))
+
+train-generator: $(STAMP) ## AVSD answers with cues + BART, DSTC scores: STORE=<dir> RUN=<dir> [CONFIG=train/configs/avsd_*.yaml] [SET="k=v ..."]
+	$(BIN)/avcache train-generator --store $(STORE) --run $(RUN) $(if $(CONFIG),--config $(CONFIG)) $(foreach s,$(SET),--set $(s))
 
 bench: $(STAMP) ## extraction times, FAISS recall/QPS at 1M x 512, training from the store vs memory: OUT=<dir>
 	$(BIN)/avcache bench --out $(OUT) --index-vectors $(INDEX_VECTORS)

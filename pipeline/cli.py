@@ -123,6 +123,13 @@ def cmd_train_aligner(args) -> int:
     return 0
 
 
+def cmd_train_generator(args) -> int:
+    from avcache.train.recipes.avsd import main as avsd
+
+    avsd(args.store, args.run_dir, args.config, args.set)
+    return 0
+
+
 def cmd_bench(args) -> int:
     from avcache.eval.bench import run_bench
 
@@ -225,6 +232,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--efficiency-study", action="store_true",
                    help="train Base, DS-Net, Result Filter and DS & RF into RUN/<variant>/ and plot them together")
     p.set_defaults(run=cmd_train_aligner)
+
+    p = verbs.add_parser("train-generator", help="AVSD answer generator with cues and BART (train/recipes/avsd.py)")
+    p.add_argument("--store", required=True, type=Path)
+    p.add_argument("--run", required=True, type=Path, dest="run_dir")
+    p.add_argument("--config", type=Path, default=None, help="recipe YAML (default: train/configs/avsd.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.set_defaults(run=cmd_train_generator)
 
     p = verbs.add_parser("bench", help="wall time of decode alone, encode alone and the whole pipeline")
     p.add_argument("--out", required=True, type=Path)

@@ -79,3 +79,25 @@ def spoken_caption_store(tmp_path_factory):
     report = extract(root / "manifest.arrow", root / "store", config, LocalRunner(), log=lambda *a: None)
     assert report.failed == 0
     return root
+
+
+@pytest.fixture(scope="session")
+def video_dialogue_store(tmp_path_factory):
+    """The AVSD and ESC-50 parts of the synthetic set (32 scenes, no speech) with the feature sets the aligner and
+    the generator read: clip_frames, clip_text, clip_vocab, beats, whisper, gloss, gloss_alignment."""
+    from avcache.pipeline.adapters import build_manifest
+    from avcache.pipeline.config import load_config
+    from avcache.pipeline.extract import extract
+    from avcache.pipeline.manifest import read_manifest, write_manifest
+    from avcache.pipeline.runners import LocalRunner
+    from avcache.pipeline.synth import write_synthetic
+
+    root = tmp_path_factory.mktemp("videos")
+    write_synthetic(root / "data", items=32, seed=1, speech="off")
+    build_manifest("synthetic", root / "data", root / "all.arrow")
+    rows = [r for r in read_manifest(root / "all.arrow").to_pylist() if r["dataset"] in ("avsd", "esc50")]
+    write_manifest(rows, root / "manifest.arrow")
+    sets = "clip_frames,clip_text,clip_vocab,beats,whisper,gloss,gloss_alignment"
+    config = load_config(overrides=[f"feature_sets=[{sets}]"])
+    assert extract(root / "manifest.arrow", root / "store", config, LocalRunner(), log=lambda *a: None).failed == 0
+    return root

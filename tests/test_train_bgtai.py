@@ -7,12 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from avcache.pipeline.adapters import build_manifest
-from avcache.pipeline.config import load_config
-from avcache.pipeline.extract import extract
-from avcache.pipeline.manifest import read_manifest, write_manifest
-from avcache.pipeline.runners import LocalRunner
-from avcache.pipeline.synth import write_synthetic
 from avcache.train.recipes import bgtai
 
 CONFIGS = sorted((Path(bgtai.__file__).resolve().parent.parent / "configs").glob("bgtai*.yaml"))
@@ -20,16 +14,8 @@ quiet = dict(log=lambda *a: None)
 
 
 @pytest.fixture(scope="module")
-def video_store(tmp_path_factory):
-    root = tmp_path_factory.mktemp("videos")
-    write_synthetic(root / "data", items=32, seed=1, speech="off")
-    build_manifest("synthetic", root / "data", root / "all.arrow")
-    rows = [r for r in read_manifest(root / "all.arrow").to_pylist() if r["dataset"] in ("avsd", "esc50")]
-    write_manifest(rows, root / "manifest.arrow")
-    config = load_config(overrides=["feature_sets=[clip_frames,whisper,clip_vocab,gloss,gloss_alignment]",
-                                    "video.num_frames=8"])
-    assert extract(root / "manifest.arrow", root / "store", config, LocalRunner(), log=lambda *a: None).failed == 0
-    return root / "store"
+def video_store(video_dialogue_store):
+    return video_dialogue_store / "store"
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_model, save_model
 
 from avcache.features.durable import replace_atomically, write_json_atomic
 from avcache.pipeline.config import ConfigError
@@ -95,10 +95,10 @@ class RunDir:
     # -- checkpoints --------------------------------------------------------------------------------------
 
     def save_weights(self, name: str, model: torch.nn.Module, metadata: dict | None = None) -> Path:
+        # save_model stores tied weights (BART's shared embeddings) once; load_model ties them again.
         path = self.path / f"{name}.safetensors"
-        tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         meta = {k: str(v) for k, v in (metadata or {}).items()}
-        replace_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+        replace_atomically(path, lambda tmp: save_model(model, str(tmp), metadata=meta, force_contiguous=True))
         return path
 
     def resume(self, state: dict | None, model: torch.nn.Module, optimiser: torch.optim.Optimizer) -> tuple[int, float]:
@@ -130,7 +130,7 @@ class RunDir:
         path = self.path / f"{name}.safetensors"
         if not path.is_file():
             raise FileNotFoundError(f"no checkpoint {path}")
-        model.load_state_dict(load_file(str(path)))
+        load_model(model, str(path), strict=True)
 
     # -- plots --------------------------------------------------------------------------------------------
 
