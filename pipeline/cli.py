@@ -99,35 +99,27 @@ def cmd_eval_retrieval(args) -> int:
     return 0
 
 
-def cmd_train_retrieval(args) -> int:
-    from avcache.train.recipes.brewclip import main as brewclip
+def cmd_train(args) -> int:
+    import importlib
 
-    brewclip(args.store, args.run_dir, args.config, args.set)
-    return 0
-
-
-def cmd_train_ser(args) -> int:
-    from avcache.train.recipes.ser import main as ser
-
-    ser(args.store, args.run_dir, args.config, args.set)
-    return 0
-
-
-def cmd_train_aligner(args) -> int:
-    from avcache.train.recipes import bgtai
-
-    if args.efficiency_study:
-        bgtai.efficiency_study(args.store, args.run_dir, args.set)
+    recipe = importlib.import_module(f"avcache.train.recipes.{args.recipe}")
+    if getattr(args, "efficiency_study", False):
+        recipe.efficiency_study(args.store, args.run_dir, args.set)
     else:
-        bgtai.main(args.store, args.run_dir, args.config, args.set)
+        recipe.main(args.store, args.run_dir, args.config, args.set)
     return 0
 
 
-def cmd_train_generator(args) -> int:
-    from avcache.train.recipes.avsd import main as avsd
-
-    avsd(args.store, args.run_dir, args.config, args.set)
-    return 0
+def add_recipe_verb(verbs, verb: str, recipe: str, help: str):
+    """A `train-*` verb: every recipe takes a store, a run directory, a config and overrides."""
+    p = verbs.add_parser(verb, help=f"{help} (train/recipes/{recipe}.py)")
+    p.add_argument("--store", required=True, type=Path)
+    p.add_argument("--run", required=True, type=Path, dest="run_dir", metavar="RUN",
+                   help="run directory (an existing run of the same config resumes)")
+    p.add_argument("--config", type=Path, default=None, help=f"recipe YAML (default: train/configs/{recipe}.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.set_defaults(run=cmd_train, recipe=recipe)
+    return p
 
 
 def cmd_bench(args) -> int:
@@ -209,36 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default=None, help="only items of this dataset (e.g. flickr8k_audio)")
     p.set_defaults(run=cmd_eval_retrieval)
 
-    p = verbs.add_parser("train-retrieval", help="train BrewCLIP retrieval heads on a store (train/recipes/brewclip.py)")
-    p.add_argument("--store", required=True, type=Path)
-    p.add_argument("--run", required=True, type=Path, dest="run_dir",
-                   help="run directory (an existing run of the same config resumes)")
-    p.add_argument("--config", type=Path, default=None, help="recipe YAML (default: train/configs/brewclip.yaml)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    p.set_defaults(run=cmd_train_retrieval)
-
-    p = verbs.add_parser("train-ser", help="emotion classifier on BrewCLIP's acoustic channel (train/recipes/ser.py)")
-    p.add_argument("--store", required=True, type=Path)
-    p.add_argument("--run", required=True, type=Path, dest="run_dir")
-    p.add_argument("--config", type=Path, default=None, help="recipe YAML (default: train/configs/ser.yaml)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    p.set_defaults(run=cmd_train_ser)
-
-    p = verbs.add_parser("train-aligner", help="BGTAI gloss-based aligner on a store (train/recipes/bgtai.py)")
-    p.add_argument("--store", required=True, type=Path)
-    p.add_argument("--run", required=True, type=Path, dest="run_dir")
-    p.add_argument("--config", type=Path, default=None, help="recipe YAML (default: train/configs/bgtai.yaml)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    add_recipe_verb(verbs, "train-retrieval", "brewclip", "train BrewCLIP retrieval heads on a store")
+    add_recipe_verb(verbs, "train-ser", "ser", "emotion classifier on BrewCLIP's acoustic channel")
+    p = add_recipe_verb(verbs, "train-aligner", "bgtai", "BGTAI gloss-based aligner on a store")
     p.add_argument("--efficiency-study", action="store_true",
                    help="train Base, DS-Net, Result Filter and DS & RF into RUN/<variant>/ and plot them together")
-    p.set_defaults(run=cmd_train_aligner)
-
-    p = verbs.add_parser("train-generator", help="AVSD answer generator with cues and BART (train/recipes/avsd.py)")
-    p.add_argument("--store", required=True, type=Path)
-    p.add_argument("--run", required=True, type=Path, dest="run_dir")
-    p.add_argument("--config", type=Path, default=None, help="recipe YAML (default: train/configs/avsd.yaml)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    p.set_defaults(run=cmd_train_generator)
+    add_recipe_verb(verbs, "train-generator", "avsd", "AVSD answer generator with cues and BART")
 
     p = verbs.add_parser("bench", help="wall time of decode alone, encode alone and the whole pipeline")
     p.add_argument("--out", required=True, type=Path)

@@ -94,14 +94,20 @@ class CachedPairs(WhisperItems):
                 "image": self.images[self.groups[i]], "group": self.groups[i]}
 
 
+def pad_sequences(sequences: list[torch.Tensor], value=0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T_i, ...) tensors -> (B, T_max, ...) padded with `value`, and the (B, T_max) mask of real steps."""
+    longest = max(1, max(len(x) for x in sequences))
+    out = torch.full((len(sequences), longest, *sequences[0].shape[1:]), value, dtype=sequences[0].dtype)
+    mask = torch.zeros(len(sequences), longest, dtype=torch.bool)
+    for b, x in enumerate(sequences):
+        out[b, : len(x)] = x
+        mask[b, : len(x)] = True
+    return out, mask
+
+
 def collate(items: list[dict]) -> dict:
     """Pad the Whisper states to the longest in the batch (`mask` marks real frames); stack everything else."""
-    longest = max(1, max(len(item["states"]) for item in items))
-    states = torch.zeros(len(items), longest, items[0]["states"].shape[-1])                   # (B, T, Dw)
-    mask = torch.zeros(len(items), longest, dtype=torch.bool)                                 # (B, T)
-    for b, item in enumerate(items):
-        states[b, : len(item["states"])] = item["states"]
-        mask[b, : len(item["states"])] = True
+    states, mask = pad_sequences([item["states"] for item in items])                          # (B, T, Dw), (B, T)
     out = {"states": states, "mask": mask}
     for key in items[0]:
         if key != "states":
@@ -217,14 +223,7 @@ def collate_gloss(items: list[dict]) -> dict:
     from avcache.train.langue2gloss import PAD
 
     def pad(key, value):
-        longest = max(1, max(len(item[key]) for item in items))
-        first = items[0][key]
-        out = torch.full((len(items), longest, *first.shape[1:]), value, dtype=first.dtype)
-        mask = torch.zeros(len(items), longest, dtype=torch.bool)
-        for b, item in enumerate(items):
-            out[b, : len(item[key])] = item[key]
-            mask[b, : len(item[key])] = True
-        return out, mask
+        return pad_sequences([item[key] for item in items], value)
 
     source, source_mask = pad("source", PAD if items[0]["source"].dtype == torch.long else 0.0)
     if source.dtype == torch.long:

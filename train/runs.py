@@ -126,6 +126,12 @@ class RunDir:
     def save_state(self, state: dict) -> None:
         replace_atomically(self.path / "last_state.pt", lambda tmp: torch.save(state, tmp))
 
+    def load_best(self, model: torch.nn.Module) -> None:
+        """Load the best weights into `model`; with no epoch run at all, the model as it is becomes the best."""
+        if not (self.path / "best.safetensors").is_file():
+            self.save_weights("best", model, {"epoch": 0})
+        self.load_weights("best", model)
+
     def load_weights(self, name: str, model: torch.nn.Module) -> None:
         path = self.path / f"{name}.safetensors"
         if not path.is_file():

@@ -236,9 +236,7 @@ def main(store: str | Path, run: str | Path, config=None, overrides=(), log=prin
     seconds = time.monotonic() - started
 
     # ---- evaluate -------------------------------------------------------------------------------------------
-    if not (run_dir.path / "best.safetensors").is_file():
-        run_dir.save_weights("best", model, {"epoch": 0})
-    run_dir.load_weights("best", model)
+    run_dir.load_best(model)
     results = evaluate(model, splits["test"], cfg, bleu=True)
     results.update(classification(model, store, cfg, max_frames))
     results.update({f"untrained_{k}": v for k, v in untrained.items()})

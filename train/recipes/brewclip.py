@@ -137,9 +137,7 @@ def main(store: str | Path, run: str | Path, config: str | Path | None = None, o
     seconds = time.monotonic() - started
 
     # ---- evaluate -------------------------------------------------------------------------------------------
-    if not (run_dir.path / "best.safetensors").is_file():  # zero epochs asked for
-        run_dir.save_weights("best", model, {"epoch": 0})
-    run_dir.load_weights("best", model)
+    run_dir.load_best(model)
     results = evaluate(model, splits["test"], cfg.train.batch_size)
     results.update({f"untrained_{k}": v for k, v in untrained.items() if not k.endswith("queries")})
     history = run_dir.history()

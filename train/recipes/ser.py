@@ -141,9 +141,7 @@ def main(store: str | Path, run: str | Path, config: str | Path | None = None, o
         best = run_dir.end_epoch(epoch, metrics[select] if select else epoch, best, head, optimiser)
 
     # ---- evaluate -------------------------------------------------------------------------------------------
-    if not (run_dir.path / "best.safetensors").is_file():
-        run_dir.save_weights("best", head, {"epoch": 0})
-    run_dir.load_weights("best", head)
+    run_dir.load_best(head)
     test = evaluate(head, splits["test"], cfg.train.batch_size)
     majority = int(torch.bincount(train_data.labels).argmax())
     results = {"ser_accuracy": test["accuracy"], "ser_macro_f1": test["macro_f1"], "ser_test_items": test["items"],
