@@ -385,11 +385,12 @@ class FeatureSetWriter:
     propagating, the original exception is kept and the flush error is attached to it as a note.
 
     One writer per feature set at a time (an advisory lock on ``.lock`` enforces it): shard numbers come from the
-    committed shard count, which two concurrent writers would both claim.
+    committed shard count, which two concurrent writers would both claim. A second writer fails at once, or with
+    `wait=True` waits for the first to finish (and then finds its items committed).
     """
 
     def __init__(self, store_root, spec: FeatureSetSpec, rows_per_shard: int = 256,
-                 code_version: str | None = None, provenance: dict | None = None):
+                 code_version: str | None = None, provenance: dict | None = None, wait: bool = False):
         if rows_per_shard < 1:
             raise ValueError("rows_per_shard must be >= 1")
         self.spec = spec
@@ -404,7 +405,7 @@ class FeatureSetWriter:
         if (self.path / META_NAME).exists():
             _check_fingerprint(_read_meta(self.path), spec, self.path)
         self.path.mkdir(parents=True, exist_ok=True)
-        self._lock = _lock(self.path / LOCK_NAME, blocking=False, what=f"feature set {str(self.path)!r}")
+        self._lock = _lock(self.path / LOCK_NAME, blocking=wait, what=f"feature set {str(self.path)!r}")
         try:
             self._open_locked()
         except BaseException:

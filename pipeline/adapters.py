@@ -263,12 +263,17 @@ def avsd(data_dir: Path) -> AdapterResult:
     extra["dialog"], and extra["undisclosed"] is true. A `*multiref*` file gives the last answer as a list of
     reference strings; they go to extra["references"] of the test item with the same image_id (a multiref
     dialog with no such item becomes a test item itself).
+
+    When Charades' own annotations are under data_dir too (`Charades_v1_{train,test}.csv`, named by
+    `Charades_v1_classes.txt`), each video's actions go to extra["actions"] as [{"class_id", "action", "start",
+    "end"}] (seconds): the labels a trained behaviour head learns from.
     """
     files = FileIndex(data_dir)
     json_files = files.matching(_AVSD_NAME)
     if not json_files:
         raise ManifestError(f"avsd: no AVSD dialog file under {data_dir}; looked for {', '.join(AVSD_FILES)}")
     result = AdapterResult()
+    actions = _charades_actions(files, result)
     items: dict[str, dict] = {}  # image_id -> row, for attaching multi-reference answers
     seen: dict[str, str] = {}  # image_id -> file that listed it (including items that failed)
     multiref = [p for p in json_files if "multiref" in p.name]
@@ -285,7 +290,7 @@ def avsd(data_dir: Path) -> AdapterResult:
                 result.fail(reason, path, f"avsd:{image_id}")
                 continue
             seen[image_id] = path.name
-            row = _avsd_row(dialog, split, path, files, result)
+            row = _avsd_row(dialog, split, path, files, result, actions.get(image_id))
             if row is not None:
                 items[image_id] = row
                 result.rows.append(row)
@@ -331,7 +336,8 @@ def _avsd_problem(dialog: Any) -> str | None:
     return None
 
 
-def _avsd_row(dialog: dict, split: str, path: Path, files: FileIndex, result: AdapterResult) -> dict | None:
+def _avsd_row(dialog: dict, split: str, path: Path, files: FileIndex, result: AdapterResult,
+              actions: list[dict] | None) -> dict | None:
     image_id = str(dialog["image_id"])
     item_id = f"avsd:{image_id}"
     video = files.find(f"{image_id}.mp4", prefer_dirs=CHARADES_DIRS)
@@ -352,8 +358,55 @@ def _avsd_row(dialog: dict, split: str, path: Path, files: FileIndex, result: Ad
         extra["references"] = references
     if undisclosed:
         extra["undisclosed"] = True
+    if actions is not None:
+        extra["actions"] = actions
     return _row(item_id, "avsd", split, group_id=image_id, video_path=video, audio_path=video,
                 texts=texts, text_kinds=kinds, extra=extra)
+
+
+CHARADES_ANNOTATIONS = ("Charades_v1_train.csv", "Charades_v1_test.csv")
+CHARADES_CLASSES = "Charades_v1_classes.txt"
+_CHARADES_ACTION = re.compile(r"(c\d{3}) (\d+(?:\.\d+)?) (\d+(?:\.\d+)?)")
+
+
+def _charades_actions(files: FileIndex, result: AdapterResult) -> dict[str, list[dict]]:
+    """Video id -> its annotated actions, from whichever Charades annotation files are present (none: {}).
+    A malformed action is a failure row and is left out; the video keeps its other actions."""
+    names: dict[str, str] = {}
+    classes = files.find(CHARADES_CLASSES)
+    if classes is not None:
+        for number, line in _read_lines(classes, result, "avsd"):
+            class_id, _, name = line.strip().partition(" ")
+            if not re.fullmatch(r"c\d{3}", class_id) or not name.strip():
+                result.fail(f"{classes.name} line {number}: not 'cNNN <action name>': {line.strip()!r}", classes)
+                continue
+            names[class_id] = name.strip()
+    actions: dict[str, list[dict]] = {}
+    for name in CHARADES_ANNOTATIONS:
+        path = files.find(name)
+        if path is None:
+            continue
+        try:
+            records = list(csv.DictReader(_read_bytes(path, "avsd").decode("utf-8-sig").splitlines()))
+        except UnicodeDecodeError as exc:
+            result.fail(f"{path.name}: not UTF-8 (byte {exc.start}: {exc.reason}); its actions are not read", path)
+            continue
+        if records and not {"id", "actions"} <= set(records[0]):
+            result.fail(f"{path.name}: no 'id' and 'actions' columns (Charades' header: id,...,actions,length)", path)
+            continue
+        for line, record in enumerate(records, start=2):
+            video, listed = (record.get("id") or "").strip(), []
+            for entry in filter(None, (record.get("actions") or "").split(";")):
+                match = _CHARADES_ACTION.fullmatch(entry.strip())
+                if match is None or (names and match[1] not in names):
+                    why = "not 'cNNN start end'" if match is None else f"class {match[1]} is not in {CHARADES_CLASSES}"
+                    result.fail(f"{path.name} line {line} (video {video}): action {entry.strip()!r}: {why}", path)
+                    continue
+                listed.append({"class_id": match[1], "action": names.get(match[1], match[1]),
+                               "start": float(match[2]), "end": float(match[3])})
+            if video:
+                actions[video] = listed
+    return actions
 
 
 def _avsd_texts(dialog: dict) -> tuple[list[str], list[str], bool]:

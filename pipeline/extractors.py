@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -109,13 +110,19 @@ def _vocabulary_labels(vocab, manifest: pa.Table) -> list[str]:
         if "label" not in manifest.column_names:
             return []
         return sorted({label for label in manifest.column("label").to_pylist() if label})
+    if vocab.source == "actions":  # the actions videos are annotated with (AVSD: Charades' CSVs), by class id
+        names = {}
+        for extra in manifest.column("extra").to_pylist():
+            for action in json.loads(extra or "{}").get("actions") or []:
+                names[action["action"]] = action.get("class_id", "")
+        return sorted(names, key=lambda name: (names[name], name))
     if vocab.source == "file":
         if not vocab.path or not Path(vocab.path).is_file():
             raise FileNotFoundError(f"vocabulary {vocab.name!r}: file {vocab.path!r} not found")
         lines = Path(vocab.path).read_text(encoding="utf-8").splitlines()
         # Charades_v1_classes.txt prefixes each action with its class id ("c000 Holding some clothes").
         return [re.sub(r"^c\d{3}\s+", "", line.strip()) for line in lines if line.strip()]
-    raise ValueError(f"vocabulary {vocab.name!r}: source must be 'manifest' or 'file', not {vocab.source!r}")
+    raise ValueError(f"vocabulary {vocab.name!r}: source must be 'manifest', 'actions' or 'file', not {vocab.source!r}")
 
 
 # -- specs --------------------------------------------------------------------------------------------------

@@ -60,6 +60,20 @@ def load_video_frames(path, num_frames: int = 8) -> dict:
     }
 
 
+def load_frames_at(path, seconds) -> np.ndarray:
+    """The frames nearest to the given times (seconds) -> (N, H, W, 3) uint8."""
+    path = check_file(path)
+    import decord
+
+    try:
+        reader = decord.VideoReader(str(path), num_threads=1)
+        fps = float(reader.get_avg_fps() or 1.0)
+        indices = np.clip(np.round(np.asarray(seconds, dtype=np.float64) * fps), 0, len(reader) - 1).astype(int)
+        return reader.get_batch(list(indices)).asnumpy()
+    except Exception as exc:
+        raise MediaError(f"undecodable video: {_first_line(exc)}") from None
+
+
 def load_audio(path, sample_rate: int = 16000, max_seconds: float | None = None, min_source_rate: int = 8000) -> np.ndarray:
     """-> mono float32 waveform at `sample_rate`. Containers (mp4 ...) are read through PyAV."""
     path = check_file(path)

@@ -7,6 +7,8 @@ datasets, each laid out exactly like the published one so that the real adapters
       avsd/Charades_v1_480/<ID>.mp4                 H.264 video + AAC 16 kHz mono audio (the class sound)
       avsd/{train,valid,test}_set4DSTC7-AVSD.json   {"type": "scene_aware_dialog", "dialogs": [...]}
       avsd/test_set4DSTC7-AVSD_multiref.json        test dialogs, last answer = list of reference answers
+      avsd/Charades/Charades_v1_{train,test}.csv    Charades annotations: each video's actions with their times
+      avsd/Charades/Charades_v1_classes.txt         "c000 Walking a dog" ... (the action vocabulary)
       flickr8k_audio/Flicker8k_Dataset/<stem>.jpg   (sic: the official folder name has the typo)
       flickr8k_audio/Flickr8k_text/Flickr8k.token.txt, Flickr_8k.{train,dev,test}Images.txt
       flickr8k_audio/flickr_audio/wavs/<stem>_<n>.wav, flickr_audio/wav2capt.txt
@@ -22,6 +24,7 @@ of them.
 """
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import shutil
@@ -81,6 +84,7 @@ class ClassSpec:
                                     # the bands of different classes are disjoint
     sound: str                      # sound description ("a dog barking")
     action: str                     # what a person does in the scene
+    charades: str                   # the same action as a Charades class name ("Walking a dog")
     # speakable caption templates ({bg} = background colour), worded so that Whisper tiny.en transcribes
     # espeak-ng's voice correctly: e.g. "birds" survives where a lone "bird" is heard as "word"
     captions: tuple[str, ...]
@@ -88,27 +92,27 @@ class ClassSpec:
 
 CLASSES: tuple[ClassSpec, ...] = (
     ClassSpec("dog", (200, 40, 40), "red", (245, 245, 245), "white", "circle", (270, 330),
-              "a dog barking", "a person walks a dog",
+              "a dog barking", "a person walks a dog", "Walking a dog",
               ("A dog is barking in a {bg} room .", "A small dog runs to the {bg} door .",
                "The dog plays with a ball on a {bg} rug .")),
     ClassSpec("car", (40, 70, 200), "blue", (245, 215, 40), "yellow", "box", (80, 100),
-              "a car engine running", "a person drives a car",
+              "a car engine running", "a person drives a car", "Driving a car",
               ("A car drives on a {bg} road .", "A man starts the car in a {bg} garage .",
                "The old car is parked by a {bg} wall .")),
     ClassSpec("bird", (40, 160, 60), "green", (250, 140, 20), "orange", "triangle", (2850, 4400),
-              "a bird singing", "a person feeds a bird",
+              "a bird singing", "a person feeds a bird", "Feeding a bird",
               ("Many birds sing in the {bg} trees .", "Two birds are flying over the {bg} grass .",
                "The birds are singing in the {bg} park .")),
     ClassSpec("rain", (35, 35, 50), "black", (150, 200, 255), "light blue", "streaks", (4800, 7300),
-              "rain falling", "a person opens an umbrella in the rain",
+              "rain falling", "a person opens an umbrella in the rain", "Opening an umbrella",
               ("Rain is falling on a {bg} roof .", "Heavy rain falls on the {bg} road .",
                "It is raining on the dark street .")),
     ClassSpec("bell", (230, 200, 40), "yellow", (110, 30, 150), "purple", "diamond", (1150, 1250),
-              "a bell ringing", "a person rings a bell",
+              "a bell ringing", "a person rings a bell", "Ringing a bell",
               ("The church bell rings in the {bg} town .", "Church bells are ringing over the {bg} houses .",
                "A church bell rings in a {bg} tower .")),
     ClassSpec("siren", (190, 50, 170), "purple", (60, 225, 230), "cyan", "cross", (560, 950),
-              "a siren wailing", "a person drives an ambulance",
+              "a siren wailing", "a person drives an ambulance", "Driving an ambulance",
               ("A loud siren is heard on a {bg} road .", "The fire truck siren is very loud .",
                "An ambulance siren sounds near a {bg} house .")),
 )
@@ -430,7 +434,34 @@ def _write_avsd(root: Path, scenes: list[Scene], classes: list[ClassSpec], seed:
     for split, name in AVSD_FILES.items():
         _write_json(root / "avsd" / name, {"type": "scene_aware_dialog", "dialogs": by_split[split]})
     _write_json(root / "avsd" / AVSD_MULTIREF, {"type": "scene_aware_dialog", "dialogs": multiref})
+    _write_charades(root / "avsd" / "Charades", scenes, classes)
     return {split: len(v) for split, v in by_split.items()}
+
+
+CHARADES_HEADER = ("id", "subject", "scene", "quality", "relevance", "verified", "script", "objects",
+                   "descriptions", "actions", "length")
+
+
+def _write_charades(folder: Path, scenes: list[Scene], classes: list[ClassSpec]) -> None:
+    """Charades' own annotations of the videos: the scene's action over the whole clip, and the planted class's
+    action over the planted frames ("c000 0.00 3.00;c002 1.25 1.75"). Train and val videos are in the train file,
+    as AVSD's train and valid dialogs both come from Charades' training videos."""
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_lines(folder / "Charades_v1_classes.txt", [f"c{i:03d} {c.charades}" for i, c in enumerate(CLASSES)])
+    for split, name in (("train", "Charades_v1_train.csv"), ("test", "Charades_v1_test.csv")):
+        with open(folder / name, "w", newline="", encoding="utf-8") as fh:
+            writer = csv.writer(fh, lineterminator="\n")
+            writer.writerow(CHARADES_HEADER)
+            for scene in scenes:
+                if (scene.split == "test") != (split == "test"):
+                    continue
+                spec = classes[scene.cls]
+                planted = (scene.planted_cls, scene.planted[0] / FPS, (scene.planted[-1] + 1) / FPS)
+                actions = sorted([(scene.cls, 0.0, float(VIDEO_SECONDS)), planted])
+                writer.writerow([scene.video_id, f"SY{scene.index % 10:02d}", "Living room", 6, 7, "Yes",
+                                 f"{spec.action} .", spec.name, f"{spec.action} while {spec.sound} can be heard .",
+                                 ";".join(f"c{c:03d} {start:.2f} {end:.2f}" for c, start, end in actions),
+                                 f"{VIDEO_SECONDS:.2f}"])
 
 
 # ----------------------------------------------------------------------------------------------------------------

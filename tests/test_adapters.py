@@ -126,6 +126,32 @@ def test_avsd_items_splits_and_texts(tmp_path):
     assert "undisclosed" not in row["extra"] and "references" not in row["extra"]
 
 
+def test_avsd_reads_charades_actions_named_by_the_class_file(tmp_path):
+    rows = by_id(ADAPTERS["avsd"](make_avsd(tmp_path / "avsd")))
+    assert rows["avsd:3MSZA"]["extra"]["actions"] == [
+        {"class_id": "c006", "action": "Closing a door", "start": 21.3, "end": 27.1},
+        {"class_id": "c008", "action": "Opening a door", "start": 0.0, "end": 4.4}]
+    assert rows["avsd:ZZXQF"]["extra"]["actions"][0]["action"] == "Opening a door"  # from the test CSV
+    assert rows["avsd:46GP8"]["extra"]["actions"] == []  # annotated with no action: Charades has such videos
+    assert "actions" not in rows["avsd:6E4OG"]["extra"]  # not in the annotation files at all
+
+
+def test_avsd_malformed_charades_actions_are_failures_and_the_rest_is_kept(tmp_path):
+    root = make_avsd(tmp_path / "avsd")
+    train = root / "Charades" / "Charades_v1_train.csv"
+    train.write_text(train.read_text().replace("c006 21.30 27.10", "c006 21.30").replace("c002 1.20", "c999 1.20"))
+    result = ADAPTERS["avsd"](root)
+    rows = by_id(result)
+    assert [a["class_id"] for a in rows["avsd:3MSZA"]["extra"]["actions"]] == ["c008"]
+    assert [a["class_id"] for a in rows["avsd:0A8CF"]["extra"]["actions"]] == ["c003"]
+    reasons = sorted(f["reason"] for f in result.failures)
+    assert len(reasons) == 2 and len(rows) == len(AVSD_IDS)
+    assert reasons[0].startswith("Charades_v1_train.csv line 2 (video 3MSZA): action 'c006 21.30': not 'cNNN start end'")
+    assert "line 3 (video 0A8CF): action 'c999 1.20 9.80': class c999 is not in Charades_v1_classes.txt" in reasons[1]
+    (root / "Charades" / "Charades_v1_classes.txt").unlink()  # without the class file the ids name the actions
+    assert by_id(ADAPTERS["avsd"](root))["avsd:0A8CF"]["extra"]["actions"][0]["action"] == "c999"
+
+
 def test_avsd_undisclosed_answers_and_multiref(tmp_path):
     rows = by_id(ADAPTERS["avsd"](make_avsd(tmp_path / "avsd")))
     row = rows["avsd:ZZXQF"]

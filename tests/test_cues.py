@@ -2,12 +2,14 @@
 are deterministic, readable and stored once."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
 from avcache.features.store import FeatureSetSpec, FeatureSetWriter, FeatureStore
 from avcache.pipeline.manifest import write_manifest
-from avcache.train.cues import CueConfig, compute_cues, context_turns, rank_frames, zero_shot
+from avcache.train.cues import CueConfig, compute_cues, context_turns, frame_action_labels, rank_frames, zero_shot
 
 D = 16
 
@@ -40,8 +42,7 @@ def test_zero_shot_is_a_softmax_at_clip_scale():
     assert order.tolist() == [1, 2] and probs[0] > 0.99 and probs.sum() <= 1.0 + 1e-6
 
 
-@pytest.fixture
-def cue_store(tmp_path):
+def write_cue_store(tmp_path, annotated=True):
     """Two dialogues over videos whose middle frames show another class; the dialogue asks about that class."""
     rng = np.random.default_rng(1)
     classes = {name: unit(rng.standard_normal(D)).astype(np.float32) for name in ("dog", "rain", "bird")}
@@ -49,15 +50,16 @@ def cue_store(tmp_path):
     spec = lambda name, **kw: FeatureSetSpec(name, name, {"name": "test"}, {}, **kw)  # noqa: E731
     provenance = {"manifest": str(tmp_path / "manifest.arrow"), "encoders": {"beats": {"checkpoint": "tiny"}}}
     writers = {
-        "clip_frames": FeatureSetWriter(root, spec("clip_frames", vectors={"embedding": D}, sequences={"frames": [D]}),
-                                        provenance=provenance),
+        "clip_frames": FeatureSetWriter(root, spec("clip_frames", vectors={"embedding": D},
+                                                   sequences={"frames": [D], "timestamps": []}), provenance=provenance),
         "clip_text": FeatureSetWriter(root, spec("clip_text", vectors={"embedding": D},
                                                  sequences={"text_embeddings": [D]}), provenance=provenance),
         "clip_vocab": FeatureSetWriter(root, spec("clip_vocab", vectors={"embedding": D}), provenance=provenance),
         "beats": FeatureSetWriter(root, spec("beats", vectors={"embedding": 4, "tag_probs": 527}), provenance=provenance),
     }
     for name, vector in classes.items():
-        writers["clip_vocab"].add(f"labels:{name}", vectors={"embedding": vector}, scalars={"vocab": "labels", "label": name})
+        writers["clip_vocab"].add(f"actions:{name}", vectors={"embedding": vector},
+                                  scalars={"vocab": "actions", "label": name})
     for n, (own, planted) in enumerate((("dog", "rain"), ("bird", "dog"))):
         item = f"avsd:V{n}"
         frames = np.stack([classes[own]] * 8)
@@ -67,16 +69,24 @@ def cue_store(tmp_path):
         text_embeddings = np.stack([classes[own], classes[planted], classes[planted], classes[planted], classes[own]])
         tag_probs = np.full(527, 0.01, np.float32)
         tag_probs[[7, 100 + n]] = (0.9, 0.5)
-        writers["clip_frames"].add(item, vectors={"embedding": frames.mean(0)}, sequences={"frames": frames})
+        writers["clip_frames"].add(item, vectors={"embedding": frames.mean(0)},
+                                   sequences={"frames": frames, "timestamps": 0.5 * np.arange(8)})
         writers["clip_text"].add(item, vectors={"embedding": text_embeddings[0]},
                                  sequences={"text_embeddings": text_embeddings})
         writers["beats"].add(item, vectors={"embedding": np.zeros(4), "tag_probs": tag_probs})
+        actions = [{"class_id": "", "action": own, "start": 0.0, "end": 4.0},
+                   {"class_id": "", "action": planted, "start": 2.5, "end": 3.0}]  # frames 5 and 6
         rows.append({"item_id": item, "dataset": "avsd", "split": "train", "video_path": f"{item}.mp4",
-                     "texts": texts, "text_kinds": kinds})
+                     "texts": texts, "text_kinds": kinds, "extra": {"actions": actions} if annotated else {}})
     for writer in writers.values():
         writer.close()
     write_manifest(rows, tmp_path / "manifest.arrow")
     return root
+
+
+@pytest.fixture
+def cue_store(tmp_path):
+    return write_cue_store(tmp_path)
 
 
 def test_cues_are_written_once_and_name_the_planted_class(cue_store):
@@ -99,6 +109,35 @@ def test_cues_are_written_once_and_name_the_planted_class(cue_store):
 def test_a_missing_vocabulary_is_a_clear_error(cue_store):
     with pytest.raises(ValueError, match="no vocabulary 'charades'"):
         compute_cues(cue_store, CueConfig(behaviour_vocab="charades"), log=lambda *a: None)
+
+
+def test_frame_labels_are_the_actions_covering_each_frame():
+    actions = [{"action": "dog", "start": 0.0, "end": 3.0}, {"action": "rain", "start": 1.5, "end": 2.5},
+               {"action": "not in the vocabulary", "start": 0.0, "end": 9.0}]
+    labels = frame_action_labels(actions, np.array([0.0, 1.0, 2.0, 3.0, 4.0]), {"bird": 0, "dog": 1, "rain": 2})
+    np.testing.assert_array_equal(labels, [[0, 1, 0], [0, 1, 0], [0, 1, 1], [0, 1, 0], [0, 0, 0]])
+
+
+def test_a_trained_head_learns_the_annotated_actions_and_is_saved_with_the_cues(cue_store):
+    cfg = CueConfig(top_k_frames=2, behaviour_top=2, behaviour_head="trained", feature_set="trained_cues")
+    fs = compute_cues(cue_store, cfg, log=lambda *a: None)
+    # the dialogue points at the planted frames, and the head, fit on the frames' intervals, names their action
+    assert fs.row("avsd:V0")["behaviour"][0] == "rain" and fs.row("avsd:V1")["behaviour"][0] == "dog"
+    assert fs.sequence("avsd:V0", "behaviour_scores")[0] > 0.9
+    summary = json.loads((fs.path / "behaviour_head.json").read_text())
+    assert summary["videos"] == 2 and summary["frames"] == 16 and summary["train_top1_accuracy"] == 1.0
+    assert summary["positives"] == [8 + 2, 2, 8]  # dog: V0 whole + V1 planted; rain: V0 planted; bird: V1 whole
+    weight = (fs.path / "behaviour_head.safetensors").read_bytes()
+    assert compute_cues(cue_store, cfg, log=lambda *a: None).row("avsd:V1")["cue_text"] == fs.row("avsd:V1")["cue_text"]
+    assert (fs.path / "behaviour_head.safetensors").read_bytes() == weight
+
+
+def test_a_trained_head_without_annotations_is_a_clear_error(tmp_path):
+    store = write_cue_store(tmp_path, annotated=False)
+    with pytest.raises(ValueError, match="needs action annotations on the training split"):
+        compute_cues(store, CueConfig(behaviour_head="trained"), log=lambda *a: None)
+    with pytest.raises(ValueError, match="behaviour_head must be one of"):
+        compute_cues(store, CueConfig(behaviour_head="linear"), log=lambda *a: None)
 
 
 def test_charades_class_file_gives_plain_action_labels(tmp_path):

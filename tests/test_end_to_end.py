@@ -15,7 +15,7 @@ from avcache.pipeline.config import load_config
 from avcache.pipeline.extract import extract
 from avcache.pipeline.manifest import read_manifest
 from avcache.pipeline.runners import LocalRunner, RayRunner
-from avcache.pipeline.synth import write_synthetic
+from avcache.pipeline.synth import CLASSES, write_synthetic
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,9 @@ def test_every_feature_set_through_ray_and_back(tmp_path):
     assert set(store["clip_image"].item_ids) == with_image
     assert set(store["beats"].item_ids) == set(store["whisper"].item_ids) == with_audio
     assert set(store["clip_transcript"].item_ids) == with_audio
-    assert set(store["clip_vocab"].item_ids) == {f"labels:{c}" for c in summary["classes"]}
+    actions = [c.charades for c in CLASSES if c.name in summary["classes"]]  # from Charades' CSVs, by class id
+    assert store["clip_vocab"].item_ids == [f"labels:{c}" for c in sorted(summary["classes"])] + \
+        [f"actions:{a}" for a in actions]
 
     whisper = store["whisper"]
     states = whisper.sequence(whisper.item_ids[0], "encoder_states")

@@ -73,7 +73,7 @@ def test_avsd_schema(ds):
     root, _ = ds
     avsd = root / "avsd"
     assert sorted(p.name for p in avsd.iterdir()) == sorted(
-        ["Charades_v1_480", "train_set4DSTC7-AVSD.json", "valid_set4DSTC7-AVSD.json", "test_set4DSTC7-AVSD.json",
+        ["Charades", "Charades_v1_480", "train_set4DSTC7-AVSD.json", "valid_set4DSTC7-AVSD.json", "test_set4DSTC7-AVSD.json",
          "test_set4DSTC7-AVSD_multiref.json"])
     ids = []
     for name in ("train_set4DSTC7-AVSD.json", "valid_set4DSTC7-AVSD.json", "test_set4DSTC7-AVSD.json"):
@@ -94,6 +94,31 @@ def test_avsd_schema(ds):
     assert len(ids) == len(set(ids)) == ITEMS
     videos = sorted(p.name for p in (avsd / "Charades_v1_480").iterdir())
     assert videos == sorted(f"{i}.mp4" for i in ids)
+
+
+def test_charades_annotations_follow_the_official_csv(ds):
+    root, _ = ds
+    folder = root / "avsd" / "Charades"
+    classes = (folder / "Charades_v1_classes.txt").read_text().splitlines()
+    assert classes[0] == "c000 Walking a dog" and len(classes) == len(CLASSES)
+    truth = json.loads((root / "classes.json").read_text())["items"]
+    seen = []
+    for name, splits in (("Charades_v1_train.csv", {"train", "val"}), ("Charades_v1_test.csv", {"test"})):
+        with open(folder / name, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        assert list(rows[0]) == ["id", "subject", "scene", "quality", "relevance", "verified", "script", "objects",
+                                 "descriptions", "actions", "length"]
+        for row in rows:
+            item = truth[f"avsd:{row['id']}"]
+            assert item["split"] in splits
+            actions = {a.split()[0]: tuple(map(float, a.split()[1:])) for a in row["actions"].split(";")}
+            own = f"c{[c.name for c in CLASSES].index(item['class']):03d}"
+            planted = f"c{[c.name for c in CLASSES].index(item['planted_class']):03d}"
+            assert actions[own] == (0.0, float(synth.VIDEO_SECONDS))
+            start, end = item["planted_frames"][0] / synth.FPS, (item["planted_frames"][-1] + 1) / synth.FPS
+            assert actions[planted] == pytest.approx((start, end), abs=0.006)  # two decimals, as Charades writes
+            seen.append(row["id"])
+    assert sorted(seen) == sorted(k.split(":")[1] for k in truth if k.startswith("avsd:"))
 
 
 def test_avsd_multiref_matches_test_dialogs(ds):

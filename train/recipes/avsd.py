@@ -4,7 +4,9 @@ Read top to bottom: setup (config; cues computed once into the store if missing;
 BART by name or path, the tiny profile training its tokenizer on the training dialogues) -> train (teacher-forced
 on every turn of the training dialogues; validation loss on their last turns picks the best epoch) -> evaluate
 (beam search on the test dialogues' last turn; pycocoevalcap against every reference; the DSTC submission file)
--> save. Ablations are configs: no cues, behavioural only, auditory only, both; the frame prefix; k frames.
+-> save (scores, the DSTC submission, examples.md with each example's selected frames as a thumbnail strip).
+Ablations are configs: no cues, behavioural only, auditory only, both; the frame prefix; k frames; the trained
+behaviour head. `load_run` + `generate` answer other questions with a finished run.
 
 Ours where the paper is silent: every turn of a training dialogue is an example (the history is the turns
 before it); the cues are computed once per dialogue, from its context up to its last question; the frame prefix
@@ -12,7 +14,6 @@ is the selected frames' CLIP embeddings through one linear layer.
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,8 +26,8 @@ from avcache.eval.retrieval import extraction_manifest
 from avcache.features.store import FeatureStore
 from avcache.pipeline.adapters import UNDISCLOSED
 from avcache.pipeline.config import ConfigError, load_dataclass
-from avcache.train.cues import CueConfig, compute_cues
-from avcache.train.runs import RunDir, seed_everything
+from avcache.train.cues import CueConfig, compute_cues, manifest_extra
+from avcache.train.runs import RunDir, pick_device, seed_everything, to_device
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "avsd.yaml"
 CUE_USES = ("both", "behaviour", "auditory", "none")
@@ -50,11 +51,12 @@ class ModelConfig:
 class TrainConfig:
     epochs: int = 40
     batch_size: int = 16
-    lr: float = 1e-3
+    lr: float = 3e-3
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     num_beams: int = 4
     length_penalty: float = 1.0
+    device: str = "auto"               # auto (the GPU when there is one) | cpu | cuda | cuda:<n>
 
 
 @dataclass
@@ -76,34 +78,32 @@ class Example:
     references: list[str]
 
 
-def dialogues(manifest_rows: list[dict], split: str) -> list[Example]:
-    """Training split: one example per turn; other splits: the last turn, with its references."""
+def dialogues(manifest_rows: list[dict], split: str, every_turn: bool | None = None) -> list[Example]:
+    """One example per answered turn (the training split's default), or the last turn of each dialogue only (the
+    other splits' default: what DSTC scores), with its references."""
+    every_turn = split == "train" if every_turn is None else every_turn
     out = []
     for row in manifest_rows:
         if row["dataset"] != "avsd" or row["split"] != split:
             continue
-        extra = _extra(row)
+        extra = manifest_extra(row)
         turns = extra.get("dialog") or []
         history: list[str] = []
         for t, turn in enumerate(turns):
             answer = turn["answer"] if isinstance(turn["answer"], str) and turn["answer"] != UNDISCLOSED else None
             last = t == len(turns) - 1
-            if split == "train" and answer is not None or last:
-                references = extra.get("references") or ([answer] if answer else [])
+            if every_turn and answer is not None or last:
+                references = (extra.get("references") if last else None) or ([answer] if answer else [])
                 out.append(Example(row["item_id"], list(history), turn["question"], answer, list(references)))
             history += [turn["question"]] + ([answer] if answer else [])
     return out
-
-
-def _extra(row: dict) -> dict:
-    return json.loads(row["extra"]) if isinstance(row["extra"], str) else (row["extra"] or {})
 
 
 def _official_test_files(rows: list[dict]) -> dict[str, Path]:
     """DSTC test file name -> its path, found above the dialogues' videos (the adapter records only the name)."""
     found = {}
     for row in rows:
-        source = _extra(row).get("source")
+        source = manifest_extra(row).get("source")
         if row["split"] != "test" or not source or source in found or not row.get("video_path"):
             continue
         for folder in list(Path(row["video_path"]).parents)[:3]:
@@ -122,14 +122,28 @@ def cue_text_for(row: dict, use: str) -> str:
     return " ; ".join(parts)
 
 
-def main(store: str | Path, run: str | Path, config=None, overrides=(), log=print) -> dict:
+@dataclass
+class Setup:
+    """What training, evaluation and `generate` share: the config, the store's cues and frames, the dialogues by
+    split, and the model with its tokenizer."""
+    cfg: RecipeConfig
+    cues: object                       # the cue FeatureSet
+    frames: object                     # clip_frames
+    rows: list[dict]                   # manifest rows of the cued items
+    splits: dict[str, list[Example]]
+    cue_rows: dict[str, dict]
+    model: torch.nn.Module
+    tokenizer: object
+    spec: dict
+
+
+def setup(store: str | Path, cfg: RecipeConfig, log=print) -> Setup:
+    """Cues computed once into the store if missing; dialogues from the manifest; BART by name or path (the tiny
+    profile training its tokenizer on the training dialogues and the cue texts)."""
     from avcache.features.bart import create_bart
     from avcache.features.tiny import ensure_tiny_bart
-    from avcache.train.generator import AnswerGenerator, build_inputs, collate
+    from avcache.train.generator import AnswerGenerator
 
-    # ---- setup ----------------------------------------------------------------------------------------------
-    cfg = load_dataclass(RecipeConfig, Path(config) if config else DEFAULT_CONFIG,
-                         [*overrides, f"store={Path(store).resolve()}"])
     if cfg.data.cues not in CUE_USES:
         raise ConfigError(f"data.cues must be one of {CUE_USES}, got {cfg.data.cues!r}")
     seed_everything(cfg.seed)
@@ -146,28 +160,65 @@ def main(store: str | Path, run: str | Path, config=None, overrides=(), log=prin
     name = str(ensure_tiny_bart(corpus)) if cfg.model.bart == "tiny" else cfg.model.bart
     bart, tokenizer, spec = create_bart(name)
     model = AnswerGenerator(bart, tokenizer, clip_dim=frames.spec.vectors["embedding"], use_prefix=cfg.model.use_prefix)
+    model.to(pick_device(cfg.train.device))
+    return Setup(cfg, cues, frames, rows, splits, cue_rows, model, tokenizer, spec)
 
-    def batch_of(examples: list[Example], with_answers: bool) -> dict:
-        inputs = [build_inputs(tokenizer, cue_text_for(cue_rows[e.item_id], cfg.data.cues), e.history, e.question,
-                               cfg.data.max_input_tokens) for e in examples]
-        batch = collate(tokenizer, inputs, [e.answer for e in examples] if with_answers else None,
-                        cfg.data.max_answer_tokens)
-        if cfg.model.use_prefix:
-            picked = [frames.sequence(e.item_id, "frames")[cues.sequence(e.item_id, "selected_frames")]
-                      for e in examples]
-            batch["prefix"] = torch.from_numpy(np.stack(picked).astype(np.float32))          # (B, k, D)
-            batch["prefix_mask"] = torch.ones(batch["prefix"].shape[:2], dtype=torch.long)
-        return batch
 
-    def batches(examples, shuffle: bool, epoch: int = 0):
-        order = np.random.default_rng([cfg.seed, epoch]).permutation(len(examples)) if shuffle else np.arange(len(examples))
-        for start in range(0, len(order), cfg.train.batch_size):
-            yield [examples[i] for i in order[start:start + cfg.train.batch_size]]
+def batch_of(s: Setup, examples: list[Example], with_answers: bool) -> dict:
+    from avcache.train.generator import build_inputs, collate
+
+    cfg = s.cfg
+    inputs = [build_inputs(s.tokenizer, cue_text_for(s.cue_rows[e.item_id], cfg.data.cues), e.history, e.question,
+                           cfg.data.max_input_tokens) for e in examples]
+    batch = collate(s.tokenizer, inputs, [e.answer for e in examples] if with_answers else None,
+                    cfg.data.max_answer_tokens)
+    if cfg.model.use_prefix:
+        picked = [s.frames.sequence(e.item_id, "frames")[s.cues.sequence(e.item_id, "selected_frames")]
+                  for e in examples]
+        batch["prefix"] = torch.from_numpy(np.stack(picked).astype(np.float32))              # (B, k, D)
+        batch["prefix_mask"] = torch.ones(batch["prefix"].shape[:2], dtype=torch.long)
+    return to_device(batch, next(s.model.parameters()).device)
+
+
+def batches(examples: list[Example], batch_size: int, shuffle_seed: list[int] | None = None):
+    order = np.random.default_rng(shuffle_seed).permutation(len(examples)) if shuffle_seed else np.arange(len(examples))
+    for start in range(0, len(order), batch_size):
+        yield [examples[i] for i in order[start:start + batch_size]]
+
+
+@torch.no_grad()
+def generate(s: Setup, examples: list[Example]) -> list[str]:
+    """Beam-search answers ("-" for an empty one, which the scorers cannot take), in the examples' order."""
+    s.model.eval()
+    answers = []
+    for chunk in batches(examples, s.cfg.train.batch_size):
+        batch = batch_of(s, chunk, False)
+        answers += s.model.generate(batch["input_ids"], batch["attention_mask"], batch.get("prefix"),
+                                    batch.get("prefix_mask"), num_beams=s.cfg.train.num_beams,
+                                    length_penalty=s.cfg.train.length_penalty,
+                                    max_new_tokens=s.cfg.data.max_answer_tokens)
+    return [a.strip() or "-" for a in answers]
+
+
+def load_run(run: str | Path, store: str | Path | None = None, log=print) -> Setup:
+    """A finished run's setup with its best weights, to answer other questions (`generate`)."""
+    cfg = load_dataclass(RecipeConfig, Path(run) / "config.yaml", [f"store={Path(store).resolve()}"] if store else [])
+    s = setup(cfg.store, cfg, log)
+    RunDir(run, cfg).load_weights("best", s.model)
+    return s
+
+
+def main(store: str | Path, run: str | Path, config=None, overrides=(), log=print) -> dict:
+    # ---- setup ----------------------------------------------------------------------------------------------
+    cfg = load_dataclass(RecipeConfig, Path(config) if config else DEFAULT_CONFIG,
+                         [*overrides, f"store={Path(store).resolve()}"])
+    s = setup(store, cfg, log)
+    model, splits = s.model, s.splits
 
     @torch.no_grad()
     def validation_loss() -> float:
         model.eval()
-        losses = [model(**batch_of(chunk, True)).loss.item() for chunk in batches(splits["val"], False)]
+        losses = [model(**batch_of(s, chunk, True)).loss.item() for chunk in batches(splits["val"], cfg.train.batch_size)]
         return float(np.mean(losses)) if losses else float("nan")
 
     run_dir = RunDir(run, cfg)  # only once the data loaded: a bad store leaves no half-made run behind
@@ -181,8 +232,8 @@ def main(store: str | Path, run: str | Path, config=None, overrides=(), log=prin
     for epoch in range(start_epoch + 1, cfg.train.epochs + 1):
         model.train()
         losses = []
-        for chunk in batches(splits["train"], True, epoch):
-            loss = model(**batch_of(chunk, True)).loss
+        for chunk in batches(splits["train"], cfg.train.batch_size, shuffle_seed=[cfg.seed, epoch]):
+            loss = model(**batch_of(s, chunk, True)).loss
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
@@ -199,30 +250,20 @@ def main(store: str | Path, run: str | Path, config=None, overrides=(), log=prin
 
     # ---- evaluate -------------------------------------------------------------------------------------------
     run_dir.load_best(model)
-    model.eval()
-    hypotheses = {}
-    for chunk in batches(splits["test"], False):
-        batch = batch_of(chunk, False)
-        answers = model.generate(batch["input_ids"], batch["attention_mask"], batch.get("prefix"),
-                                 batch.get("prefix_mask"), num_beams=cfg.train.num_beams,
-                                 length_penalty=cfg.train.length_penalty, max_new_tokens=cfg.data.max_answer_tokens)
-        hypotheses.update({e.item_id: a.strip() or "-" for e, a in zip(chunk, answers)})
+    hypotheses = dict(zip((e.item_id for e in splits["test"]), generate(s, splits["test"])))
     references = {e.item_id: e.references for e in splits["test"] if e.references}
     scores, questions = dstc.evaluate({k: v for k, v in hypotheses.items() if k in references}, references)
     results = {**scores, "test_questions": len(references), "epochs": cfg.train.epochs,
-               "train_seconds": round(seconds, 2), "bart": spec.get("model")}
+               "train_seconds": round(seconds, 2), "bart": s.spec.get("model")}
 
     # ---- save -----------------------------------------------------------------------------------------------
     dstc.write_scores(scores, questions, run_dir.path)
-    for source, path in _official_test_files(rows).items():  # the DSTC submission, beside the run's results
-        wanted = {r["item_id"] for r in rows if r["split"] == "test" and _extra(r).get("source") == source}
+    for source, path in _official_test_files(s.rows).items():  # the DSTC submission, beside the run's results
+        wanted = {r["item_id"] for r in s.rows if r["split"] == "test" and manifest_extra(r).get("source") == source}
         if wanted <= set(hypotheses):
             dstc.write_submission(path, {k: v for k, v in hypotheses.items() if k in wanted},
                                   run_dir.path / f"submission_{source}")
-    examples = [f"- `{e.item_id}` cues: {cue_text_for(cue_rows[e.item_id], cfg.data.cues) or '(none)'}; frames "
-                f"{cues.sequence(e.item_id, 'selected_frames').tolist()}\n  - Q: {e.question}\n  - generated: "
-                f"{hypotheses[e.item_id]}\n  - references: {' / '.join(e.references)}" for e in splits["test"][:5]]
-    (run_dir.path / "examples.md").write_text("# Generated answers\n\n" + "\n".join(examples) + "\n")
+    write_examples(s, splits["test"][:5], hypotheses, run_dir.path)
     run_dir.write_results({k: v for k, v in results.items() if not isinstance(v, str)})
     history = run_dir.history()
     run_dir.plot("loss.png", {k: [(r["epoch"], r[k]) for r in history if k in r] for k in ("train_loss", "val_loss")},
@@ -231,3 +272,30 @@ def main(store: str | Path, run: str | Path, config=None, overrides=(), log=prin
     log(f"[avsd] test: BLEU_4 {scores.get('BLEU_4', 0):.3f}, CIDEr {scores.get('CIDEr', 0):.3f} "
         f"-> {run_dir.path / 'results.json'}")
     return results
+
+
+def write_examples(s: Setup, examples: list[Example], hypotheses: dict[str, str], out: Path) -> Path:
+    """examples.md: each question with its cues, the selected frames as a thumbnail strip, the generated answer
+    and the references. A video that cannot be decoded any more loses its strip, not the example."""
+    from avcache.eval.thumbnails import frame_strip
+    from avcache.pipeline.media import MediaError
+
+    videos = {r["item_id"]: r.get("video_path") for r in s.rows}
+    lines = ["# Generated answers", ""]
+    for e in examples:
+        selected = s.cues.sequence(e.item_id, "selected_frames")
+        seconds = s.frames.sequence(e.item_id, "timestamps")[selected]
+        strip = f"examples/{e.item_id.replace(':', '_')}.png"
+        try:
+            frame_strip(videos[e.item_id], seconds, out / strip)
+            picture = f"![selected frames of {e.item_id}]({strip})"
+        except MediaError as exc:
+            picture = f"(frames not shown: {exc})"
+        cue = cue_text_for(s.cue_rows[e.item_id], s.cfg.data.cues) or "(none)"
+        lines += [f"## `{e.item_id}`", "", picture, "",
+                  f"- selected frames at {', '.join(f'{t:.2f}' for t in seconds)} s; cues: {cue}",
+                  f"- Q: {e.question}", f"- generated: {hypotheses[e.item_id]}",
+                  f"- references: {' / '.join(e.references)}", ""]
+    path = out / "examples.md"
+    path.write_text("\n".join(lines))
+    return path
