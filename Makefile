@@ -23,9 +23,12 @@ SPLIT ?= test
 INDEX_VECTORS ?= 1000000
 RUN ?= runs/brewclip
 SET ?=
+GRID ?=
+SEEDS ?=
+FROM ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup synth manifest extract info index search eval-retrieval train-retrieval train-ser train-aligner aligner-efficiency train-generator bench demo test clean
+.PHONY: help setup synth manifest extract info index search eval-retrieval train-retrieval train-ser train-aligner aligner-efficiency train-generator ablate bench demo report test test-browser clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -76,14 +79,28 @@ aligner-efficiency: $(STAMP) ## BGTAI Base / DS-Net / Result Filter / DS & RF, a
 train-generator: $(STAMP) ## AVSD answers with cues + BART, DSTC scores: STORE=<dir> RUN=<dir> [CONFIG=train/configs/avsd_*.yaml] [SET="k=v ..."]
 	$(BIN)/avcache train-generator --store $(STORE) --run $(RUN) $(if $(CONFIG),--config $(CONFIG)) $(foreach s,$(SET),--set $(s))
 
+ablate: $(STAMP) ## every cell of a grid, table + plots in OUT: GRID=<train/grids/*.yaml or name> STORE=<dir> OUT=<dir> [SET="k=v ..."] [SEEDS=0,1]
+	$(BIN)/avcache ablate --grid $(GRID) --store $(STORE) --out $(OUT) $(foreach s,$(SET),--set $(s)) $(if $(SEEDS),--seeds $(SEEDS))
+
 bench: $(STAMP) ## extraction times, FAISS recall/QPS at 1M x 512, training from the store vs memory: OUT=<dir>
 	$(BIN)/avcache bench --out $(OUT) --index-vectors $(INDEX_VECTORS)
 
-demo: $(STAMP) ## synth -> manifest -> extract -> read back -> index -> zero-shot retrieval: [OUT=<dir>]
+demo: $(STAMP) ## synth -> extract -> index -> zero-shot retrieval -> each method trained -> report: [OUT=<dir>]
 	$(BIN)/avcache demo --out $(OUT) --items $(ITEMS) --seed $(SEED) --runner $(RUNNER)
 
-test: $(STAMP) ## run the whole test suite
+report: $(STAMP) ## OUT/report.md + report_files/ + self-contained report.html from what is found: OUT=<dir> [FROM="dir1 dir2"]
+	$(BIN)/avcache report --out $(OUT) $(if $(FROM),--from $(FROM))
+
+test: $(STAMP) test-browser ## run the whole test suite
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# Never fails: without chromium (no apt, not root, no network) tests/test_report.py's browser test skips, saying why.
+test-browser: ## install Debian's chromium (headless report check in the tests) when it is missing
+	@command -v chromium >/dev/null 2>&1 || { echo "installing chromium (apt) for the report's headless-browser test"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		{ apt-get install -y -q chromium >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && \
+		  apt-get install -y -q chromium >/dev/null 2>&1; }; } && echo "chromium installed" || \
+		echo "chromium could not be installed; the browser test will skip"; }
 
 clean: ## remove runs/ (the .venv stays)
 	rm -rf runs

@@ -1,4 +1,5 @@
-"""`avcache <verb>`: one verb per stage (synth, manifest, extract, info, index, search, eval-retrieval, bench, demo)."""
+"""`avcache <verb>`: one verb per stage (synth, manifest, extract, info, index, search, eval-retrieval, train-*,
+ablate, bench, demo, report)."""
 from __future__ import annotations
 
 import argparse
@@ -122,6 +123,17 @@ def add_recipe_verb(verbs, verb: str, recipe: str, help: str):
     return p
 
 
+def cmd_ablate(args) -> int:
+    from avcache.train.ablate import run_grid
+
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
+    summary = run_grid(args.grid, args.store, args.out, sets=args.set, seeds=seeds, use_ray=args.ray or None,
+                       gpus_per_cell=args.gpus_per_cell)
+    print((Path(args.out) / "ablation.md").read_text())
+    # like extract: every cell ran, but some failed (their logs are listed in the table)
+    return EXIT_ITEMS_FAILED if summary["failed"] or summary["warnings"] else 0
+
+
 def cmd_bench(args) -> int:
     from avcache.eval.bench import run_bench
 
@@ -135,6 +147,14 @@ def cmd_demo(args) -> int:
     from avcache.pipeline.demo import run_demo
 
     return run_demo(Path(args.out), items=args.items, seed=args.seed, runner=args.runner)
+
+
+def cmd_report(args) -> int:
+    from avcache.eval.report import build_report
+
+    report = build_report(args.out, args.sources or None)
+    print(f"report: {report} and {report.with_suffix('.html')} (figures in {report.parent / 'report_files'})")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -208,6 +228,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train Base, DS-Net, Result Filter and DS & RF into RUN/<variant>/ and plot them together")
     add_recipe_verb(verbs, "train-generator", "avsd", "AVSD answer generator with cues and BART")
 
+    p = verbs.add_parser("ablate", help="run every cell of an ablation grid (train/grids/*.yaml): table and plots")
+    p.add_argument("--grid", required=True, help="a grid file, or the name of one in train/grids (e.g. brewclip)")
+    p.add_argument("--store", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path, help="run directories, ablation.{md,csv,json}, plots")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key in every cell")
+    p.add_argument("--seeds", default=None, help="comma-separated seeds instead of the grid's (e.g. 0,1)")
+    p.add_argument("--ray", action="store_true", help="one Ray task per run (default: only when RAY_ADDRESS is set)")
+    p.add_argument("--gpus-per-cell", type=float, default=None, help="GPU share of each Ray task (default: the grid's)")
+    p.set_defaults(run=cmd_ablate)
+
     p = verbs.add_parser("bench", help="wall time of decode alone, encode alone and the whole pipeline")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--items", type=int, default=24)
@@ -215,12 +245,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-images", type=int, default=256, help="images of the training benchmark (0 skips it)")
     p.set_defaults(run=cmd_bench)
 
-    p = verbs.add_parser("demo", help="synth -> manifest -> extract -> read back, with a summary")
+    p = verbs.add_parser("demo", help="synth -> extract -> index -> retrieval -> train each method -> report")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
     p.add_argument("--items", type=int, default=24)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--runner", choices=["ray", "local"], default="ray")
     p.set_defaults(run=cmd_demo)
+
+    p = verbs.add_parser("report", help="gather demo / eval / run / ablation / bench outputs into report.md + .html")
+    p.add_argument("--out", required=True, type=Path, help="writes OUT/report.md, OUT/report_files/, OUT/report.html")
+    p.add_argument("--from", dest="sources", action="extend", nargs="+", type=Path, default=[], metavar="DIR",
+                   help="directories to scan (default: OUT itself)")
+    p.set_defaults(run=cmd_report)
     return parser
 
 

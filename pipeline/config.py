@@ -35,7 +35,7 @@ class TextConfig:
 @dataclass
 class VocabConfig:
     name: str
-    source: str = "manifest"  # "manifest" (distinct labels) or "file" (one label per line)
+    source: str = "manifest"  # "manifest" (distinct labels), "actions" (annotated actions) or "file" (a label a line)
     path: str | None = None
     templates: list[str] = field(default_factory=lambda: ["{}"])
 
@@ -152,6 +152,11 @@ def _convert(hint, value, where: str):
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         return [_convert(item_hint, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string, not a number
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{where}: expected float, got {value!r}") from None
     if hint is bool and not isinstance(value, bool):
         raise ConfigError(f"{where}: expected true or false, got {value!r}")
     if hint in (int, float) and not isinstance(value, (int, float)) or hint is int and isinstance(value, float):

@@ -1,9 +1,16 @@
 """`make demo`: synthetic data -> manifest -> every feature set -> read back -> FAISS indexes -> zero-shot
-retrieval evaluation, timed, with summary.md."""
+retrieval evaluation -> each method trained briefly on the store -> report, timed, with summary.md.
+
+Exit status: 0 when everything ran; 1 when a method failed to train (the others still run, and the summary and the
+report say which and why); 3 when extraction finished but some items failed."""
 from __future__ import annotations
 
+import importlib
 import json
+import shutil
+import sys
 import time
+import traceback
 from pathlib import Path
 
 from avcache.eval.readback import read_back, readback_markdown
@@ -15,6 +22,18 @@ from avcache.pipeline.config import load_config
 from avcache.pipeline.extract import extract
 from avcache.pipeline.runners import make_runner
 from avcache.pipeline.synth import write_synthetic
+
+EXIT_TRAINING_FAILED = 1
+
+# Each method with its default config (train/configs/<recipe>.yaml) on the demo store, plus the overrides that would
+# keep one under about a minute on 2 CPU cores (an epochs override, said in the summary and the report). Measured on
+# the 24-scene demo store (2 cores, one torch thread, see _train_all): BrewCLIP's 20 epochs ~15 s, BGTAI's 30 epochs
+# ~7 s, AVSD's 40 epochs (cues, tokenizer, BART, beam search, DSTC scoring) ~18 s, so all three run as configured.
+DEMO_TRAINING: dict[str, tuple[str, list[str]]] = {
+    "brewclip": ("BrewCLIP speech -> image retrieval", []),
+    "bgtai": ("BGTAI gloss-based alignment", []),
+    "avsd": ("AVSD answer generation", []),
+}
 
 
 def run_demo(out: Path, items: int = 24, seed: int = 0, runner: str = "ray") -> int:
@@ -37,14 +56,64 @@ def run_demo(out: Path, items: int = 24, seed: int = 0, runner: str = "ray") -> 
     readback = timed("read back", read_back, store)
     indexes = timed("index", _index_all, store)
     retrieval = timed("eval retrieval", run_eval_retrieval, store, out / "retrieval")
+    training = timed("train", _train_all, store, out / "runs", timings)
 
-    summary = _summary_markdown(out, built, report, readback, timings, indexes, retrieval)
+    summary = _summary_markdown(out, built, report, readback, timings, indexes, retrieval, training)
     (out / "summary.md").write_text(summary)
     (out / "summary.json").write_text(json.dumps({"timings_s": timings, "items": len(built.rows),
-                                                  "failed": report.failed, "readback": readback,
-                                                  "indexes": indexes, "retrieval": retrieval}, indent=2, default=str))
+                                                  "failed": report.failed, "runner": report.runner,
+                                                  "readback": readback, "indexes": indexes, "retrieval": retrieval,
+                                                  "training": training}, indent=2, default=str))
     print(summary)
+    from avcache.eval.report import build_report
+
+    start = time.monotonic()
+    report_md = build_report(out)
+    print(f"[demo] report: {time.monotonic() - start:.1f}s -> {report_md} and {report_md.with_suffix('.html')}",
+          flush=True)
+    failed_recipes = [name for name, entry in training.items() if entry["status"] != "ok"]
+    if failed_recipes:
+        print(f"[demo] training failed: {', '.join(failed_recipes)} (see {out / 'summary.md'})", file=sys.stderr)
+        return EXIT_TRAINING_FAILED
     return 0 if report.failed == 0 else 3
+
+
+def _train_all(store: Path, runs: Path, timings: dict) -> dict:
+    """Train each method on the store into RUNS/<recipe>; a failing recipe is recorded and the others still run.
+
+    One intra-op thread: the demo's models are tiny, so a second thread gains little (AVSD 18 s with two, 21 s with
+    one), and when another process holds a core its synchronisation costs a lot (BrewCLIP 51 s with two, 19 s with
+    one, on 2 busy cores)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train_each(store, runs, timings)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_each(store: Path, runs: Path, timings: dict) -> dict:
+    training = {}
+    for name, (title, overrides) in DEMO_TRAINING.items():
+        run = runs / name
+        if run.is_dir():  # the demo's own run from an earlier demo: start over (its config may have changed since)
+            shutil.rmtree(run)
+        entry = {"title": title, "run": str(run), "config": f"train/configs/{name}.yaml", "overrides": overrides}
+        start = time.monotonic()
+        try:
+            recipe = importlib.import_module(f"avcache.train.recipes.{name}")
+            results = recipe.main(store, run, None, overrides)
+            entry.update(status="ok", metrics={k: v for k, v in results.items() if isinstance(v, (int, float))})
+        except Exception as exc:  # one method failing must not hide the others' results
+            entry.update(status="failed", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
+            print(f"[demo] train {name} failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        entry["seconds"] = round(time.monotonic() - start, 1)
+        timings[f"train/{name}"] = entry["seconds"]
+        print(f"[demo] train/{name}: {entry['seconds']:.1f}s ({entry['status']})", flush=True)
+        training[name] = entry
+    return training
 
 
 def _index_all(store_root: Path) -> list[dict]:
@@ -54,7 +123,7 @@ def _index_all(store_root: Path) -> list[dict]:
 
 
 def _summary_markdown(out: Path, built, report, readback: dict, timings: dict, indexes: list[dict],
-                      retrieval: dict) -> str:
+                      retrieval: dict, training: dict) -> str:
     by_dataset: dict[str, int] = {}
     for row in built.rows:
         by_dataset[row["dataset"]] = by_dataset.get(row["dataset"], 0) + 1
@@ -72,8 +141,28 @@ def _summary_markdown(out: Path, built, report, readback: dict, timings: dict, i
         f"## Zero-shot speech -> image retrieval (split test; `{out / 'retrieval'}`)", "",
         "Tiny CLIP weights are random, so these numbers sit near chance; with `profile: real` they are the "
         "BrewCLIP pipeline baseline.", "", retrieval_markdown(retrieval),
+        f"## Methods trained on the store (`{out / 'runs'}`)", "",
+        "Each with its default config (`train/configs/<recipe>.yaml`) and the overrides listed.", "",
+        "| recipe | status | seconds | overrides | key results |", "|---|---|---:|---|---|",
+        *[_training_row(name, entry) for name, entry in training.items()], "",
+        f"The report: `{out / 'report.md'}` (figures in `{out / 'report_files'}`) and `{out / 'report.html'}`.", "",
         "## Wall time per stage", "", "| stage | seconds |", "|---|---:|",
     ]
     lines += [f"| {stage} | {seconds:.1f} |" for stage, seconds in timings.items()]
     lines += [f"| total | {sum(v for k, v in timings.items() if '/' not in k):.1f} |", ""]
     return "\n".join(lines)
+
+
+KEY_RESULTS = {"brewclip": ("s2i_R@1", "i2s_R@1", "untrained_s2i_R@1"),
+               "bgtai": ("alignment_accuracy", "a2i_R@1", "untrained_alignment_accuracy"),
+               "avsd": ("BLEU_4", "METEOR", "ROUGE_L", "CIDEr")}
+
+
+def _training_row(name: str, entry: dict) -> str:
+    status = entry["status"]
+    if status != "ok":
+        status = f"**{status}**: " + (entry.get("error") or "").strip().splitlines()[0][:200].replace("|", "/")
+    metrics = entry.get("metrics") or {}
+    shown = [f"{k} {metrics[k]:.3f}" for k in KEY_RESULTS.get(name, ()) if isinstance(metrics.get(k), (int, float))]
+    return (f"| {name} | {status} | {entry['seconds']:.1f} | {' '.join(entry['overrides']) or '(defaults)'} "
+            f"| {', '.join(shown) or '-'} |")

@@ -51,3 +51,25 @@ def test_ivf_trained_on_gpu_is_saved_as_a_cpu_index_that_reaches_the_target():
     index, info = make_index(VectorRows([vectors], 64), "IVF128,PQ8x4fs,Refine(SQ8)", use_gpu=True, log=print)
     assert info["device"] == "gpu" and info["recall"]["target_met"]
     faiss.write_index(index, faiss.VectorIOWriter())  # a GPU index would refuse to serialise
+
+
+def test_the_brewclip_recipe_trains_on_the_gpu_to_the_scores_of_the_cpu(tmp_path):
+    from avcache.eval.train_bench import write_planted_store
+    from avcache.train.recipes import brewclip
+
+    store = write_planted_store(tmp_path / "planted", images=40, clip_dim=32, whisper_dim=48, signal=0.3)
+    quiet = dict(log=lambda *a: None)
+    on_cpu = brewclip.main(store, tmp_path / "cpu", overrides=["train.epochs=3", "train.device=cpu"], **quiet)
+    on_gpu = brewclip.main(store, tmp_path / "gpu", overrides=["train.epochs=3", "train.device=cuda"], **quiet)
+    assert abs(on_gpu["s2i_R@1"] - on_cpu["s2i_R@1"]) <= 0.1  # float32 either way; summation order differs
+
+
+def test_a_gpu_run_resumes_on_the_gpu(tmp_path):
+    from avcache.eval.train_bench import write_planted_store
+    from avcache.train.recipes import brewclip
+
+    store = write_planted_store(tmp_path / "planted", images=24, clip_dim=32, whisper_dim=48, signal=0.3)
+    brewclip.main(store, tmp_path / "run", overrides=["train.epochs=1", "train.device=cuda"], log=lambda *a: None)
+    results = brewclip.main(store, tmp_path / "run", overrides=["train.epochs=2", "train.device=cuda"],
+                            log=lambda *a: None)
+    assert results["epochs"] == 2

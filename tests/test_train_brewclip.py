@@ -31,6 +31,22 @@ def test_every_config_loads_into_a_valid_model_config(config):
     BrewClipConfig(clip_dim=64, whisper_dim=384, **cfg.model)
 
 
+def test_overrides_take_numbers_as_yaml_writes_them():
+    cfg = recipe.load_recipe_config(None, ["train.lr=1e-4", "train.epochs=3"])  # YAML 1.1: 1e-4 is a string
+    assert cfg.train.lr == 1e-4 and isinstance(cfg.train.lr, float) and cfg.train.epochs == 3
+    with pytest.raises(ConfigError, match="train.lr: expected float, got 'fast'"):
+        recipe.load_recipe_config(None, ["train.lr=fast"])
+
+
+def test_a_device_this_machine_lacks_is_a_clear_error(planted, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ConfigError, match="train.device is 'cuda' but torch sees no GPU here"):
+        recipe.main(planted, tmp_path / "run", overrides=["train.device=cuda"], **quiet)
+    with pytest.raises(ConfigError, match="train.device must be auto, cpu, cuda"):
+        recipe.main(planted, tmp_path / "run", overrides=["train.device=tpu"], **quiet)
+
+
 def test_the_full_model_learns_speech_to_image_retrieval_on_the_synthetic_set(spoken_caption_store, tmp_path):
     results = recipe.main(spoken_caption_store / "store", tmp_path / "run", **quiet)
     images = results["s2i_queries"] / 2  # two spoken captions per image

@@ -108,7 +108,7 @@ class Bgtai(nn.Module):
         """Inference without a reference: decode glosses greedily, select, embed -> ((B, D), decoded ids)."""
         decoded = self.l2g.greedy(source, source_mask, max_len)
         o, _, src_mask, _ = self.l2g.encode(source, source_mask)
-        tokens = pad_batch([seq or [PAD] for seq in decoded])                            # (B, G)
+        tokens = pad_batch([seq or [PAD] for seq in decoded]).to(source.device)          # (B, G)
         mask = tokens != PAD
         y_hat, _ = self.selected(o, src_mask, tokens, mask, hard=True)
         return self.embed(y_hat, mask), decoded
@@ -134,7 +134,7 @@ def bgtai_loss(model: Bgtai, out: dict, batch: dict, weights: LossWeights) -> tu
     parts = {}
     targets = batch["gloss_ids"]
     parts["seq2seq"] = F.cross_entropy(out["gloss_logits"].transpose(1, 2), targets[:, 1:], ignore_index=PAD)
-    groups = torch.arange(len(targets))
+    groups = torch.arange(len(targets), device=targets.device)
     parts["contrastive"] = symmetric_nce(out["embedding"], F.normalize(batch["image"], dim=-1), groups, model.scale)
     if out["rf_scores"] is not None:
         alignment, frame_mask = batch["alignment"], batch["frame_mask"] & (batch["alignment"] >= 0)

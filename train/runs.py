@@ -31,6 +31,25 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def pick_device(name: str = "auto") -> torch.device:
+    """`train.device`: auto (the GPU when there is one: a Ray task given a GPU share sees exactly that one),
+    cpu, cuda or cuda:<n>."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:<n>, got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device is {name!r} but torch sees no GPU here; use auto or cpu")
+    return device
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """The batch's tensors on `device` (other values as they are)."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 class RunDir:
     def __init__(self, path: str | Path, config) -> None:
         self.path = Path(path)
@@ -51,7 +70,8 @@ class RunDir:
             if differences:
                 raise ConfigError(f"{self.path} holds a run with another config ({'; '.join(differences[:5])}); "
                                   f"use a new RUN directory, or delete this one to start over")
-            state = torch.load(self.path / "last_state.pt", weights_only=False)
+            # on the CPU: the RNG state must be, and load_state_dict moves the rest to the model's device
+            state = torch.load(self.path / "last_state.pt", weights_only=False, map_location="cpu")
         else:  # nothing to resume: what an earlier, unfinished first epoch left behind would mislead
             for name in ("metrics.jsonl", "best.safetensors", "last.safetensors", "results.json"):
                 (self.path / name).unlink(missing_ok=True)

@@ -38,7 +38,7 @@ from avcache.pipeline.config import ConfigError, load_dataclass
 from avcache.train.alignment import alignment_accuracy, mean_index_error, monotonic_decode
 from avcache.train.bgtai import Bgtai, BgtaiConfig, LossWeights, bgtai_loss, strip_specials
 from avcache.train.data import GlossItems, LabelledStates, collate, collate_gloss, loader
-from avcache.train.runs import RunDir, seed_everything
+from avcache.train.runs import RunDir, pick_device, seed_everything, to_device
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "bgtai.yaml"
 STATES_PER_SECOND = 50  # Whisper encoder states
@@ -73,6 +73,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     select_on: str = "R@1"     # validation metric picking the best checkpoint: R@1 (retrieval) or alignment_accuracy
     beam_size: int = 1         # gloss decoding for the test BLEU: 1 = greedy, more = beam search
+    device: str = "auto"       # auto (the GPU when there is one) | cpu | cuda | cuda:<n>
 
 
 @dataclass
@@ -106,7 +107,7 @@ def directions(cfg: RecipeConfig) -> tuple[str, str]:
 
 def diagonal_guess(batch: dict, gloss_mask: torch.Tensor) -> torch.Tensor:
     """Without a Result Filter, the alignment is the uniform one: frame q of Q -> gloss q (G-1)/(Q-1)."""
-    q = torch.arange(batch["frames"].shape[1]).float()[None]
+    q = torch.arange(batch["frames"].shape[1], device=gloss_mask.device).float()[None]
     Q = batch["frame_mask"].sum(1, keepdim=True).float()
     G = gloss_mask.sum(1, keepdim=True).float()
     return torch.round(q * (G - 1).clamp(min=0) / (Q - 1).clamp(min=1)).long()
@@ -116,7 +117,9 @@ def diagonal_guess(batch: dict, gloss_mask: torch.Tensor) -> torch.Tensor:
 def evaluate(model: Bgtai, data: GlossItems, cfg: RecipeConfig, bleu: bool = False) -> dict:
     model.eval()
     predicted, targets, masks, lengths, embeddings, decoded = [], [], [], [], [], []
+    device = next(model.parameters()).device
     for batch in loader(data, cfg.train.batch_size, shuffle=False, collate_fn=collate_gloss):
+        batch = to_device(batch, device)
         out = model(batch, hard=True)
         valid = batch["frame_mask"] & (batch["alignment"] >= 0)
         guess = monotonic_decode(out["rf_scores"], out["gloss_mask"], valid) if out["rf_scores"] is not None \
@@ -131,7 +134,7 @@ def evaluate(model: Bgtai, data: GlossItems, cfg: RecipeConfig, bleu: bool = Fal
     pred, target = pad(predicted, batch_first=True, padding_value=-1), pad(targets, batch_first=True, padding_value=-1)
     mask = pad(masks, batch_first=True, padding_value=False)
     a, b = directions(cfg)
-    retrieval = cross_modal_retrieval(torch.cat(embeddings).numpy(), data.images.numpy(), np.arange(len(data)),
+    retrieval = cross_modal_retrieval(torch.cat(embeddings).cpu().numpy(), data.images.numpy(), np.arange(len(data)),
                                       prefix=(a, b))
     results = {"alignment_accuracy": alignment_accuracy(pred, target, mask),
                "alignment_accuracy_tol1": alignment_accuracy(pred, target, mask, tolerance=1),
@@ -143,7 +146,8 @@ def evaluate(model: Bgtai, data: GlossItems, cfg: RecipeConfig, bleu: bool = Fal
     if bleu:
         if cfg.train.beam_size > 1:
             decoded = [tokens for batch in loader(data, cfg.train.batch_size, shuffle=False, collate_fn=collate_gloss)
-                       for tokens in model.l2g.beam(batch["source"], batch["source_mask"], cfg.train.beam_size)]
+                       for tokens in model.l2g.beam(batch["source"].to(device), batch["source_mask"].to(device),
+                                                    cfg.train.beam_size)]
         hypotheses = [data.gloss_vocab.decode(tokens) for tokens in decoded]
         results.update({f"gloss_{k}": v for k, v in gloss_bleu(hypotheses, data.glosses).items()})
     return results
@@ -165,12 +169,14 @@ def classification(model: Bgtai, store, cfg: RecipeConfig, max_frames: int) -> d
     @torch.no_grad()
     def features(data):
         pooled, embedded = [], []
+        device = next(model.parameters()).device
         for batch in loader(data, cfg.train.batch_size, shuffle=False, collate_fn=collate):
+            batch = to_device(batch, device)
             o, _, mask, _ = model.l2g.encode(batch["states"], batch["mask"])
             m = mask[..., None].float()
             pooled.append((o * m).sum(1) / m.sum(1).clamp(min=1))
             embedded.append(model.infer(batch["states"], batch["mask"])[0])
-        return torch.cat(pooled).numpy(), torch.cat(embedded).numpy()
+        return torch.cat(pooled).cpu().numpy(), torch.cat(embedded).cpu().numpy()
 
     (train_x, _), (test_x, test_clip) = features(train), features(test)
     out = {"linear_probe_accuracy": linear_probe_accuracy(train_x, train.labels, test_x, test.labels,
@@ -188,6 +194,7 @@ def classification(model: Bgtai, store, cfg: RecipeConfig, max_frames: int) -> d
 def main(store: str | Path, run: str | Path, config=None, overrides=(), log=print) -> dict:
     # ---- setup ----------------------------------------------------------------------------------------------
     cfg = load_recipe_config(config, [*overrides, f"store={Path(store).resolve()}"])
+    device = pick_device(cfg.train.device)
     seed_everything(cfg.seed)
     d = cfg.data
     max_frames = int(d.audio_seconds * STATES_PER_SECOND) if d.audio_seconds else 1500
@@ -203,7 +210,7 @@ def main(store: str | Path, run: str | Path, config=None, overrides=(), log=prin
         + ", ".join(f"{k} {len(v)}" for k, v in splits.items()))
     run_dir = RunDir(run, cfg)  # only once the data loaded: a bad store leaves no half-made run behind
     state = run_dir.start()
-    model = build_model(cfg, train)
+    model = build_model(cfg, train).to(device)
     optimiser = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     untrained = evaluate(model, splits["test"], cfg)
     start_epoch, best = run_dir.resume(state, model, optimiser)
@@ -217,6 +224,7 @@ def main(store: str | Path, run: str | Path, config=None, overrides=(), log=prin
         batches = 0
         for batch in loader(train, cfg.train.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch,
                             collate_fn=collate_gloss):
+            batch = to_device(batch, device)
             loss, parts = bgtai_loss(model, model(batch), batch, cfg.loss)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
@@ -264,15 +272,17 @@ def alignment_heatmap(model: Bgtai, data: GlossItems, path: Path, items: int = 4
     from matplotlib.figure import Figure
 
     model.eval()
-    batch = collate_gloss([data[i] for i in range(min(items, len(data)))])
+    batch = to_device(collate_gloss([data[i] for i in range(min(items, len(data)))]), next(model.parameters()).device)
     out = model(batch, hard=True)
     valid = batch["frame_mask"] & (batch["alignment"] >= 0)
     predicted = monotonic_decode(out["rf_scores"], out["gloss_mask"], valid) if out["rf_scores"] is not None \
         else diagonal_guess(batch, out["gloss_mask"])
+    batch, predicted = to_device(batch, torch.device("cpu")), predicted.cpu()  # plotted from here on
+    gloss_mask = out["gloss_mask"].cpu()
     fig = Figure(figsize=(3.2 * len(predicted), 3.4))
     FigureCanvasAgg(fig)
     for n, ax in enumerate(fig.subplots(1, len(predicted), squeeze=False)[0]):
-        Q, G = int(batch["frame_mask"][n].sum()), int(out["gloss_mask"][n].sum())
+        Q, G = int(batch["frame_mask"][n].sum()), int(gloss_mask[n].sum())
         grid = np.zeros((Q, max(G, 1)))
         for q in range(Q):
             if batch["alignment"][n, q] >= 0:

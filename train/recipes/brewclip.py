@@ -20,7 +20,7 @@ from avcache.eval.retrieval import NoItemsError, cross_modal_retrieval
 from avcache.pipeline.config import ConfigError, load_dataclass
 from avcache.train.brewclip import BrewClip, BrewClipConfig, PromptedTextTower, brewclip_loss
 from avcache.train.data import CachedPairs, loader
-from avcache.train.runs import RunDir, seed_everything
+from avcache.train.runs import RunDir, pick_device, seed_everything, to_device
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "brewclip.yaml"
@@ -43,6 +43,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     select_on: str = "s2i_R@1"      # validation metric that picks the best checkpoint
+    device: str = "auto"            # auto (the GPU when there is one) | cpu | cuda | cuda:<n>
 
 
 @dataclass
@@ -75,20 +76,22 @@ def build_model(cfg: RecipeConfig, clip_dim: int, whisper_dim: int, store_root) 
 
 
 def forward(model: BrewClip, batch: dict) -> dict:
-    return model(batch["states"], batch["mask"], pipeline_emb=batch["pipeline"], token_ids=batch["token_ids"])
+    b = to_device(batch, model.logit_scale.device)
+    return model(b["states"], b["mask"], pipeline_emb=b["pipeline"], token_ids=b["token_ids"])
 
 
 @torch.no_grad()
 def evaluate(model: BrewClip, pairs: CachedPairs, batch_size: int) -> dict:
     """Speech->image and image->speech retrieval of the fused embedding against the split's images."""
     model.eval()
-    fused = torch.cat([forward(model, batch)["fused"] for batch in loader(pairs, batch_size, shuffle=False)])
+    fused = torch.cat([forward(model, batch)["fused"].cpu() for batch in loader(pairs, batch_size, shuffle=False)])
     return cross_modal_retrieval(fused.numpy(), pairs.images.numpy(), pairs.groups.numpy())
 
 
 def main(store: str | Path, run: str | Path, config: str | Path | None = None, overrides=(), log=print) -> dict:
     # ---- setup ----------------------------------------------------------------------------------------------
     cfg = load_recipe_config(config, [*overrides, f"store={Path(store).resolve()}"])
+    device = pick_device(cfg.train.device)
     seed_everything(cfg.seed)
     splits = {}
     for split in ("train", "val", "test"):
@@ -104,7 +107,7 @@ def main(store: str | Path, run: str | Path, config: str | Path | None = None, o
             + (f" ({pairs.info.dropped} without features, skipped)" if pairs.info.dropped else ""))
     run_dir = RunDir(run, cfg)  # only once the data loaded: a bad store leaves no half-made run behind
     state = run_dir.start()
-    model = build_model(cfg, train_pairs.clip_dim, train_pairs.whisper_dim, store)
+    model = build_model(cfg, train_pairs.clip_dim, train_pairs.whisper_dim, store).to(device)
     optimiser = torch.optim.AdamW(model.trainable_parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     select = f"val_{cfg.train.select_on}" if "val" in splits else None  # no val split: the last epoch is kept
     untrained = evaluate(model, splits["test"], cfg.train.batch_size)

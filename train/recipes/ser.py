@@ -21,7 +21,7 @@ from avcache.eval.retrieval import NoItemsError
 from avcache.pipeline.config import ConfigError, load_dataclass
 from avcache.train.brewclip import AcousticChannel, BrewClipConfig, SerHead, freeze_for_ser
 from avcache.train.data import LabelledStates, loader
-from avcache.train.runs import RunDir, seed_everything
+from avcache.train.runs import RunDir, pick_device, seed_everything, to_device
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "ser.yaml"
 FINETUNE = ("prompts_and_layer", "all")
@@ -44,6 +44,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     finetune: str = "prompts_and_layer"   # prompts_and_layer (the paper's fine-tuning) | all
+    device: str = "auto"                  # auto (the GPU when there is one) | cpu | cuda | cuda:<n>
 
 
 @dataclass
@@ -83,7 +84,9 @@ def build_acoustic(cfg: RecipeConfig, whisper_dim: int) -> AcousticChannel:
 @torch.no_grad()
 def evaluate(head: SerHead, data: LabelledStates, batch_size: int) -> dict:
     head.eval()
-    predicted = torch.cat([head(b["states"], b["mask"]).argmax(1) for b in loader(data, batch_size, shuffle=False)])
+    device = next(head.parameters()).device
+    predicted = torch.cat([head(b["states"].to(device), b["mask"].to(device)).argmax(1).cpu()
+                           for b in loader(data, batch_size, shuffle=False)])
     truth = data.labels
     f1 = []
     for c in range(len(data.classes)):
@@ -100,6 +103,7 @@ def main(store: str | Path, run: str | Path, config: str | Path | None = None, o
                          [*overrides, f"store={Path(store).resolve()}"])
     if cfg.train.finetune not in FINETUNE:
         raise ConfigError(f"train.finetune must be one of {FINETUNE}, got {cfg.train.finetune!r}")
+    device = pick_device(cfg.train.device)
     seed_everything(cfg.seed)
     d = cfg.data
     train_data = LabelledStates(store, "train", None, d.manifest, d.dataset, d.label_column, d.max_frames, d.preload)
@@ -114,7 +118,7 @@ def main(store: str | Path, run: str | Path, config: str | Path | None = None, o
     log(f"[ser] classes {train_data.classes}; " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()))
     run_dir = RunDir(run, cfg)  # only once the data loaded: a bad store leaves no half-made run behind
     state = run_dir.start()
-    head = SerHead(build_acoustic(cfg, train_data.whisper_dim), len(train_data.classes))
+    head = SerHead(build_acoustic(cfg, train_data.whisper_dim), len(train_data.classes)).to(device)
     trainable = freeze_for_ser(head) if cfg.train.finetune == "prompts_and_layer" else list(head.parameters())
     optimiser = torch.optim.AdamW(trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     untrained = evaluate(head, splits["test"], cfg.train.batch_size)
@@ -127,6 +131,7 @@ def main(store: str | Path, run: str | Path, config: str | Path | None = None, o
         head.train()
         losses = []
         for batch in loader(train_data, cfg.train.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch):
+            batch = to_device(batch, device)
             loss = torch.nn.functional.cross_entropy(head(batch["states"], batch["mask"]), batch["label"])
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
