@@ -22,11 +22,8 @@ report, never an exception.
 """
 from __future__ import annotations
 
-import base64
 import datetime as _dt
-import html
 import json
-import math
 import os
 import re
 import shutil
@@ -36,12 +33,13 @@ from pathlib import Path
 
 import yaml
 
+from avcache.eval.page import (FILES_DIR, Figure, Page, is_number, name_figures, number_text, render_html,
+                               render_markdown)
+
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
-FILES_DIR = "report_files"
 MAX_DEPTH = 8                      # directory levels walked below each source
 SKIP_DIRS = {"tensorboard", FILES_DIR, "__pycache__", "node_modules", ".git", ".venv"}
-MIME = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif", ".webp": "image/webp"}
 MAX_OTHER_RUNS = 12                # older runs of one recipe listed in the compact table
 
 # Which target produces what a section needs: said in the line that stands in for an empty section.
@@ -70,84 +68,6 @@ RECIPES = {  # name -> (title, make target, key metrics in the order shown)
 
 HEADLINE = {"brewclip": ["s2i_R@1", "i2s_R@1"], "ser": ["ser_accuracy"], "bgtai": ["alignment_accuracy", "a2i_R@1"],
             "avsd": ["BLEU_4", "METEOR", "CIDEr"]}  # the one-line summary of a run
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# the page as blocks
-
-
-@dataclass
-class Figure:
-    source: Path
-    caption: str
-    stem: str = ""                 # wanted file name (without .png) under report_files/; default: from the source path
-    name: str = ""                 # file name under report_files/, given when the markdown is written
-
-
-@dataclass
-class Page:
-    blocks: list = field(default_factory=list)
-    warnings: list = field(default_factory=list)
-    figures: list = field(default_factory=list)
-    deferred: list = field(default_factory=list)   # figures found inside a list item, placed after the list
-
-    def heading(self, level: int, text: str) -> None:
-        self.blocks.append(("heading", level, text))
-
-    def para(self, text: str) -> None:
-        self.blocks.append(("para", text))
-
-    def bullets(self, items: list) -> None:
-        """items: strings, or (depth, string) pairs for nested lists."""
-        if items:
-            self.blocks.append(("bullets", [i if isinstance(i, tuple) else (0, i) for i in items]))
-
-    def table(self, header: list, rows: list, numeric: list | None = None) -> None:
-        if numeric is None:  # right-align columns whose cells are all numbers or blank
-            numeric = [all(_is_number(r[c]) or r[c] in ("", "-", None) for r in rows) and c > 0 and bool(rows)
-                       for c in range(len(header))]
-        self.blocks.append(("table", [str(h) for h in header], [[_cell(v) for v in r] for r in rows], numeric))
-
-    def code(self, text: str) -> None:
-        self.blocks.append(("code", text))
-
-    def figure(self, source: Path, caption: str, stem: str = "") -> None:
-        fig = Figure(Path(source), caption, stem)
-        self.figures.append(fig)
-        self.blocks.append(("figure", fig))
-
-    def warn(self, text: str) -> None:
-        """A warning shown where it happened and listed again at the top of the page."""
-        self.warnings.append(text)
-        self.blocks.append(("warning", text))
-
-
-def _is_number(v) -> bool:
-    if isinstance(v, bool):
-        return False
-    if isinstance(v, (int, float)):
-        return True
-    return isinstance(v, str) and re.fullmatch(r"[-+]?\d[\d,]*(\.\d+)?(e[-+]?\d+)?( ± [\d.]+)?", v.strip()) is not None
-
-
-def _cell(v) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return _num(v)
-    return str(v)
-
-
-def _num(v) -> str:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        return str(v)
-    if isinstance(v, int):
-        return str(v)
-    if math.isnan(v) or math.isinf(v):
-        return str(v)
-    if v != 0 and (abs(v) >= 1e5 or abs(v) < 1e-3):
-        return f"{v:.3g}"
-    return f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -326,7 +246,7 @@ def build_report(out, sources=None, title: str = "avcache report") -> Path:
         if files.is_dir():
             shutil.rmtree(files)
         files.mkdir(parents=True)
-        _name_figures(page, files)
+        name_figures(page, files)
     (out / REPORT_MD).write_text(render_markdown(page, title), encoding="utf-8")
     (out / REPORT_HTML).write_text(render_html(page, title), encoding="utf-8")
     return out / REPORT_MD
@@ -664,14 +584,14 @@ def _demo_training_table(page: Page, ctx: _Context, training: dict) -> None:
             continue
         metrics = entry.get("metrics") if isinstance(entry.get("metrics"), dict) else {}
         keys = HEADLINE.get(recipe) or [k for k in metrics if not k.startswith("untrained_")][:3]
-        shown = ", ".join(f"{k} {_num(metrics[k])}" + (f" (untrained {_num(metrics['untrained_' + k])})"
+        shown = ", ".join(f"{k} {number_text(metrics[k])}" + (f" (untrained {number_text(metrics['untrained_' + k])})"
                                                        if f"untrained_{k}" in metrics else "")
                           for k in keys if k in metrics) or "-"
         status = entry.get("status", "-")
         if status != "ok" and entry.get("error"):
             status = f"**{status}**: {_short(entry['error'], 200)}"
         seconds = entry.get("seconds")
-        rows.append([recipe, status, f"{seconds:.1f}" if _is_number(seconds) and not isinstance(seconds, str) else "-",
+        rows.append([recipe, status, f"{seconds:.1f}" if is_number(seconds) and not isinstance(seconds, str) else "-",
                      " ".join(f"`{o}`" for o in entry.get("overrides") or []) or "(defaults)",
                      f"`{ctx.rel(entry['run'])}`" if entry.get("run") else "-", _short(shown, 200)])
         if entry.get("status") not in (None, "ok"):
@@ -699,13 +619,13 @@ def _metrics_table(page: Page, results: dict, keys: list) -> None:
 def _key_metrics(recipe: str, results: dict) -> list:
     keys = [k for k in RECIPES.get(recipe, ("", "", []))[2] if k in results]
     if len(keys) < 3:  # unknown recipe or renamed metrics: the numbers the run wrote, in its order
-        keys += [k for k, v in results.items() if _is_number(v) and not k.startswith("untrained_") and k not in keys]
+        keys += [k for k, v in results.items() if is_number(v) and not k.startswith("untrained_") and k not in keys]
     return keys[:16]
 
 
 def _latest_run(page: Page, ctx: _Context, recipe: str, run: Path, config: dict, results: dict) -> None:
     when = _dt.datetime.fromtimestamp(_mtime(run / "results.json")).strftime("%Y-%m-%d %H:%M")
-    extra = [f"{k} {_num(results[k])}" for k in ("epochs", "train_seconds", "test_items", "test_questions")
+    extra = [f"{k} {number_text(results[k])}" for k in ("epochs", "train_seconds", "test_items", "test_questions")
              if k in results]
     page.para(f"Latest run `{ctx.rel(run)}` ({when}" + (", " + ", ".join(extra) if extra else "") + "):")
     _metrics_table(page, results, _key_metrics(recipe, results))
@@ -831,7 +751,7 @@ def _cell_name(cell: dict) -> str:
 def _describe_best(best) -> str:
     if isinstance(best, dict):
         name = _cell_name(best)
-        values = [f"{k} {_num(v)}" for k, v in best.items() if _is_number(v) and not isinstance(v, str)][:4]
+        values = [f"{k} {number_text(v)}" for k, v in best.items() if is_number(v) and not isinstance(v, str)][:4]
         return name + (f" ({', '.join(values)})" if values else "")
     return f"`{_short(str(best), 80)}`"
 
@@ -856,7 +776,7 @@ def _cells_table(page: Page, cells: list) -> None:
         row = [c.get(k, "") for k in plain]
         for m in metrics:
             mean, std = stats.get(m, (None, None))
-            row.append("-" if mean is None else _num(mean) if std is None else f"{_num(mean)} ± {_num(std)}")
+            row.append("-" if mean is None else number_text(mean) if std is None else f"{number_text(mean)} ± {number_text(std)}")
         rows.append(row)
     if rows:
         page.table(plain + metrics, rows)
@@ -880,8 +800,8 @@ def _section_performance(page: Page, ctx: _Context) -> None:
     timings = ctx.demo.get("timings_s") if isinstance(ctx.demo.get("timings_s"), dict) else {}
     if timings:
         page.heading(3, "Demo wall time per stage")
-        top = {k: v for k, v in timings.items() if "/" not in k and _is_number(v)}
-        rows = [[k, f"{v:.1f}"] for k, v in timings.items() if _is_number(v)]
+        top = {k: v for k, v in timings.items() if "/" not in k and is_number(v)}
+        rows = [[k, f"{v:.1f}"] for k, v in timings.items() if is_number(v)]
         rows.append(["total", f"{sum(top.values()):.1f}"])
         page.table(["stage", "seconds"], rows)
         figure = _bar_figure(ctx.draw / "demo_timings.png", top, "seconds", "demo wall time per stage")
@@ -950,7 +870,7 @@ def _section_performance(page: Page, ctx: _Context) -> None:
 
 
 def _bar_figure(path: Path, values: dict, ylabel: str, title: str) -> Path | None:
-    values = {k: float(v) for k, v in values.items() if _is_number(v) and not isinstance(v, str)}
+    values = {k: float(v) for k, v in values.items() if is_number(v) and not isinstance(v, str)}
     if not values:
         return None
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -975,7 +895,7 @@ def _bar_figure(path: Path, values: dict, ylabel: str, title: str) -> Path | Non
 def _grouped_bars(path: Path, series: dict, labels: list, ylabel: str, title: str) -> Path | None:
     import numpy as np
 
-    series = {k: [float(x) if _is_number(x) and not isinstance(x, str) else 0.0 for x in v] for k, v in series.items()}
+    series = {k: [float(x) if is_number(x) and not isinstance(x, str) else 0.0 for x in v] for k, v in series.items()}
     if not series:
         return None
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -1116,173 +1036,3 @@ def _table_from_rows(page: Page, block: list[list[str]]) -> None:
     rows = [r + [""] * (len(header) - len(r)) if len(r) < len(header) else r[: len(header)] for r in rows]
     page.table(header, rows, numeric[: len(header)] if numeric else None)
 
-
-# ---------------------------------------------------------------------------------------------------------------
-# rendering
-
-
-def _name_figures(page: Page, files: Path) -> None:
-    """Copy every figure under report_files/ with a name unique within the page; from then on each figure is
-    its copy (the HTML embeds exactly the files the markdown names)."""
-    used: dict[str, Path] = {}
-    for fig in page.figures:
-        src = fig.source
-        for name, path in used.items():
-            if path == src.resolve():
-                fig.name = name
-                break
-        else:
-            suffix = src.suffix.lower() if src.suffix.lower() in MIME else ".png"
-            stem = fig.stem or "-".join(src.parts[-3:])[: -len(src.suffix) or None]
-            stem = re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-.") or "figure"
-            name, n = f"{stem}{suffix}", 1
-            while name in used:
-                n += 1
-                name = f"{stem}-{n}{suffix}"
-            shutil.copyfile(src, files / name)
-            used[name] = src.resolve()
-            fig.name = name
-    for fig in page.figures:
-        fig.source = files / fig.name
-
-
-def _md_escape_cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
-def render_markdown(page: Page, title: str) -> str:
-    out = [f"# {title}", ""]
-    for block in page.blocks:
-        kind = block[0]
-        if kind == "heading":
-            out += [f"{'#' * block[1]} {block[2]}", ""]
-        elif kind == "para":
-            out += [block[1], ""]
-        elif kind == "bullets":
-            out += [f"{'  ' * depth}- {text}" for depth, text in block[1]] + [""]
-        elif kind == "table":
-            _, header, rows, numeric = block
-            out.append("| " + " | ".join(_md_escape_cell(h) for h in header) + " |")
-            out.append("|" + "|".join("---:" if n else "---" for n in numeric) + "|")
-            out += ["| " + " | ".join(_md_escape_cell(c) for c in row) + " |" for row in rows]
-            out.append("")
-        elif kind == "code":
-            out += ["```", block[1], "```", ""]
-        elif kind == "figure":
-            fig = block[1]
-            out += [f"![{fig.caption}]({FILES_DIR}/{fig.name})", ""]
-        elif kind == "warning":
-            out += [f"> **Warning:** {block[1]}", ""]
-        elif kind == "warnings_here" and page.warnings:
-            out += [f"**{len(page.warnings)} warning{'s' if len(page.warnings) != 1 else ''}:**", ""]
-            out += [f"- {w}" for w in page.warnings] + [""]
-    return "\n".join(out).rstrip() + "\n"
-
-
-_CSS = """
-body{font-family:-apple-system,'Segoe UI',Helvetica,Arial,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;
-color:#1f2328;line-height:1.45}
-h1{border-bottom:2px solid #d0d7de;padding-bottom:.3em}
-h2{border-bottom:1px solid #d0d7de;padding-bottom:.2em;margin-top:2em}
-table{border-collapse:collapse;margin:.6em 0 1.2em;font-size:.88em;display:block;overflow-x:auto}
-th,td{border:1px solid #d0d7de;padding:.25em .6em;vertical-align:top}th{background:#f6f8fa}td.n,th.n{text-align:right}
-tr:nth-child(even) td{background:#fbfcfd}
-code{background:#eff1f3;border-radius:4px;padding:.05em .3em;font-size:.9em}
-pre{background:#f6f8fa;border:1px solid #d0d7de;border-radius:6px;padding:.7em;overflow-x:auto;font-size:.85em}
-pre code{background:none;padding:0}
-figure{margin:1em 0 1.5em}figure img{max-width:100%;border:1px solid #eaeef2}figcaption{color:#59636e;font-size:.85em}
-.warning{background:#fff8c5;border:1px solid #d4a72c;border-radius:6px;padding:.4em .8em;margin:.6em 0}
-.warnings{background:#fff8c5;border:1px solid #d4a72c;border-radius:6px;padding:.4em .8em 0.4em 2em}
-nav{background:#f6f8fa;border:1px solid #d0d7de;border-radius:6px;padding:.5em 1em;font-size:.9em}
-nav a{color:#0969da;text-decoration:none}
-"""
-
-
-def _inline(text: str) -> str:
-    """Escape, then the inline markdown the page uses: `code` and **bold**."""
-    parts = re.split(r"(`[^`]*`)", str(text))
-    out = []
-    for part in parts:
-        if len(part) >= 2 and part.startswith("`") and part.endswith("`"):
-            out.append(f"<code>{html.escape(part[1:-1])}</code>")
-        else:
-            out.append(re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", html.escape(part)))
-    return "".join(out)
-
-
-def _anchor(text: str, used: set) -> str:
-    base = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "section"
-    name, n = base, 1
-    while name in used:
-        n += 1
-        name = f"{base}-{n}"
-    used.add(name)
-    return name
-
-
-def render_html(page: Page, title: str) -> str:
-    body, nav, anchors = [], [], set()
-    images: dict[str, str] = {}
-    for block in page.blocks:
-        kind = block[0]
-        if kind == "heading":
-            anchor = _anchor(block[2], anchors)
-            level = min(block[1], 6)
-            body.append(f'<h{level} id="{anchor}">{_inline(block[2])}</h{level}>')
-            if level == 2:
-                nav.append(f'<a href="#{anchor}">{_inline(block[2])}</a>')
-        elif kind == "para":
-            body.append(f"<p>{_inline(block[1])}</p>")
-        elif kind == "bullets":
-            body.append(_html_list(block[1]))
-        elif kind == "table":
-            _, header, rows, numeric = block
-            cls = lambda c: ' class="n"' if c < len(numeric) and numeric[c] else ""  # noqa: E731
-            head = "".join(f"<th{cls(c)}>{_inline(h)}</th>" for c, h in enumerate(header))
-            trs = "".join("<tr>" + "".join(f"<td{cls(c)}>{_inline(v)}</td>" for c, v in enumerate(row)) + "</tr>"
-                          for row in rows)
-            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{trs}</tbody></table>")
-        elif kind == "code":
-            body.append(f"<pre><code>{html.escape(block[1])}</code></pre>")
-        elif kind == "figure":
-            fig = block[1]
-            if fig.name not in images:
-                images[fig.name] = base64.b64encode(Path(fig.source).read_bytes()).decode("ascii")
-            mime = MIME.get(Path(fig.name).suffix.lower(), "image/png")
-            body.append(f'<figure><img alt="{html.escape(fig.caption)}" src="data:{mime};base64,{images[fig.name]}">'
-                        f"<figcaption>{_inline(fig.caption)}</figcaption></figure>")
-        elif kind == "warning":
-            body.append(f'<div class="warning"><strong>Warning:</strong> {_inline(block[1])}</div>')
-        elif kind == "warnings_here":
-            body.append("\0WARNINGS\0")
-    warnings = ""
-    if page.warnings:
-        warnings = (f'<div class="warnings"><strong>{len(page.warnings)} warning'
-                    f'{"s" if len(page.warnings) != 1 else ""}:</strong><ul>'
-                    + "".join(f"<li>{_inline(w)}</li>" for w in page.warnings) + "</ul></div>")
-    navigation = f'<nav>{" · ".join(nav)}</nav>' if nav else ""
-    content = "\n".join(body).replace("\0WARNINGS\0", warnings + navigation, 1)
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; img-src data:; "
-            "style-src 'unsafe-inline'\">"
-            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
-            f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>\n<body>\n"
-            f"<h1>{html.escape(title)}</h1>\n{content}\n</body></html>\n")
-
-
-def _html_list(items: list[tuple[int, str]]) -> str:
-    """Nested lists go inside their parent item: <li>text<ul>...</ul></li>."""
-    out, depth = ["<ul>"], 0
-    for n, (d, text) in enumerate(items):
-        d = min(d, depth + 1) if n else 0
-        if n and d > depth:
-            out.append("<ul>")
-            depth = d
-        else:
-            out.append("</li>")
-            while depth > d:
-                out.append("</ul></li>")
-                depth -= 1
-        out.append(f"<li>{_inline(text)}")
-    out.append("</li>" + "</ul></li>" * depth + "</ul>")
-    return "".join(out)

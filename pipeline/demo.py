@@ -1,10 +1,12 @@
 """`make demo`: synthetic data -> manifest -> every feature set -> read back -> FAISS indexes -> zero-shot
-retrieval evaluation -> each method trained briefly on the store -> report, timed, with summary.md.
+retrieval evaluation -> each method trained briefly on the store -> the BrewCLIP ablation grid (two seeds) ->
+report, timed, with summary.md.
 
-Exit status: 0 when everything ran; 1 when a method failed to train (the others still run, and the summary and the
-report say which and why); 3 when extraction finished but some items failed."""
+Exit status: 0 when everything ran; 1 when a method or an ablation run failed to train (the others still run, and
+the summary and the report say which and why); 3 when extraction finished but some items failed."""
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import shutil
@@ -24,6 +26,7 @@ from avcache.pipeline.runners import make_runner
 from avcache.pipeline.synth import write_synthetic
 
 EXIT_TRAINING_FAILED = 1
+DEMO_GRID, DEMO_SEEDS = "brewclip", [0, 1]  # about 50 s a seed on the demo store
 
 # Each method with its default config (train/configs/<recipe>.yaml) on the demo store, plus the overrides that would
 # keep one under about a minute on 2 CPU cores (an epochs override, said in the summary and the report). Measured on
@@ -56,14 +59,17 @@ def run_demo(out: Path, items: int = 24, seed: int = 0, runner: str = "ray") -> 
     readback = timed("read back", read_back, store)
     indexes = timed("index", _index_all, store)
     retrieval = timed("eval retrieval", run_eval_retrieval, store, out / "retrieval")
-    training = timed("train", _train_all, store, out / "runs", timings)
+    with _one_torch_thread():
+        training = timed("train", _train_each, store, out / "runs", timings)
+        ablation = timed("ablate", _ablate, store, out / "ablations" / DEMO_GRID)
 
-    summary = _summary_markdown(out, built, report, readback, timings, indexes, retrieval, training)
+    summary = _summary_markdown(out, built, report, readback, timings, indexes, retrieval, training, ablation)
     (out / "summary.md").write_text(summary)
     (out / "summary.json").write_text(json.dumps({"timings_s": timings, "items": len(built.rows),
                                                   "failed": report.failed, "runner": report.runner,
                                                   "readback": readback, "indexes": indexes, "retrieval": retrieval,
-                                                  "training": training}, indent=2, default=str))
+                                                  "training": training, "ablation": ablation},
+                                                 indent=2, default=str))
     print(summary)
     from avcache.eval.report import build_report
 
@@ -72,29 +78,45 @@ def run_demo(out: Path, items: int = 24, seed: int = 0, runner: str = "ray") -> 
     print(f"[demo] report: {time.monotonic() - start:.1f}s -> {report_md} and {report_md.with_suffix('.html')}",
           flush=True)
     failed_recipes = [name for name, entry in training.items() if entry["status"] != "ok"]
+    if ablation["failed"]:
+        failed_recipes.append(f"{ablation['failed']} run(s) of the {DEMO_GRID} ablation")
     if failed_recipes:
         print(f"[demo] training failed: {', '.join(failed_recipes)} (see {out / 'summary.md'})", file=sys.stderr)
         return EXIT_TRAINING_FAILED
     return 0 if report.failed == 0 else 3
 
 
-def _train_all(store: Path, runs: Path, timings: dict) -> dict:
-    """Train each method on the store into RUNS/<recipe>; a failing recipe is recorded and the others still run.
-
-    One intra-op thread: the demo's models are tiny, so a second thread gains little (AVSD 18 s with two, 21 s with
-    one), and when another process holds a core its synchronisation costs a lot (BrewCLIP 51 s with two, 19 s with
-    one, on 2 busy cores)."""
+@contextlib.contextmanager
+def _one_torch_thread():
+    """The demo's models are tiny, so a second intra-op thread gains little (AVSD 18 s with two, 21 s with one), and
+    when another process holds a core its synchronisation costs a lot (BrewCLIP 51 s with two, 19 s with one, on 2
+    busy cores)."""
     import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _train_each(store, runs, timings)
+        yield
     finally:
         torch.set_num_threads(threads)
 
 
+def _ablate(store: Path, out: Path) -> dict:
+    """The BrewCLIP grid (train/grids/brewclip.yaml) at two seeds, in this process; its table goes in the report."""
+    from avcache.train.ablate import run_grid
+
+    def log(line: str) -> None:  # the grid's own lines; each run's epochs are in its cell.log
+        if line.startswith("[ablate]"):
+            print(line, flush=True)
+
+    if out.is_dir():  # the demo's own grid from an earlier demo, over a store since extracted again: start over
+        shutil.rmtree(out)
+    summary = run_grid(DEMO_GRID, store, out, seeds=DEMO_SEEDS, use_ray=False, log=log)
+    return {"out": str(out), "counts": summary["counts"], "failed": summary["failed"], "best": summary["best"]}
+
+
 def _train_each(store: Path, runs: Path, timings: dict) -> dict:
+    """Train each method on the store into RUNS/<recipe>; a failing recipe is recorded and the others still run."""
     training = {}
     for name, (title, overrides) in DEMO_TRAINING.items():
         run = runs / name
@@ -123,7 +145,7 @@ def _index_all(store_root: Path) -> list[dict]:
 
 
 def _summary_markdown(out: Path, built, report, readback: dict, timings: dict, indexes: list[dict],
-                      retrieval: dict, training: dict) -> str:
+                      retrieval: dict, training: dict, ablation: dict) -> str:
     by_dataset: dict[str, int] = {}
     for row in built.rows:
         by_dataset[row["dataset"]] = by_dataset.get(row["dataset"], 0) + 1
@@ -145,6 +167,9 @@ def _summary_markdown(out: Path, built, report, readback: dict, timings: dict, i
         "Each with its default config (`train/configs/<recipe>.yaml`) and the overrides listed.", "",
         "| recipe | status | seconds | overrides | key results |", "|---|---|---:|---|---|",
         *[_training_row(name, entry) for name, entry in training.items()], "",
+        f"## Ablation: the `{DEMO_GRID}` grid, seeds {DEMO_SEEDS} (`{ablation['out']}`)", "",
+        f"Runs: {ablation['counts']}; best cell: {ablation['best']}. The table is `ablation.md` there and in the "
+        "report.", "",
         f"The report: `{out / 'report.md'}` (figures in `{out / 'report_files'}`) and `{out / 'report.html'}`.", "",
         "## Wall time per stage", "", "| stage | seconds |", "|---|---:|",
     ]

@@ -1,12 +1,10 @@
 """The extract job with the in-process runner and tiny models: store contents, failures, refusal to mix
 encoders, no encoder work on a finished store, and kill-and-resume with a real SIGKILL."""
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa

@@ -358,7 +358,7 @@ def test_demo_records_a_failing_method_and_trains_the_others(tmp_path, monkeypat
     store = write_planted_store(tmp_path, images=4, clip_dim=8, whisper_dim=8, seconds=(0.1, 0.2))
     monkeypatch.setattr(demo, "DEMO_TRAINING", {"bgtai": ("BGTAI", []), "avsd": ("AVSD", ["train.epochs=1"])})
     timings = {}
-    training = demo._train_all(store, tmp_path / "runs", timings)
+    training = demo._train_each(store, tmp_path / "runs", timings)
     assert [e["status"] for e in training.values()] == ["failed", "failed"]  # no video feature sets in this store
     assert all(e["error"] and "Traceback" in e["traceback"] for e in training.values())
     assert set(timings) == {"train/bgtai", "train/avsd"}
@@ -366,5 +366,6 @@ def test_demo_records_a_failing_method_and_trains_the_others(tmp_path, monkeypat
     summary = demo._summary_markdown(tmp_path, type("B", (), {"rows": []})(),
                                      type("R", (), {"failed": 0, "manifest_failures": 0, "runner": "local"})(),
                                      {"store": str(store), "feature_sets": [], "failures": [], "failures_by_set": {}},
-                                     timings, [], {}, training)
+                                     timings, [], {}, training,
+                                     {"out": "ablations/brewclip", "counts": {}, "failed": 0, "best": None})
     assert "| bgtai | **failed**: " in summary and "| avsd | **failed**: " in summary

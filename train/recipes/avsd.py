@@ -146,6 +146,7 @@ def setup(store: str | Path, cfg: RecipeConfig, log=print) -> Setup:
 
     if cfg.data.cues not in CUE_USES:
         raise ConfigError(f"data.cues must be one of {CUE_USES}, got {cfg.data.cues!r}")
+    device = pick_device(cfg.train.device)
     seed_everything(cfg.seed)
     cues = compute_cues(store, cfg.cues, cfg.data.manifest, log=log)
     frames = FeatureStore(store)["clip_frames"]
@@ -154,13 +155,13 @@ def setup(store: str | Path, cfg: RecipeConfig, log=print) -> Setup:
     if not splits["train"] or not splits["test"]:
         raise ValueError(f"store {store}: no AVSD dialogues with cues in the train and test splits")
     cue_rows = {i: cues.row(i) for i in cues.item_ids}
-    log(f"[avsd] examples: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()) + f"; cues: {cfg.data.cues}")
+    log("[avsd] examples: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()) + f"; cues: {cfg.data.cues}")
     corpus = [t for e in splits["train"] for t in (*e.history, e.question, e.answer or "")]
     corpus += [cue_text_for(r, "both") for r in cue_rows.values()]
     name = str(ensure_tiny_bart(corpus)) if cfg.model.bart == "tiny" else cfg.model.bart
     bart, tokenizer, spec = create_bart(name)
     model = AnswerGenerator(bart, tokenizer, clip_dim=frames.spec.vectors["embedding"], use_prefix=cfg.model.use_prefix)
-    model.to(pick_device(cfg.train.device))
+    model.to(device)
     return Setup(cfg, cues, frames, rows, splits, cue_rows, model, tokenizer, spec)
 
 
