@@ -115,6 +115,26 @@ def test_the_skip_rule(tmp_path):
     assert previous(run, {"seed": 0, "train": {"epochs": 3, "lr": 0.01}}) == "stale"
 
 
+def test_a_store_extracted_again_reruns_finished_cells(store, tmp_path, torch_one_thread):
+    import shutil
+
+    import numpy as np
+
+    from avcache.features.store import FeatureSetSpec, FeatureSetWriter
+
+    copy = shutil.copytree(store, tmp_path / "store")
+    path = write_grid(tmp_path / "one.yaml", seeds=[0], set=TINY)
+    assert run_grid(path, copy, tmp_path / "out", **quiet)["counts"] == {"done": 1, "cached": 0, "failed": 0}
+    assert run_grid(path, copy, tmp_path / "out", **quiet)["counts"] == {"done": 0, "cached": 1, "failed": 0}
+    before = ablate.store_version(copy)
+    meta = json.loads((copy / "clip_image" / "meta.json").read_text())
+    with FeatureSetWriter(copy, FeatureSetSpec.from_dict(meta)) as writer:  # one more image extracted
+        writer.add("extra:1", vectors={"embedding": np.ones(16, np.float32)})
+    assert ablate.store_version(copy) != before
+    assert run_grid(path, copy, tmp_path / "out", **quiet)["counts"] == {"done": 1, "cached": 0, "failed": 0}
+    assert len(list((tmp_path / "out" / "cells" / "base").glob("seed0.stale-*"))) == 1
+
+
 def test_a_grid_runs_skips_what_is_finished_and_records_a_failing_cell(store, tmp_path, capsys, torch_one_thread):
     path = write_grid(tmp_path / "tiny.yaml", seeds=[0, 1], set=TINY, variants={
         "full": {}, "pipeline": "brewclip_pipeline_only.yaml",

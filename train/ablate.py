@@ -7,13 +7,14 @@ module expands it into runs, runs them (in this process, or as Ray tasks) and ha
 
 A run directory is an ordinary recipe run directory (train/runs.py) plus `cell.log`. A run is skipped when its
 directory already holds `results.json` and a `config.yaml` equal to the config the run would resolve now; a
-config that only asks for more epochs resumes the run; any other difference moves the old run aside
-(`seed0.stale-<time>/`) and starts over.
+config that only asks for more epochs resumes the run; any other difference, or a store extracted again since,
+moves the old run aside (`seed0.stale-<time>/`) and starts over.
 A failing run never stops the others: its traceback goes to `cell.log` and into the table.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib
 import itertools
 import json
@@ -254,11 +255,37 @@ def plan(grid: Grid, store, out) -> list[Run]:
     return runs
 
 
-def previous(run_dir: Path, config: dict) -> str:
-    """What the run directory holds for this config: finished | resumable | stale | new."""
+STORE_VERSION = "store_version.txt"    # in a run directory: the store's state the run trained on
+
+
+def store_version(store) -> str:
+    """The extracted feature sets as they are now (name, rows, shards, last update). Extracting the store again under
+    the same path changes it, so a run trained on the old features is not taken for finished. Sets a recipe derives
+    from the others (the AVSD cues, which a grid's first run writes) are left out."""
+    from avcache.pipeline.extractors import EXTRACTORS
+
+    state = []
+    for meta_path in sorted(Path(store).glob("*/meta.json")):
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError):
+            continue  # a damaged feature set: the recipe that reads it will say so
+        if meta.get("extractor") in EXTRACTORS:
+            state.append([meta_path.parent.name, meta.get("rows"), meta.get("updated"),
+                          [shard.get("arrow") for shard in meta.get("shards", [])]])
+    return hashlib.sha256(json.dumps(state).encode()).hexdigest()[:16]
+
+
+def previous(run_dir: Path, config: dict, version: str | None = None) -> str:
+    """What the run directory holds for this config (and, when `version` is given, this state of the store):
+    finished | resumable | stale | new."""
     saved_path = Path(run_dir) / "config.yaml"
     if not saved_path.is_file():
         return "new"
+    if version is not None:
+        recorded = Path(run_dir) / STORE_VERSION
+        if not recorded.is_file() or recorded.read_text().strip() != version:
+            return "stale"
     saved = yaml.safe_load(saved_path.read_text()) or {}
     if not _differences(saved, config):
         return "finished" if (Path(run_dir) / "results.json").is_file() else "resumable"
@@ -287,6 +314,7 @@ def execute(job: dict, echo: Callable[[str], None] | None = None) -> dict:
                 echo(f"[{job['cell']}/seed{job['seed']}] {line}")
 
         log(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {job['recipe']} {job['config']} {' '.join(job['overrides'])}")
+        (run_dir / STORE_VERSION).write_text(job["store_version"] + "\n")
         try:
             if job.get("error"):  # the config did not resolve: nothing to run, but the cell is still in the table
                 raise GridError(job["error"])
@@ -366,11 +394,13 @@ def run_grid(grid: str | Path, store, out, sets: list[str] = (), seeds: list[int
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     records, jobs = [], []
+    version = store_version(store)
     for run in plan(grid, store, out):
         job = {"cell": run.cell.name, "variant": run.cell.variant, "axes": run.cell.axes, "seed": run.seed,
                "recipe": grid.recipe, "config": str(run.cell.config), "overrides": run.overrides,
-               "store": str(Path(store).resolve()), "run_dir": str(run.run_dir), "error": run.error}
-        state = previous(run.run_dir, run.config) if run.config is not None else "new"
+               "store": str(Path(store).resolve()), "store_version": version, "run_dir": str(run.run_dir),
+               "error": run.error}
+        state = previous(run.run_dir, run.config, version) if run.config is not None else "new"
         if state == "finished":
             records.append({**job, "status": CACHED, "results": _read_results(run.run_dir), "seconds": 0.0,
                             "log": str(run.run_dir / "cell.log")})
@@ -378,7 +408,8 @@ def run_grid(grid: str | Path, store, out, sets: list[str] = (), seeds: list[int
             continue
         if state == "stale":  # kept aside, not deleted: it may be the only copy of an earlier result
             aside = run.run_dir.with_name(f"{run.run_dir.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
-            log(f"[ablate] {run.cell.name}/seed{run.seed}: holds a run of another config, moved to {aside.name}")
+            log(f"[ablate] {run.cell.name}/seed{run.seed}: holds a run of another config or store, moved to "
+                f"{aside.name}")
             run.run_dir.rename(aside)
         jobs.append(job)
     use_ray = ray_attached() if use_ray is None else use_ray
