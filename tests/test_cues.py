@@ -42,7 +42,8 @@ def test_zero_shot_is_a_softmax_at_clip_scale():
     assert order.tolist() == [1, 2] and probs[0] > 0.99 and probs.sum() <= 1.0 + 1e-6
 
 
-def write_cue_store(tmp_path, annotated=True):
+def write_cue_store(tmp_path, annotated=True, audio_dim=None):
+    """audio_dim: a BEATs set without the AS2M head whose embedding (of the video's own class) has this width."""
     """Two dialogues over videos whose middle frames show another class; the dialogue asks about that class."""
     rng = np.random.default_rng(1)
     classes = {name: unit(rng.standard_normal(D)).astype(np.float32) for name in ("dog", "rain", "bird")}
@@ -55,7 +56,8 @@ def write_cue_store(tmp_path, annotated=True):
         "clip_text": FeatureSetWriter(root, spec("clip_text", vectors={"embedding": D},
                                                  sequences={"text_embeddings": [D]}), provenance=provenance),
         "clip_vocab": FeatureSetWriter(root, spec("clip_vocab", vectors={"embedding": D}), provenance=provenance),
-        "beats": FeatureSetWriter(root, spec("beats", vectors={"embedding": 4, "tag_probs": 527}), provenance=provenance),
+        "beats": FeatureSetWriter(root, spec("beats", vectors={"embedding": audio_dim} if audio_dim else
+                                             {"embedding": 4, "tag_probs": 527}), provenance=provenance),
     }
     for name, vector in classes.items():
         writers["clip_vocab"].add(f"actions:{name}", vectors={"embedding": vector},
@@ -73,7 +75,8 @@ def write_cue_store(tmp_path, annotated=True):
                                    sequences={"frames": frames, "timestamps": 0.5 * np.arange(8)})
         writers["clip_text"].add(item, vectors={"embedding": text_embeddings[0]},
                                  sequences={"text_embeddings": text_embeddings})
-        writers["beats"].add(item, vectors={"embedding": np.zeros(4), "tag_probs": tag_probs})
+        writers["beats"].add(item, vectors={"embedding": classes[own][:audio_dim]} if audio_dim else
+                             {"embedding": np.zeros(4), "tag_probs": tag_probs})
         actions = [{"class_id": "", "action": own, "start": 0.0, "end": 4.0},
                    {"class_id": "", "action": planted, "start": 2.5, "end": 3.0}]  # frames 5 and 6
         rows.append({"item_id": item, "dataset": "avsd", "split": "train", "video_path": f"{item}.mp4",
@@ -147,3 +150,18 @@ def test_charades_class_file_gives_plain_action_labels(tmp_path):
     (tmp_path / "Charades_v1_classes.txt").write_text("c000 Holding some clothes\nc001 Putting clothes somewhere\n")
     vocab = VocabConfig(name="charades", source="file", path=str(tmp_path / "Charades_v1_classes.txt"))
     assert _vocabulary_labels(vocab, None) == ["Holding some clothes", "Putting clothes somewhere"]
+
+
+def test_without_the_tag_head_auditory_cues_come_from_label_prompts_in_the_same_space(tmp_path):
+    store = write_cue_store(tmp_path, audio_dim=D)  # an audio tower sharing the prompts' space: sounds = own class
+    fs = compute_cues(store, CueConfig(auditory_vocab="actions", auditory_top=1), log=lambda *a: None)
+    assert fs.row("avsd:V0")["auditory"] == ["dog"] and fs.row("avsd:V1")["auditory"] == ["bird"]
+    np.testing.assert_allclose(fs.sequence("avsd:V0", "auditory_scores"), [1.0], atol=1e-5)  # cosine with itself
+
+
+def test_auditory_prompts_refuse_an_audio_embedding_of_another_space(tmp_path):
+    store = write_cue_store(tmp_path, audio_dim=D // 2)
+    with pytest.raises(ValueError, match=r"audio embedding \(8-d.*label prompts \(16-d.*must share one space"):
+        compute_cues(store, CueConfig(auditory_vocab="actions"), log=lambda *a: None)
+    with pytest.raises(ValueError, match="has no tag probabilities"):
+        compute_cues(store, CueConfig(auditory_source="tags"), log=lambda *a: None)

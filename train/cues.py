@@ -14,6 +14,10 @@ For each dialogue (one AVSD item):
   (behaviour_head.safetensors, with what it was fit on in behaviour_head.json).
 - auditory cues: the BEATs AS2M tag probabilities cached by the spine, the top tags above a threshold, named by
   AudioSet's class_labels_indices.csv when given, else by their AudioSet ids from the checkpoint's label_dict.
+  For an audio encoder without that head (`auditory_source: prompts`, the default when the store has no tag
+  probabilities): the cosine similarity between the item's audio embedding and the label prompts of a clip_vocab
+  vocabulary, top labels above the threshold. That needs an audio embedding in the prompts' space (a CLAP-style
+  audio tower): BEATs' own embedding is not, and is refused with an error saying so.
 """
 from __future__ import annotations
 
@@ -44,8 +48,10 @@ class CueConfig:
     head_lr: float = 0.05
     head_weight_decay: float = 1e-4
     head_seed: int = 0
+    auditory_source: str = "auto"            # auto | tags (the BEATs AS2M head) | prompts (audio vs label prompts)
+    auditory_vocab: str = "labels"           # prompts: the clip_vocab vocabulary of sound labels
     auditory_top: int = 3
-    auditory_threshold: float = 0.0          # tags with a probability above this are cues
+    auditory_threshold: float = 0.0          # tags with a probability (prompts: a cosine) above this are cues
     audioset_labels: str | None = None       # AudioSet class_labels_indices.csv (index,mid,display_name)
     feature_set: str = "avsd_cues"
 
@@ -185,6 +191,30 @@ def audioset_names(beats: FeatureSet, labels_csv: str | None) -> list[str]:
     return [mids.get(i, f"tag{i}") for i in range(beats.spec.vectors["tag_probs"])]
 
 
+def auditory_scorer(beats: FeatureSet, vocab_fs: FeatureSet, cfg: CueConfig):
+    """(names, row -> (C,) scores) of the auditory cues: the AS2M tags, or the audio embedding against prompts."""
+    has_tags = "tag_probs" in beats.spec.vectors
+    source = ("tags" if has_tags else "prompts") if cfg.auditory_source == "auto" else cfg.auditory_source
+    if source == "tags":
+        if not has_tags:
+            raise ValueError(f"cues.auditory_source is tags, but {beats.path} has no tag probabilities (a BEATs "
+                             f"checkpoint without the AS2M head); use a fine-tuned checkpoint, or auditory_source: "
+                             f"prompts with an audio encoder that shares the prompts' space")
+        return audioset_names(beats, cfg.audioset_labels), lambda row: row["tag_probs"]
+    if source != "prompts":
+        raise ValueError(f"cues.auditory_source must be auto, tags or prompts, got {cfg.auditory_source!r}")
+    rows = [r for r in vocab_fs.table(["item_id", "vocab", "label"]).to_pylist() if r["vocab"] == cfg.auditory_vocab]
+    if not rows:
+        raise ValueError(f"clip_vocab has no vocabulary {cfg.auditory_vocab!r} for the auditory prompts")
+    audio_dim, prompt_dim = beats.spec.vectors["embedding"], vocab_fs.spec.vectors["embedding"]
+    if audio_dim != prompt_dim:
+        raise ValueError(f"auditory cues from prompts compare the audio embedding ({audio_dim}-d, {beats.path}) with "
+                         f"the label prompts ({prompt_dim}-d, clip_vocab): they must share one space (a CLAP-style "
+                         f"audio tower), which BEATs does not; use a BEATs checkpoint with the AS2M head instead")
+    prompts = _normalise(vocab_fs.vectors("embedding", [r["item_id"] for r in rows]))            # (C, D)
+    return [r["label"] for r in rows], lambda row: prompts @ _normalise(row["embedding"])
+
+
 def cue_text(behaviour: list[str], auditory: list[str]) -> str:
     """What the generator reads: 'actions: ... ; sounds: ...' (an empty side says none)."""
     return f"actions: {', '.join(behaviour) or 'none'} ; sounds: {', '.join(auditory) or 'none'}"
@@ -207,7 +237,7 @@ def compute_cues(store_root: str | Path, cfg: CueConfig = CueConfig(), manifest=
                          f"source: file, path: Charades_v1_classes.txt) and extract clip_vocab again")
     actions = [r["label"] for r in vocab_rows]
     prompts = vocab_fs.vectors("embedding", [r["item_id"] for r in vocab_rows])
-    tags = audioset_names(beats, cfg.audioset_labels)
+    sound_names, sound_scores = auditory_scorer(beats, vocab_fs, cfg)
     rows = [r for r in extraction_manifest(frames_fs, manifest).to_pylist()
             if r["dataset"] == "avsd" and r["item_id"] in frames_fs and r["item_id"] in text_fs]
     d = frames_fs.spec.vectors["embedding"]
@@ -243,10 +273,10 @@ def compute_cues(store_root: str | Path, cfg: CueConfig = CueConfig(), manifest=
             behaviour = [actions[i] for i in picked]
             auditory, auditory_p = [], np.zeros(0, np.float32)
             if item in beats:
-                probs = beats.row(item)["tag_probs"]
+                probs = sound_scores(beats.row(item))
                 order = [i for i in np.argsort(-probs, kind="stable")[: cfg.auditory_top]
                          if probs[i] > cfg.auditory_threshold]
-                auditory, auditory_p = [tags[i] for i in order], probs[order].astype(np.float32)
+                auditory, auditory_p = [sound_names[i] for i in order], probs[order].astype(np.float32)
             writer.add(item, vectors={"context": context},
                        sequences={"frame_scores": scores, "selected_frames": selected,
                                   "behaviour_scores": behaviour_p, "auditory_scores": auditory_p},
