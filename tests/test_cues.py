@@ -165,3 +165,14 @@ def test_auditory_prompts_refuse_an_audio_embedding_of_another_space(tmp_path):
         compute_cues(store, CueConfig(auditory_vocab="actions"), log=lambda *a: None)
     with pytest.raises(ValueError, match="has no tag probabilities"):
         compute_cues(store, CueConfig(auditory_source="tags"), log=lambda *a: None)
+
+
+def test_the_fingerprint_holds_only_the_settings_in_use():
+    from avcache.train.cues import cue_settings
+
+    zero_shot_tags = cue_settings(CueConfig(head_lr=0.5, auditory_vocab="other"), has_tags=True)
+    assert zero_shot_tags == cue_settings(CueConfig(auditory_source="tags"), has_tags=True)
+    assert "head_lr" not in zero_shot_tags and "auditory_vocab" not in zero_shot_tags
+    trained_prompts = cue_settings(CueConfig(behaviour_head="trained"), has_tags=False)
+    assert trained_prompts["auditory_source"] == "prompts" and trained_prompts["head_steps"] == 300
+    assert "audioset_labels" not in trained_prompts

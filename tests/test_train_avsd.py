@@ -40,6 +40,15 @@ def test_dialogue_examples_never_show_the_answer_they_ask_for(dialogue_store):
     assert all(e.answer is None and len(e.references) == 3 for e in test)  # undisclosed, multi-reference
 
 
+def test_history_dropout_is_seeded_and_keeps_the_question_and_answer():
+    examples = [avsd.Example(f"avsd:{i}", ["q0", "a0"], f"q{i}", f"a{i}", [f"a{i}"]) for i in range(200)]
+    assert avsd.without_history(examples, 0.0, [0, 1]) is examples
+    assert all(e.history == [] for e in avsd.without_history(examples, 1.0, [0, 1]))
+    half = avsd.without_history(examples, 0.5, [0, 1])
+    assert half == avsd.without_history(examples, 0.5, [0, 1]) and 70 < sum(not e.history for e in half) < 130
+    assert [(e.question, e.answer) for e in half] == [(e.question, e.answer) for e in examples]
+
+
 def test_a_short_fine_tune_scores_and_writes_a_submission(dialogue_store, tmp_path):
     results = avsd.main(dialogue_store / "store", tmp_path / "run", overrides=["train.epochs=2", "model.use_prefix=true"],
                         log=lambda *a: None)

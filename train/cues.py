@@ -191,6 +191,19 @@ def audioset_names(beats: FeatureSet, labels_csv: str | None) -> list[str]:
     return [mids.get(i, f"tag{i}") for i in range(beats.spec.vectors["tag_probs"])]
 
 
+def cue_settings(cfg: CueConfig, has_tags: bool) -> dict:
+    """The settings the cues depend on, for the cue set's fingerprint: the knobs of a mode not in use are left out
+    (the head's under zero-shot, the prompts' under tags), so changing one does not orphan a computed cue set."""
+    settings = dataclasses.asdict(cfg)
+    if cfg.behaviour_head != "trained":
+        for key in ("head_steps", "head_lr", "head_weight_decay", "head_seed"):
+            settings.pop(key)
+    if cfg.auditory_source == "auto":
+        settings["auditory_source"] = "tags" if has_tags else "prompts"
+    settings.pop("auditory_vocab" if settings["auditory_source"] == "tags" else "audioset_labels")
+    return settings
+
+
 def auditory_scorer(beats: FeatureSet, vocab_fs: FeatureSet, cfg: CueConfig):
     """(names, row -> (C,) scores) of the auditory cues: the AS2M tags, or the audio embedding against prompts."""
     has_tags = "tag_probs" in beats.spec.vectors
@@ -245,7 +258,7 @@ def compute_cues(store_root: str | Path, cfg: CueConfig = CueConfig(), manifest=
         name=cfg.feature_set, extractor="avsd_cues",
         encoder={"name": "avsd_cues", "clip": frames_fs.spec.encoder, "beats": beats.spec.encoder,
                  "vocab": vocab_fs.spec.encoder},
-        preprocessing={**dataclasses.asdict(cfg), "actions": actions,
+        preprocessing={**cue_settings(cfg, "tag_probs" in beats.spec.vectors), "actions": actions,
                        "context": "mean CLIP text embedding of history turns + current question"},
         vectors={"context": d}, sequences={"frame_scores": [], "selected_frames": [], "behaviour_scores": [],
                                            "auditory_scores": []})

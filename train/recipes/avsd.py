@@ -39,6 +39,7 @@ class DataConfig:
     cues: str = "both"                 # both | behaviour | auditory | none: which cues the generator reads
     max_input_tokens: int = 256
     max_answer_tokens: int = 32
+    history_dropout: float = 0.0       # training: the share of examples shown without their history (regulariser)
 
 
 @dataclass
@@ -187,6 +188,14 @@ def batches(examples: list[Example], batch_size: int, shuffle_seed: list[int] | 
         yield [examples[i] for i in order[start:start + batch_size]]
 
 
+def without_history(examples: list[Example], share: float, seed: list[int]) -> list[Example]:
+    """Each example, its history dropped with probability `share` (seeded, so a resumed run sees the same)."""
+    if share <= 0:
+        return examples
+    drop = np.random.default_rng([*seed, 1]).random(len(examples)) < share
+    return [Example(e.item_id, [], e.question, e.answer, e.references) if d else e for e, d in zip(examples, drop)]
+
+
 @torch.no_grad()
 def generate(s: Setup, examples: list[Example]) -> list[str]:
     """Beam-search answers ("-" for an empty one, which the scorers cannot take), in the examples' order."""
@@ -234,7 +243,7 @@ def main(store: str | Path, run: str | Path, config=None, overrides=(), log=prin
         model.train()
         losses = []
         for chunk in batches(splits["train"], cfg.train.batch_size, shuffle_seed=[cfg.seed, epoch]):
-            loss = model(**batch_of(s, chunk, True)).loss
+            loss = model(**batch_of(s, without_history(chunk, cfg.data.history_dropout, [cfg.seed, epoch]), True)).loss
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
