@@ -88,17 +88,23 @@ def load_dataclass(cls, path: Path, overrides: list[str] = ()):
     return from_dict(cls, data, where=str(path))
 
 
+def read_yaml_mapping(path: Path, error=ConfigError) -> dict:
+    """A YAML file whose top level is a mapping (an empty file is {}); anything else raises `error`."""
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise error(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
 def _read_yaml(path: Path, seen: tuple = ()) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     if path.resolve() in seen:
         raise ConfigError(f"{path}: inherit loop through {[str(p) for p in seen]}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    data = read_yaml_mapping(path)
     parent = data.pop("inherit", None)
     if parent is None:
         return data

@@ -29,8 +29,8 @@ from typing import Callable, Iterator
 
 import yaml
 
-from avcache.pipeline.config import ConfigError, load_dataclass
-from avcache.train.runs import _differences  # the comparison RunDir.start makes before resuming
+from avcache.pipeline.config import ConfigError, load_dataclass, read_yaml_mapping
+from avcache.train.runs import config_differences  # the comparison RunDir.start makes before resuming
 
 GRID_DIR = Path(__file__).resolve().parent / "grids"
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -100,12 +100,7 @@ def load_grid(grid: str | Path, sets: list[str] = (), seeds: list[int] | None = 
     """Read and check a grid file, then expand it into cells. `sets` (from --set) apply to every cell after the
     grid's own overrides; `seeds` replace the grid's seeds."""
     path = find_grid(grid)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise GridError(f"{path} is not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise GridError(f"{path}: expected a mapping at the top level")
+    data = read_yaml_mapping(path, GridError)
 
     def fail(key: str, message: str):
         raise GridError(f"{path}: {key}: {message}")
@@ -287,12 +282,13 @@ def previous(run_dir: Path, config: dict, version: str | None = None) -> str:
         if not recorded.is_file() or recorded.read_text().strip() != version:
             return "stale"
     saved = yaml.safe_load(saved_path.read_text()) or {}
-    if not _differences(saved, config):
+    if not config_differences(saved, config):
         return "finished" if (Path(run_dir) / "results.json").is_file() else "resumable"
     # more epochs continue a run (RunDir.start allows it); fewer would report weights trained for longer
     epochs = [(c.get("train") or {}).get("epochs") for c in (saved, config)]
     more_epochs = None not in epochs and epochs[0] <= epochs[1]
-    return "resumable" if more_epochs and not _differences(saved, config, ignore=("train.epochs",)) else "stale"
+    only_epochs = not config_differences(saved, config, ignore=("train.epochs",))
+    return "resumable" if more_epochs and only_epochs else "stale"
 
 
 # -- running --------------------------------------------------------------------------------------------------

@@ -66,20 +66,21 @@ def context_turns(texts: list[str], kinds: list[str]) -> tuple[list[int], str | 
     return turns, target
 
 
+def _normalise(x: np.ndarray) -> np.ndarray:
+    """Unit vectors along the last axis (a zero vector stays zero)."""
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
 def rank_frames(frames: np.ndarray, context: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """(Q, D) frames, (D,) context -> ((Q,) cosine scores, (min(k, Q),) frame indices best first)."""
-    f = frames / np.maximum(np.linalg.norm(frames, axis=1, keepdims=True), 1e-12)
-    c = context / max(float(np.linalg.norm(context)), 1e-12)
-    scores = f @ c
+    scores = _normalise(frames) @ _normalise(context)
     order = np.argsort(-scores, kind="stable")[:k]  # stable: equal scores keep frame order
     return scores.astype(np.float32), order.astype(np.int64)
 
 
 def zero_shot(embedding: np.ndarray, prompts: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
     """Softmax over cosine similarities at CLIP's scale -> (top indices, their probabilities)."""
-    e = embedding / max(float(np.linalg.norm(embedding)), 1e-12)
-    p = prompts / np.maximum(np.linalg.norm(prompts, axis=1, keepdims=True), 1e-12)
-    logits = CLIP_LOGIT_SCALE * (p @ e)
+    logits = CLIP_LOGIT_SCALE * (_normalise(prompts) @ _normalise(embedding))
     probs = np.exp(logits - logits.max())
     probs /= probs.sum()
     order = np.argsort(-probs, kind="stable")[:top]
@@ -102,7 +103,7 @@ def fit_behaviour_head(frames: np.ndarray, labels: np.ndarray, cfg: CueConfig) -
     import torch
 
     generator = torch.Generator().manual_seed(cfg.head_seed)
-    x = torch.from_numpy(_normalise(frames))                                         # (N, D)
+    x = torch.from_numpy(_normalise(frames).astype(np.float32))                      # (N, D)
     y = torch.from_numpy(labels)                                                     # (N, C)
     # CLIP features are unit vectors with small coordinates; a sqrt(D) scale keeps the logits in a usable range
     scale = float(np.sqrt(x.shape[1]))
@@ -121,10 +122,6 @@ def behaviour_probabilities(frames: np.ndarray, weight: np.ndarray, bias: np.nda
     """(k, D) selected frames -> (C,) mean sigmoid probability of each action over them."""
     logits = _normalise(frames) @ weight + bias
     return (1.0 / (1.0 + np.exp(-logits))).mean(0)
-
-
-def _normalise(x: np.ndarray) -> np.ndarray:
-    return (x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)).astype(np.float32)
 
 
 def behaviour_head(cue_dir: Path, frames_fs: FeatureSet, rows: list[dict], actions: list[str],
@@ -274,7 +271,7 @@ def compute_cues(store_root: str | Path, cfg: CueConfig = CueConfig(), manifest=
             turns, _ = context_turns(row["texts"], row["text_kinds"])
             embeddings = text_fs.sequence(item, "text_embeddings")                          # (N texts, D)
             context = embeddings[turns].mean(0) if turns else embeddings.mean(0)
-            context = context / max(float(np.linalg.norm(context)), 1e-12)
+            context = _normalise(context)
             frames = frames_fs.sequence(item, "frames")                                    # (Q, D)
             scores, selected = rank_frames(frames, context, cfg.top_k_frames)
             if cfg.behaviour_head == "trained":

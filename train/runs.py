@@ -66,7 +66,7 @@ class RunDir:
         state = None
         if saved_path.is_file() and (self.path / "last_state.pt").is_file():
             saved = yaml.safe_load(saved_path.read_text())
-            differences = _differences(saved, self.config, ignore=resumable_keys)
+            differences = config_differences(saved, self.config, ignore=resumable_keys)
             if differences:
                 raise ConfigError(f"{self.path} holds a run with another config ({'; '.join(differences[:5])}); "
                                   f"use a new RUN directory, or delete this one to start over")
@@ -187,12 +187,12 @@ def _plain(value):
     return value
 
 
-def _differences(saved, current, ignore=(), prefix="") -> list[str]:
+def config_differences(saved, current, ignore=(), prefix="") -> list[str]:
     if isinstance(saved, dict) and isinstance(current, dict):
         out = []
         for key in sorted(set(saved) | set(current)):
             name = f"{prefix}.{key}" if prefix else str(key)
             if name not in ignore:
-                out += _differences(saved.get(key), current.get(key), ignore, name)
+                out += config_differences(saved.get(key), current.get(key), ignore, name)
         return out
     return [] if saved == current else [f"{prefix}: {saved!r} -> {current!r}"]
