@@ -88,8 +88,8 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(planted, tmp_pat
     assert {k: v for k, v in resumed.items() if k not in timing} == {k: v for k, v in straight.items() if k not in timing}
     history = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in history] == [1, 2, 3, 4]
-    a = torch.load(tmp_path / "straight" / "last_state.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "resumed" / "last_state.pt", weights_only=False)["model"]
+    from safetensors.torch import load_file  # the whole resume state: weights, optimiser moments, RNG
+    a, b = (load_file(str(tmp_path / run / "last_state.safetensors")) for run in ("straight", "resumed"))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 

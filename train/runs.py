@@ -3,7 +3,11 @@
     RUN/config.yaml        the resolved config (what a resumed run must match)
     RUN/metrics.jsonl      one JSON object per evaluation (epoch, losses, validation metrics)
     RUN/tensorboard/       the same scalars for TensorBoard
-    RUN/last.safetensors   weights after the last finished epoch; RUN/last_state.pt: optimiser, RNG, epoch
+    RUN/last.safetensors   weights after the last finished epoch
+    RUN/last_state.safetensors
+                           what resuming needs: weights, optimiser state and torch CPU RNG state as tensors; epoch,
+                           best score and optimiser settings as JSON in its metadata. No pickle: loading it runs no
+                           code (an old RUN/last_state.pt, a pickle, is refused unread)
     RUN/best.safetensors   weights of the best validation epoch
     RUN/results.json       final test metrics, flat name -> number
     RUN/*.png              curves
@@ -19,10 +23,22 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from safetensors.torch import load_model, save_model
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_model, save_file, save_model
 
-from avcache.features.durable import replace_atomically, write_json_atomic
+from avcache.features.durable import fsync_file, replace_atomically, write_json_atomic
 from avcache.pipeline.config import ConfigError
+
+STATE_FILE = "last_state.safetensors"
+PICKLED_STATE_FILE = "last_state.pt"  # the format before: a pickle, which can run code when loaded; refused
+STATE_FORMAT_KEY = "avcache_run_state"  # metadata key holding the format version (HF files carry "format": "pt")
+STATE_FORMAT = "1"
+STATE_KEYS = ("epoch", "best", "model", "optimiser", "torch_rng")
+_REMEDY = "delete it to start this run again at epoch 0 in the same directory, or train into a new RUN directory"
+
+
+class RunStateError(ConfigError):
+    """A resume state this code refuses to load; the message names the file and says what to do."""
 
 
 def seed_everything(seed: int) -> None:
@@ -60,20 +76,21 @@ class RunDir:
 
     def start(self, resumable_keys: tuple[str, ...] = ("train.epochs",)) -> dict | None:
         """Write the config; return the saved training state when this directory holds a run of the same config
-        (keys in `resumable_keys` may differ: more epochs continue a run). A different config is refused."""
+        (keys in `resumable_keys` may differ: more epochs continue a run). A different config is refused, and so is
+        an old pickled state (RunStateError), which is never loaded."""
+        refuse_pickled_state(self.path / PICKLED_STATE_FILE)  # before anything here is deleted or rewritten
         self.path.mkdir(parents=True, exist_ok=True)
         saved_path = self.path / "config.yaml"
         state = None
-        if saved_path.is_file() and (self.path / "last_state.pt").is_file():
+        if saved_path.is_file() and (self.path / STATE_FILE).is_file():
             saved = yaml.safe_load(saved_path.read_text())
             differences = config_differences(saved, self.config, ignore=resumable_keys)
             if differences:
                 raise ConfigError(f"{self.path} holds a run with another config ({'; '.join(differences[:5])}); "
                                   f"use a new RUN directory, or delete this one to start over")
-            # on the CPU: the RNG state must be, and load_state_dict moves the rest to the model's device
-            state = torch.load(self.path / "last_state.pt", weights_only=False, map_location="cpu")
+            state = load_state(self.path / STATE_FILE)
         else:  # nothing to resume: what an earlier, unfinished first epoch left behind would mislead
-            for name in ("metrics.jsonl", "best.safetensors", "last.safetensors", "results.json"):
+            for name in ("metrics.jsonl", "best.safetensors", "last.safetensors", "results.json", STATE_FILE):
                 (self.path / name).unlink(missing_ok=True)
         replace_atomically(saved_path, lambda tmp: tmp.write_text(yaml.safe_dump(self.config, sort_keys=False)))
         return state
@@ -125,9 +142,14 @@ class RunDir:
         """Load what `start()` returned into the model and optimiser; -> (last finished epoch, best score)."""
         if state is None:
             return 0, -float("inf")
-        model.load_state_dict(state["model"])
-        optimiser.load_state_dict(state["optimiser"])
-        torch.set_rng_state(state["torch_rng"])  # dropout continues exactly where the interrupted run stopped
+        try:  # a state of another model or optimiser fails here, in torch's words: say which file and what to do
+            model.load_state_dict(state["model"])
+            optimiser.load_state_dict(state["optimiser"])
+            check_optimiser_state_shapes(optimiser)
+            torch.set_rng_state(state["torch_rng"])  # dropout continues exactly where the interrupted run stopped
+        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+            reason = f"it does not fit this model and optimiser: {one_line(exc)}"
+            raise RunStateError(cannot_resume(self.path / STATE_FILE, reason)) from None
         self.truncate_history(state["epoch"])
         return state["epoch"], state["best"]
 
@@ -144,7 +166,14 @@ class RunDir:
         return best
 
     def save_state(self, state: dict) -> None:
-        replace_atomically(self.path / "last_state.pt", lambda tmp: torch.save(state, tmp))
+        """One safetensors file, renamed into place: the single commit point of an epoch (see `end_epoch`)."""
+        tensors, metadata = encode_state(state)
+
+        def write(tmp: Path) -> None:
+            save_file(tensors, str(tmp), metadata=metadata)
+            fsync_file(tmp)  # on disk before the rename commits it: a crash must not leave a committed empty file
+
+        replace_atomically(self.path / STATE_FILE, write)
 
     def load_best(self, model: torch.nn.Module) -> None:
         """Load the best weights into `model`; with no epoch run at all, the model as it is becomes the best."""
@@ -179,6 +208,188 @@ class RunDir:
         path = self.path / filename
         fig.savefig(path, dpi=110)
         return path
+
+
+# -- the resume state: tensors in safetensors, everything else as tagged JSON in its metadata ----------------
+#
+# JSON alone would lose what a resumed optimiser needs bit for bit: tuples (Adam's betas), integer keys (the
+# optimiser's per-parameter state), -inf (the best score before any epoch). So every value that is not a JSON
+# scalar is a one-key object: {"tensor": name in the file}, {"tuple": [...]}, {"dict": [[key, value], ...]},
+# {"float": "-inf"}; lists stay JSON arrays. A JSON object is therefore always a tag, never ambiguous.
+
+
+def encode_state(state: dict) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """-> (tensors to store, safetensors metadata) for `state`, a dict of the STATE_KEYS (and any others)."""
+    writer = _StateWriter()
+    skeleton = {str(key): writer.encode(value, str(key)) for key, value in state.items()}
+    metadata = {STATE_FORMAT_KEY: STATE_FORMAT, "state": json.dumps(skeleton, allow_nan=False)}
+    return writer.tensors, metadata
+
+
+class _StateWriter:
+    def __init__(self) -> None:
+        self.tensors: dict[str, torch.Tensor] = {}
+        self._name_of_view: dict[tuple, str] = {}
+
+    def encode(self, value, name: str):
+        if isinstance(value, np.generic):  # a metric as numpy returns it: the same number as a Python scalar
+            value = value.item()
+        if isinstance(value, torch.Tensor):
+            return {"tensor": self._store(value, name)}
+        if value is None or isinstance(value, (bool, int, str)):
+            return value
+        if isinstance(value, float):
+            return value if math.isfinite(value) else {"float": repr(value)}
+        if isinstance(value, list):
+            return [self.encode(item, f"{name}/{i}") for i, item in enumerate(value)]
+        if isinstance(value, tuple):
+            return {"tuple": [self.encode(item, f"{name}/{i}") for i, item in enumerate(value)]}
+        if isinstance(value, dict):
+            return {"dict": [[self.encode(key, name), self.encode(item, f"{name}/{key}")]
+                             for key, item in value.items()]}
+        raise TypeError(f"the resume state's {name} is a {type(value).__name__}; it can hold tensors, numbers, "
+                        f"strings, None, lists, tuples and dicts")
+
+    def _store(self, tensor: torch.Tensor, name: str) -> str:
+        # Tied weights (BART's shared embeddings) are one tensor under several names: store it once and refer to
+        # it from each. Every stored tensor is a fresh contiguous CPU copy, so safetensors never sees shared memory.
+        view = (tensor.device, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tuple(tensor.stride()))
+        if tensor.numel() and view in self._name_of_view:
+            return self._name_of_view[view]
+        unique, n = name, 1
+        while unique in self.tensors:  # names are paths in the state; two equal paths (int 0 and "0") stay apart
+            unique, n = f"{name}~{n}", n + 1
+        self.tensors[unique] = tensor.detach().to("cpu", copy=True, memory_format=torch.contiguous_format)
+        self._name_of_view[view] = unique
+        return unique
+
+
+def load_state(path: Path) -> dict:
+    """The state `save_state` wrote, read with safetensors and json only; anything else is a RunStateError."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as fh:
+            metadata = fh.metadata() or {}
+            tensors = {name: fh.get_tensor(name) for name in fh.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise RunStateError(cannot_resume(path, f"it is not a readable safetensors file ({one_line(exc)})")) from None
+    try:
+        return decode_state(metadata, tensors)
+    except ValueError as exc:
+        raise RunStateError(cannot_resume(path, one_line(exc))) from None
+
+
+def decode_state(metadata: dict[str, str], tensors: dict[str, torch.Tensor]) -> dict:
+    """Undo `encode_state`; a ValueError says what is wrong with the file."""
+    version = metadata.get(STATE_FORMAT_KEY)
+    if version is None:
+        raise ValueError(f"it is not an avcache run state (its metadata has no {STATE_FORMAT_KEY!r})")
+    if version != STATE_FORMAT:
+        raise ValueError(f"its format version {version!r} is unknown to this avcache, which reads version "
+                         f"{STATE_FORMAT} (a newer avcache may have written it)")
+    try:
+        skeleton = json.loads(metadata["state"])
+    except KeyError:
+        raise ValueError("its metadata has no 'state'") from None
+    except (json.JSONDecodeError, RecursionError) as exc:  # nesting deeper than Python's stack is not ours either
+        raise ValueError(f"its 'state' metadata is not JSON ({exc})") from None
+    if not isinstance(skeleton, dict) or any(key not in skeleton for key in STATE_KEYS):
+        raise ValueError(f"its 'state' metadata is not a JSON object with the keys {', '.join(STATE_KEYS)}")
+    reader = _StateReader(tensors)
+    try:
+        state = {key: reader.decode(value) for key, value in skeleton.items()}
+    except _DamagedState:
+        raise
+    except (TypeError, ValueError, RecursionError) as exc:  # a tag's body of the wrong shape: Python's words do
+        raise ValueError(f"its 'state' metadata is malformed ({exc})") from None
+    unused = sorted(set(tensors) - reader.used)
+    if unused:
+        raise ValueError(f"it holds tensors its metadata does not mention: {', '.join(unused[:5])}")
+    check_state_types(state)
+    return state
+
+
+class _DamagedState(ValueError):
+    """A problem `_StateReader` names itself (others get the prefix 'malformed')."""
+
+
+class _StateReader:
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.tensors = tensors
+        self.used: set[str] = set()
+
+    def decode(self, value):
+        if isinstance(value, list):
+            return [self.decode(item) for item in value]
+        if not isinstance(value, dict):
+            return value
+        if len(value) != 1:
+            raise _DamagedState(f"its 'state' metadata holds an object with keys {sorted(value)}, not one tag")
+        (tag, body), = value.items()
+        if tag == "tensor":
+            return self._tensor(body)
+        if tag == "float":
+            return float(body)
+        if tag == "tuple":
+            return tuple(self.decode(item) for item in body)
+        if tag == "dict":
+            return {self.decode(key): self.decode(item) for key, item in body}
+        raise _DamagedState(f"its 'state' metadata holds an unknown tag {tag!r}")
+
+    def _tensor(self, name) -> torch.Tensor:
+        if name not in self.tensors:
+            raise _DamagedState(f"it lacks the tensor {name!r}")
+        self.used.add(name)
+        return self.tensors[name]
+
+
+def check_state_types(state: dict) -> None:
+    """What `resume` takes for granted before torch checks the rest against the model and optimiser."""
+    epoch, best, optimiser = state["epoch"], state["best"], state["optimiser"]
+    if type(epoch) is not int or epoch < 0:
+        raise ValueError(f"its epoch {epoch!r} is not a whole number >= 0")
+    if type(best) not in (int, float):
+        raise ValueError(f"its best score {best!r} is not a number")
+    if not isinstance(state["model"], dict) or not all(isinstance(v, torch.Tensor) for v in state["model"].values()):
+        raise ValueError("its model is not a mapping of names to tensors")
+    if not isinstance(optimiser, dict) or not isinstance(optimiser.get("state"), dict) \
+            or not isinstance(optimiser.get("param_groups"), list):
+        raise ValueError("its optimiser is not a mapping with 'state' and 'param_groups'")
+    if not isinstance(state["torch_rng"], torch.Tensor):
+        raise ValueError("its torch_rng is not a tensor")
+
+
+# torch's Adam family and SGD keep these per parameter, in the parameter's shape. load_state_dict takes them in
+# any shape; a wrong one would only fail at the first optimiser step, mid-epoch.
+_PARAMETER_SHAPED_STATE = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer")
+
+
+def check_optimiser_state_shapes(optimiser: torch.optim.Optimizer) -> None:
+    for group in optimiser.param_groups:
+        for param in group["params"]:
+            for key, value in optimiser.state.get(param, {}).items():
+                if key not in _PARAMETER_SHAPED_STATE:
+                    continue
+                if not isinstance(value, torch.Tensor):
+                    raise ValueError(f"the optimiser's {key} is a {type(value).__name__}, not a tensor")
+                if value.shape != param.shape:
+                    raise ValueError(f"the optimiser's {key} has shape {tuple(value.shape)} where its parameter "
+                                     f"has {tuple(param.shape)}")
+
+
+def refuse_pickled_state(path: Path) -> None:
+    if path.is_file():
+        raise RunStateError(f"{path} is a resume state in the old pickle format, which can execute code when "
+                            f"loaded, so it is no longer read; {_REMEDY}")
+
+
+def cannot_resume(path: Path, reason: str) -> str:
+    return f"{path} cannot be resumed from: {reason}; {_REMEDY}"
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """torch's load_state_dict errors span lines; the CLI prints one."""
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _plain(value):
