@@ -1,7 +1,13 @@
 """Crash-safe file writes shared by the store and the manifests: write a temporary file, fsync it, rename it
-into place, fsync the directory. A reader sees the old file or the new one, never half of one."""
+into place, fsync the directory. A reader sees the old file or the new one, never half of one.
+
+Every write goes through plain Python file I/O (`write_bytes`), so a full disk, a read-only file system or a
+missing permission surfaces as an ``OSError`` carrying ``errno`` and ``filename``, raised by the call that
+failed. Libraries that write through their own C handles (pyarrow, h5py, faiss) report such errors without
+a file name, as a C++ message, or only from a destructor; their output is therefore built in memory first."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -21,13 +27,42 @@ def sha256_of(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def error_naming(exc: BaseException, path: str | os.PathLike) -> BaseException:
+    """`exc`, or, for a system error that names no file (write() and fsync() errors do not), the same error
+    naming `path`: whoever reports it can then say which file could not be written."""
+    if not isinstance(exc, OSError) or exc.errno is None or exc.filename is not None:
+        return exc
+    named = OSError(exc.errno, os.strerror(exc.errno), os.fspath(path))
+    named.__cause__, named.__suppress_context__ = exc, True
+    return named
+
+
+def write_bytes(path: str | os.PathLike, data) -> None:
+    """Write `data` (bytes or any buffer) to a new file at `path` and fsync it; an OSError names `path`."""
+    path = os.fspath(path)  # errors then name it as a string, whatever the caller passed
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # raises with the file name already set
+    try:
+        try:
+            view = memoryview(data).cast("B")
+            while view:
+                view = view[os.write(fd, view):]  # a write may be partial; ENOSPC is raised here, not later
+            os.fsync(fd)
+        finally:
+            os.close(fd)  # on NFS a full disk may only be reported here
+    except OSError as exc:
+        raise error_naming(exc, path)
+
+
 def fsync_file(path: Path) -> None:
-    # pyarrow and h5py write through their own handles; fsync via a fresh descriptor works on any fd mode.
+    # fsync via a fresh descriptor works on any fd mode.
     fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise error_naming(exc, path)
 
 
 def fsync_dir(path: Path) -> None:
@@ -44,11 +79,18 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_arrow(path: Path, table: pa.Table) -> None:
-    """Uncompressed Arrow IPC file format, fsynced: readers memory-map it and get zero-copy buffers."""
-    with pa.OSFile(str(path), "wb") as sink, ipc.new_file(sink, table.schema) as writer:
+def arrow_file_bytes(table: pa.Table) -> pa.Buffer:
+    """`table` as an uncompressed Arrow IPC file image (readers memory-map it and get zero-copy buffers)."""
+    sink = pa.BufferOutputStream()
+    with ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table)
-    fsync_file(path)
+    return sink.getvalue()
+
+
+def write_arrow(path: Path, table: pa.Table) -> None:
+    """Arrow IPC file format, fsynced. Built in memory and written by `write_bytes`: pyarrow's own file sink
+    reports a full disk without the file name."""
+    write_bytes(path, arrow_file_bytes(table))
 
 
 def write_arrow_atomic(path: Path, table: pa.Table) -> None:
@@ -56,18 +98,14 @@ def write_arrow_atomic(path: Path, table: pa.Table) -> None:
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:
-    def write(tmp: Path) -> None:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(obj, fh, indent=2)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-
-    replace_atomically(path, write)
+    text = json.dumps(obj, indent=2) + "\n"
+    replace_atomically(path, lambda tmp: write_bytes(tmp, text.encode("utf-8")))
 
 
 def replace_atomically(path: Path, write) -> None:
-    """Call write(tmp) on a temporary file beside `path`, then rename it into place (any file format)."""
+    """Call write(tmp) on a temporary file beside `path`, then rename it into place (any file format).
+
+    On failure the temporary file is removed (an error names it: it is the file that could not be written)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # per process: concurrent writers never share it
@@ -75,6 +113,14 @@ def replace_atomically(path: Path, write) -> None:
         write(tmp)
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        remove_quietly(tmp)
         raise
     fsync_dir(path.parent)
+
+
+def remove_quietly(*paths: str | os.PathLike) -> None:
+    """Best-effort cleanup after a failed write: on a read-only file system unlink fails too (EROFS, even for
+    a file that was never created), and that must not hide the error that made us clean up."""
+    for path in paths:
+        with contextlib.suppress(OSError):
+            os.unlink(path)

@@ -4,19 +4,30 @@ Layout, inside the feature set's directory::
 
     index/<column>.json              what the index is: factory, metric, count, dim, search parameters, measured
                                      recall, training sample, build time, and the shards it covers (the commit point)
-    index/<column>.<gen>.faiss       faiss.write_index output (CPU format, also when built on a GPU)
+    index/<column>.<gen>.faiss       faiss.serialize_index bytes, i.e. the faiss.write_index format (CPU format,
+                                     also when built on a GPU)
     index/<column>.<gen>.ids.arrow   row r of the index is item_ids[r]
+    index/.lock                      held by a build or update (one per feature set at a time)
 
 A new generation is written beside the old one and becomes current when the JSON names it, so a killed build
 leaves the previous index usable. The JSON records the shard list (names and checksums) the index was built
 from; the store only ever appends shards, so a longer list means "new rows to add" and anything else means
 the index is stale. Vectors are L2-normalised and searched by inner product, i.e. by cosine similarity.
+
+The JSON also records each file's sha256; loading refuses a file that differs (replaced or damaged) and any
+file name that would lead outside index/. A build holds index/.lock and, under it, removes what killed builds
+left: temporary files (``.<column>.json.tmp-<pid>``, ``.<column>.<gen>.{faiss,ids.arrow}.tmp-<pid>``) and
+generations no JSON names. Files are written with plain Python I/O, so a full disk or a read-only store is an
+OSError naming the file.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import json
 import math
+import os
 import re
 import time
 import warnings
@@ -27,8 +38,10 @@ import faiss
 import numpy as np
 import pyarrow as pa
 
-from avcache.features.durable import sha256_of, write_arrow_atomic, write_json_atomic
-from avcache.features.store import FeatureSet, StoreError, StoreKeyError
+from avcache.features.checkpoints import sha256_file
+from avcache.features.durable import (remove_quietly, replace_atomically, write_arrow_atomic, write_bytes,
+                                      write_json_atomic)
+from avcache.features.store import FeatureSet, StoreError, StoreKeyError, contained_path, exclusive_lock
 
 INDEX_DIR = "index"
 FORMAT_VERSION = 1
@@ -40,6 +53,12 @@ ADD_CHUNK_ROWS = 65_536          # vectors are normalised and added a chunk at a
 _K_FACTORS = (1, 2, 4, 8, 16, 32, 64)
 _EF_SEARCH = (16, 32, 64, 128, 256, 512, 1024)
 _GEN_RE = re.compile(r"^(?P<column>.+)\.(?P<gen>\d{6})\.(faiss|ids\.arrow)$")
+# Temporary files of durable.replace_atomically (the JSON, both generation files), named after the writer's pid.
+_TMP_RE = re.compile(r"^\.(?P<column>.+)\.(json|\d{6}\.(faiss|ids\.arrow))\.tmp-\d+$")
+LOCK_NAME = ".lock"
+REBUILD = "rebuild with `avcache index --rebuild`"
+_INFO_KEYS = ("factory", "count", "dim", "search_params", "recall", "shards", "files")
+_FILE_KEYS = ("index", "index_bytes", "index_sha256", "ids", "ids_sha256")
 
 
 class StaleIndexError(StoreError):
@@ -276,9 +295,14 @@ def read_info(fs: FeatureSet, column: str) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        info = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise StoreError(f"{path}: unreadable index description: {exc}") from exc
+    if not (isinstance(info, dict) and all(k in info for k in _INFO_KEYS) and isinstance(info["files"], dict)
+            and all(k in info["files"] for k in _FILE_KEYS)):
+        raise StoreError(f"{path}: not an index description (needs keys {list(_INFO_KEYS)} and files "
+                         f"{list(_FILE_KEYS)}); {REBUILD}")
+    return info
 
 
 def _shard_list(fs: FeatureSet) -> list[dict]:
@@ -297,23 +321,97 @@ def index_status(fs: FeatureSet, column: str) -> str:
 
 
 def _save(fs: FeatureSet, column: str, index: faiss.Index, item_ids: list[str], info: dict) -> dict:
+    """Write a new generation and commit it; the caller holds the index lock (see `_building`)."""
     directory = index_dir(fs)
-    directory.mkdir(parents=True, exist_ok=True)
-    previous = read_info(fs, column)
-    gen = (previous or {}).get("generation", 0) + 1
+    gen = _next_generation(fs, column)
     index_file, ids_file = directory / f"{column}.{gen:06d}.faiss", directory / f"{column}.{gen:06d}.ids.arrow"
-    faiss.write_index(index, str(index_file))
+    try:
+        info = _write_generation(fs, column, index, item_ids, info, gen, index_file, ids_file)
+    except BaseException:
+        # Nothing half-committed stays behind: this generation's files go unless the JSON already names them.
+        if index_file.name not in (_committed_files(fs, column) or set()):
+            remove_quietly(index_file, ids_file)
+        raise
+    _remove_uncommitted(fs, column)  # the previous generation
+    return info
+
+
+def _write_generation(fs: FeatureSet, column: str, index: faiss.Index, item_ids: list[str], info: dict, gen: int,
+                      index_file: Path, ids_file: Path) -> dict:
+    # faiss.write_index would report a full disk or a read-only store as a C++ RuntimeError; serialising to
+    # memory and writing the bytes ourselves makes it an OSError naming the file. Costs one in-memory copy.
+    data = faiss.serialize_index(index)
+    replace_atomically(index_file, lambda tmp: write_bytes(tmp, data))
     write_arrow_atomic(ids_file, pa.table({"item_id": pa.array(item_ids, pa.string())}))
     info = {**info, "generation": gen,
-            "files": {"index": index_file.name, "index_bytes": index_file.stat().st_size,
-                      "index_sha256": sha256_of(index_file), "ids": ids_file.name,
-                      "ids_sha256": sha256_of(ids_file)}}
+            "files": {"index": index_file.name, "index_bytes": int(data.nbytes),
+                      "index_sha256": hashlib.sha256(data).hexdigest(), "ids": ids_file.name,
+                      "ids_sha256": sha256_file(ids_file)}}
     write_json_atomic(info_path(fs, column), info)  # the commit point
-    for entry in directory.iterdir():  # older generations and files of a killed build
-        match = _GEN_RE.match(entry.name)
-        if match and match["column"] == column and int(match["gen"]) != gen:
-            entry.unlink(missing_ok=True)
     return info
+
+
+def _read_info_if_readable(fs: FeatureSet, column: str) -> dict | None | bool:
+    try:
+        return read_info(fs, column)
+    except StoreError:
+        return False
+
+
+def _committed_files(fs: FeatureSet, column: str) -> set[str] | None:
+    """Names the column's JSON commits to (none without a JSON); None when the JSON cannot be read, in which
+    case no file may be called uncommitted."""
+    info = _read_info_if_readable(fs, column)
+    if info is False:
+        return None
+    return set() if info is None else {info["files"]["index"], info["files"]["ids"]}
+
+
+def _next_generation(fs: FeatureSet, column: str) -> int:
+    """One past every generation on disk or named by the JSON: a new generation never overwrites a committed
+    file, even while a damaged index is being rebuilt."""
+    info = _read_info_if_readable(fs, column) or {}
+    named = info.get("generation")
+    on_disk = [int(m["gen"]) for m in map(_GEN_RE.match, os.listdir(index_dir(fs))) if m and m["column"] == column]
+    return max([named if isinstance(named, int) else 0, *on_disk]) + 1
+
+
+def _remove_uncommitted(fs: FeatureSet, column: str) -> None:
+    """Delete the column's generation files its JSON does not name (older generations, killed builds)."""
+    committed = _committed_files(fs, column)
+    if committed is None:
+        return
+    directory = index_dir(fs)
+    for name in os.listdir(directory):
+        match = _GEN_RE.match(name)
+        if match and match["column"] == column and name not in committed:
+            (directory / name).unlink(missing_ok=True)
+
+
+def _remove_leftovers(fs: FeatureSet, column: str) -> None:
+    """Under the index lock no other build runs, so temporary files of any vector column are a killed build's,
+    and so are `column`'s generations that its JSON does not name. Nothing else is touched: only names of
+    the index's own patterns, for columns the feature set really has."""
+    directory = index_dir(fs)
+    for name in os.listdir(directory):
+        match = _TMP_RE.match(name)
+        if match and match["column"] in fs.spec.vectors:
+            (directory / name).unlink(missing_ok=True)
+    _remove_uncommitted(fs, column)
+
+
+@contextlib.contextmanager
+def _building(fs: FeatureSet, column: str):
+    """Exclusive, non-blocking lock on the feature set's index folder for one build or update: two builds
+    would claim the same generation number. Taken only when something will be written, and opened for
+    writing (no read-only fallback), so that a read-only store fails here, before a long build."""
+    directory = index_dir(fs)
+    directory.mkdir(parents=True, exist_ok=True)
+    lock = exclusive_lock(directory / LOCK_NAME, blocking=False, read_only_ok=False,
+                          busy=f"another process is indexing feature set {fs.name!r}; wait for it to finish")
+    with contextlib.closing(lock):
+        _remove_leftovers(fs, column)
+        yield
 
 
 def _utc_now() -> str:
@@ -366,6 +464,13 @@ def make_index(rows: VectorRows, factory: str | None = None, *, target_recall: f
 def build_index(fs: FeatureSet, column: str, factory: str | None = None, *, target_recall: float = DEFAULT_TARGET_RECALL,
                 seed: int = 0, use_gpu: bool | None = None, log: Callable = print) -> dict:
     """Build, tune and save the index of one vector column from scratch; returns its description."""
+    _column_dim(fs, column)  # an unknown column is refused before anything is created
+    with _building(fs, column):
+        return _build_locked(fs, column, factory, target_recall=target_recall, seed=seed, use_gpu=use_gpu, log=log)
+
+
+def _build_locked(fs: FeatureSet, column: str, factory: str | None, *, target_recall: float, seed: int,
+                  use_gpu: bool | None, log: Callable) -> dict:
     rows = VectorRows(fs.vector_shards(column), _column_dim(fs, column))
     if len(rows) == 0:
         raise StoreError(f"feature set {fs.name!r} has no rows; nothing to index")
@@ -382,16 +487,40 @@ def update_index(fs: FeatureSet, column: str, factory: str | None = None, *, reb
                  target_recall: float = DEFAULT_TARGET_RECALL, seed: int = 0, use_gpu: bool | None = None,
                  log: Callable = print) -> dict:
     """Bring one column's index up to date: build it if missing, stale, forced or of another factory; add only
-    the new shards' vectors when the store grew since the build (every FAISS index here can add)."""
-    status = index_status(fs, column)
+    the new shards' vectors when the store grew since the build (every FAISS index here can add). An index
+    that is up to date is not locked or written, so this works on a read-only store."""
+    _column_dim(fs, column)
+    if not rebuild and _up_to_date(fs, column, factory):
+        return _report_fresh(fs, column, log)
+    kwargs = dict(target_recall=target_recall, seed=seed, use_gpu=use_gpu, log=log)
+    with _building(fs, column):
+        if rebuild:  # also when the old description is unreadable: it is not consulted
+            return _build_locked(fs, column, factory, **kwargs)
+        return _update_locked(fs, column, factory, **kwargs)
+
+
+def _up_to_date(fs: FeatureSet, column: str, factory: str | None) -> bool:
     info = read_info(fs, column)
-    if rebuild or status in ("missing", "stale") or (factory and info and factory != info["factory"]):
-        if status == "stale" and not rebuild:
+    return index_status(fs, column) == "fresh" and not (factory and factory != info["factory"])
+
+
+def _report_fresh(fs: FeatureSet, column: str, log: Callable) -> dict:
+    info = read_info(fs, column)
+    log(f"[index] {fs.name}/{column}: up to date ({info['count']} rows, {info['factory']})")
+    return info
+
+
+def _update_locked(fs: FeatureSet, column: str, factory: str | None, *, target_recall: float, seed: int,
+                   use_gpu: bool | None, log: Callable) -> dict:
+    kwargs = dict(target_recall=target_recall, seed=seed, use_gpu=use_gpu, log=log)
+    status = index_status(fs, column)  # again, under the lock: another process may just have updated it
+    info = read_info(fs, column)
+    if status in ("missing", "stale") or (factory and factory != info["factory"]):
+        if status == "stale":
             log(f"[index] {fs.name}/{column}: the store's shards changed since the build; rebuilding")
-        return build_index(fs, column, factory, target_recall=target_recall, seed=seed, use_gpu=use_gpu, log=log)
+        return _build_locked(fs, column, factory, **kwargs)
     if status == "fresh":
-        log(f"[index] {fs.name}/{column}: up to date ({info['count']} rows, {info['factory']})")
-        return info
+        return _report_fresh(fs, column, log)
 
     index = VectorIndex.load(fs, column, allow_stale=True, warn=False)
     rows = VectorRows(fs.vector_shards(column), info["dim"])
@@ -401,7 +530,7 @@ def update_index(fs: FeatureSet, column: str, factory: str | None = None, *, reb
             index.index.add(chunk)
     except RuntimeError as exc:  # an index type that cannot grow after training
         log(f"[index] {fs.name}/{column}: {info['factory']} cannot add rows ({str(exc).splitlines()[-1]}); rebuilding")
-        return build_index(fs, column, factory, target_recall=target_recall, seed=seed, use_gpu=use_gpu, log=log)
+        return _build_locked(fs, column, factory, **kwargs)
     added = len(rows) - info["count"]
     seconds = time.monotonic() - start
     probe = _RecallProbe.sample(rows, RECALL_K, TUNE_QUERIES, seed + 1)
@@ -448,17 +577,8 @@ class VectorIndex:
         if info is None:
             raise StoreKeyError(f"no index for {where} in {fs.path}; build it with "
                                 f"`make index STORE={fs.path.parent}` (avcache index)")
-        directory = index_dir(fs)
-        index_file, ids_file = directory / info["files"]["index"], directory / info["files"]["ids"]
-        for path in (index_file, ids_file):
-            if not path.is_file():
-                raise StoreError(f"{path}: named by {info_path(fs, column).name} but missing; rebuild with "
-                                 f"`avcache index --rebuild`")
-        if index_file.stat().st_size != info["files"]["index_bytes"]:
-            raise StoreError(f"{index_file}: size differs from {info_path(fs, column).name}; the file is damaged "
-                             f"(rebuild with `avcache index --rebuild`)")
-        with pa.memory_map(str(ids_file), "r") as source:
-            item_ids = pa.ipc.open_file(source).read_all().column("item_id").to_pylist()
+        index_file, ids_file = _checked_files(fs, column, info)
+        item_ids = _read_ids(ids_file)
         _check_ids(fs, where, item_ids, info)
         status = index_status(fs, column)
         if status != "fresh":
@@ -470,7 +590,7 @@ class VectorIndex:
                 raise StaleIndexError(message)
             if warn:
                 warnings.warn(message + "; searching the rows it covers", stacklevel=2)
-        index = faiss.read_index(str(index_file))
+        index = _read_index(index_file)
         if index.ntotal != len(item_ids) or index.d != dim:
             raise IndexMismatchError(f"index {where}: {index.ntotal} vectors of dim {index.d}, but its item_id map "
                                      f"has {len(item_ids)} rows and the feature set's dim is {dim}")
@@ -490,6 +610,41 @@ class VectorIndex:
         scores, rows = self.index.search(normalised(queries), k)
         return [[(self.item_ids[r], float(s)) for s, r in zip(srow, rrow) if r >= 0]
                 for srow, rrow in zip(scores, rows)]
+
+
+def _checked_files(fs: FeatureSet, column: str, info: dict) -> tuple[Path, Path]:
+    """The index and ids files the JSON names, each inside index/, present, and with the recorded sha256."""
+    described_by, files = info_path(fs, column), info["files"]
+    paths = [contained_path(index_dir(fs), files[key], described_by, REBUILD) for key in ("index", "ids")]
+    for path in paths:
+        if not path.is_file():
+            raise StoreError(f"{path}: named by {described_by.name} but missing; {REBUILD}")
+    index_file, ids_file = paths
+    if index_file.stat().st_size != files["index_bytes"]:
+        raise StoreError(f"{index_file}: size differs from {described_by.name}; the file is damaged ({REBUILD})")
+    for path, key in ((index_file, "index_sha256"), (ids_file, "ids_sha256")):
+        # Cached by (path, size, mtime): a search process loading the same index again does not rehash it.
+        actual = sha256_file(path)
+        if actual != files[key]:
+            raise StoreError(f"{path}: differs from {described_by.name}: replaced or damaged (sha256 {actual}, "
+                             f"recorded {files[key]}); {REBUILD}")
+    return index_file, ids_file
+
+
+def _read_ids(ids_file: Path) -> list[str]:
+    try:
+        with pa.memory_map(str(ids_file), "r") as source:
+            return pa.ipc.open_file(source).read_all().column("item_id").to_pylist()
+    except (OSError, pa.ArrowInvalid, KeyError) as exc:
+        raise StoreError(f"{ids_file}: unreadable item_id map: {exc}; {REBUILD}") from exc
+
+
+def _read_index(index_file: Path) -> faiss.Index:
+    try:
+        return faiss.read_index(str(index_file))
+    except RuntimeError as exc:  # its checksum matched a moment ago: removed or changed since (a concurrent build)
+        reason = str(exc).strip().splitlines()[-1]
+        raise StoreError(f"{index_file}: unreadable FAISS index ({reason}); {REBUILD}") from None
 
 
 def _check_ids(fs: FeatureSet, where: str, item_ids: list[str], info: dict) -> None:

@@ -13,7 +13,11 @@ Commit protocol: a shard is written to ``.shard-NNNNN.{h5,arrow}.tmp``, fsynced,
 only then listed in meta.json (written atomically: tmp + fsync + rename + fsync of the directory). meta.json's
 shard list is the single source of truth, so a process killed at any instant leaves each item either committed
 exactly once (its shard is listed) or absent (its shard is not listed; the files are leftovers that readers
-ignore and the next writer removes).
+ignore and the next writer removes). A commit that fails with an error (a full disk, a read-only file system:
+an ``OSError`` naming the file) removes its temporary files and keeps the rows buffered for a retry.
+
+Every file meta.json names must lie inside the feature set's folder (no absolute path, no '..', no symlink
+leading out); readers refuse anything else with a StoreError before reading a byte.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import errno
+import io
 import json
 import math
 import os
@@ -38,10 +44,11 @@ import pyarrow.ipc as ipc
 
 # Module-level names (not durable.X calls) so crash tests can stop the commit protocol at any single step.
 from avcache.features.durable import fsync_dir as _fsync_dir
-from avcache.features.durable import fsync_file as _fsync_file
+from avcache.features.durable import remove_quietly
 from avcache.features.durable import sha256_of as _sha256
 from avcache.features.durable import write_arrow as _write_arrow
 from avcache.features.durable import write_arrow_atomic
+from avcache.features.durable import write_bytes as _write_bytes
 from avcache.features.durable import write_json_atomic as _write_json_atomic
 
 try:  # advisory lock against two writers on one feature set; POSIX only
@@ -69,6 +76,11 @@ _SCALAR_TYPES = {"bool": pa.bool_(), "int64": pa.int64(), "float64": pa.float64(
 _H5_CHUNK_BYTES = 64 * 1024
 _H5_MIN_CHUNK_ROWS = 64
 _H5_CACHE_SIZE = 8
+# Keys every shard entry of meta.json carries (the writer always writes them; readers index by them).
+_SHARD_KEYS = ("name", "arrow", "h5", "rows", "arrow_sha256", "h5_sha256")
+# errno values meaning "this file system or file is not writable by us" (as opposed to a missing file).
+_NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
+STORE_REMEDY = "delete the feature set's folder and re-extract"
 
 
 def _default_code_version() -> str:
@@ -126,22 +138,88 @@ def _read_meta(directory: Path) -> dict:
         raise StoreError(f"{path}: unreadable metadata: {exc}") from exc
     if not isinstance(meta, dict) or not isinstance(meta.get("shards"), list):
         raise StoreError(f"{path}: not a feature-set metadata file (no 'shards' list)")
+    _check_shard_entries(meta["shards"], directory, path)
     return meta
 
 
-def _lock(path: Path, blocking: bool, what: str):
-    """Exclusive advisory lock on ``path``; closing the returned file releases it.
+def _check_shard_entries(shards: list, directory: Path, meta_path: Path) -> None:
+    """Up front, so that a damaged or hostile meta.json is refused before any shard is opened."""
+    root = os.path.realpath(directory)
+    for n, shard in enumerate(shards):
+        if not isinstance(shard, dict) or any(key not in shard for key in _SHARD_KEYS):
+            raise StoreError(f"{meta_path}: shard entry {n} is not an object with keys {list(_SHARD_KEYS)}; "
+                             f"the metadata is damaged ({STORE_REMEDY})")
+        for key in ("arrow", "h5"):
+            _refuse_outside(root, directory, shard[key], meta_path, STORE_REMEDY)
 
-    The lock file is created if needed and never deleted (deleting a lock file races with its next user).
+
+def contained_path(folder: Path, name: Any, named_by: Path, remedy: str) -> Path:
+    """``folder / name`` for a file name read from metadata (``named_by``), refused unless it stays inside folder.
+
+    Metadata is input like any other: a name such as "../../x" or "/etc/passwd", or a symlink leading out, would
+    make a reader load (or verify, or search) files the store does not own. Every join of a name taken from
+    meta.json or an index description goes through here."""
+    return _refuse_outside(os.path.realpath(folder), folder, name, named_by, remedy)
+
+
+def outside_problem(folder: Path, name: Any) -> str | None:
+    """Why ``folder / name`` would not be a file inside ``folder`` (the rule of `contained_path`), or None."""
+    return _name_problem(os.path.realpath(folder), folder, name)
+
+
+def _refuse_outside(root: str, folder: Path, name: Any, named_by: Path, remedy: str) -> Path:
+    problem = _name_problem(root, folder, name)
+    if problem:
+        raise StoreError(f"{named_by}: refusing file name {name!r} ({problem}): store metadata may only name files "
+                         f"inside {folder}; the store was damaged or tampered with ({remedy})")
+    return folder / name
+
+
+def _name_problem(root: str, folder: Path, name: Any) -> str | None:
+    if not isinstance(name, str) or not name:
+        return "not a non-empty string"
+    if "\x00" in name:
+        return "contains a NUL byte"
+    if os.path.isabs(name):
+        return "an absolute path"
+    if ".." in Path(name).parts:
+        return "a '..' component"
+    if "/" not in name and name != "." and not os.path.islink(folder / name):
+        return None  # a plain file name that is no symlink: inside (one lstat, not a walk up every component)
+    target = os.path.realpath(folder / name)  # follows symlinks, in every component
+    if target == root:
+        return "names the folder itself"
+    if os.path.commonpath([root, target]) != root:
+        return f"resolves to {target}, outside the folder"
+    return None
+
+
+def exclusive_lock(path: Path, blocking: bool, busy: str, read_only_ok: bool = True):
+    """Exclusive advisory lock on ``path``; closing the returned file releases it. ``busy`` is the StoreError
+    message when another process holds it (and the lock is not blocking).
+
+    The lock file is created if needed and never deleted (deleting a lock file races with its next user). An
+    existing lock file that cannot be opened for writing (a read-only store) is locked through a read-only
+    descriptor, which flock accepts, so that a job that turns out to have nothing to write still runs; pass
+    read_only_ok=False where the lock is only ever taken in order to write.
     """
-    fh = open(path, "a")
+    fh = _open_lock_file(path, read_only_ok)
     if fcntl is not None:
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
         except BlockingIOError as exc:
             fh.close()
-            raise StoreError(f"{what} is locked by another writer ({path})") from exc
+            raise StoreError(f"{busy} ({path})") from exc
     return fh
+
+
+def _open_lock_file(path: Path, read_only_ok: bool):
+    try:
+        return open(os.fspath(path), "a")  # an error names the file as a string
+    except OSError as exc:
+        if read_only_ok and exc.errno in _NOT_WRITABLE and path.is_file():
+            return open(os.fspath(path), "rb")
+        raise
 
 
 def h5_dataset_name(item_id: str) -> str:
@@ -333,17 +411,28 @@ def _prepare_sequence(value: Any, trailing: list, dtype: str, item_id: str, colu
 
 
 def _write_h5(path: Path, rows: list[dict], spec: FeatureSetSpec) -> None:
-    with h5py.File(path, "w") as f:
-        f.attrs["feature_set"] = spec.name
-        f.create_dataset("item_ids", data=[r["item_id"] for r in rows], dtype=h5py.string_dtype("utf-8"))
-        for column, trailing in spec.sequences.items():
-            group = f.create_group(column)
-            group.attrs["trailing_shape"] = np.asarray(trailing, dtype=np.int64)
-            for r in rows:
-                arr = r["sequences"][column]
-                group.create_dataset(h5_dataset_name(r["item_id"]), data=arr, chunks=_h5_chunks(arr))
-        f.flush()
-    _fsync_file(path)
+    """The shard is built as an in-memory HDF5 image and written with plain file I/O (fsynced).
+
+    HDF5 writing a file itself reports a full disk only from a destructor ("Exception ignored in ..."), the call
+    returns normally, the commit goes on, and the process later crashes; a Python write raises ENOSPC there and
+    then. The cost: the whole shard image is held in memory while it is written, so a writer's peak memory per
+    shard roughly doubles (the buffered rows plus their image). The file format is unchanged."""
+    image = io.BytesIO()
+    with h5py.File(image, "w") as f:
+        _fill_h5(f, rows, spec)
+    with image.getbuffer() as view:  # no copy of the image
+        _write_bytes(path, view)
+
+
+def _fill_h5(f: h5py.File, rows: list[dict], spec: FeatureSetSpec) -> None:
+    f.attrs["feature_set"] = spec.name
+    f.create_dataset("item_ids", data=[r["item_id"] for r in rows], dtype=h5py.string_dtype("utf-8"))
+    for column, trailing in spec.sequences.items():
+        group = f.create_group(column)
+        group.attrs["trailing_shape"] = np.asarray(trailing, dtype=np.int64)
+        for r in rows:
+            arr = r["sequences"][column]
+            group.create_dataset(h5_dataset_name(r["item_id"]), data=arr, chunks=_h5_chunks(arr))
 
 
 def _h5_chunks(arr: np.ndarray) -> tuple | None:
@@ -363,6 +452,11 @@ def _arrow_table(rows: list[dict], spec: FeatureSetSpec, scalar_types: dict) -> 
     for column, kind in scalar_types.items():
         arrays[column] = pa.array([r["scalars"].get(column) for r in rows], _SCALAR_TYPES[kind])
     return pa.table(arrays)
+
+
+def _shard_file(directory: Path, shard: dict, key: str) -> Path:
+    """A listed shard file (key "arrow" or "h5"), checked again at each use: a symlink may change after opening."""
+    return contained_path(directory, shard[key], directory / META_NAME, STORE_REMEDY)
 
 
 def _open_arrow(path: Path) -> pa.Table:
@@ -405,7 +499,8 @@ class FeatureSetWriter:
         if (self.path / META_NAME).exists():
             _check_fingerprint(_read_meta(self.path), spec, self.path)
         self.path.mkdir(parents=True, exist_ok=True)
-        self._lock = _lock(self.path / LOCK_NAME, blocking=wait, what=f"feature set {str(self.path)!r}")
+        self._lock = exclusive_lock(self.path / LOCK_NAME, blocking=wait,
+                                    busy=f"feature set {str(self.path)!r} is locked by another writer")
         try:
             self._open_locked()
         except BaseException:
@@ -432,11 +527,15 @@ class FeatureSetWriter:
     def _load_committed_ids(self) -> set[str]:
         ids: set[str] = set()
         for shard in self.meta["shards"]:
-            for key in ("arrow", "h5"):
-                if not (self.path / shard[key]).is_file():
-                    raise StoreError(f"{self.path / shard[key]}: listed in {META_NAME} but missing; the feature set "
+            paths = {key: _shard_file(self.path, shard, key) for key in ("arrow", "h5")}
+            for path in paths.values():
+                if not path.is_file():
+                    raise StoreError(f"{path}: listed in {META_NAME} but missing; the feature set "
                                      f"is damaged (delete the directory to re-extract)")
-            ids.update(_open_arrow(self.path / shard["arrow"]).column("item_id").to_pylist())
+            try:
+                ids.update(_open_arrow(paths["arrow"]).column("item_id").to_pylist())
+            except (OSError, pa.ArrowInvalid, KeyError) as exc:
+                raise StoreError(f"{paths['arrow']}: cannot read listed shard: {exc} ({STORE_REMEDY})") from exc
         return ids
 
     def _remove_leftovers(self) -> None:
@@ -563,14 +662,19 @@ class FeatureSetWriter:
         # Scalar columns whose type is known (from any earlier row); a column that has only ever been None
         # has no type yet and is left out until a real value arrives (readers fill the gap with nulls).
         scalar_types = dict(self._scalar_types)
-        _write_h5(tmp["h5"], rows, self.spec)
-        _write_arrow(tmp["arrow"], _arrow_table(rows, self.spec, scalar_types))
-        entry = {"name": name, "arrow": final["arrow"].name, "h5": final["h5"].name, "rows": len(rows),
-                 "arrow_sha256": _sha256(tmp["arrow"]), "h5_sha256": _sha256(tmp["h5"]),
-                 "bytes": tmp["arrow"].stat().st_size + tmp["h5"].stat().st_size,
-                 "code_version": self.code_version, "created": _utc_now()}
-        for key in ("h5", "arrow"):
-            os.replace(tmp[key], final[key])
+        try:
+            _write_h5(tmp["h5"], rows, self.spec)
+            _write_arrow(tmp["arrow"], _arrow_table(rows, self.spec, scalar_types))
+            entry = {"name": name, "arrow": final["arrow"].name, "h5": final["h5"].name, "rows": len(rows),
+                     "arrow_sha256": _sha256(tmp["arrow"]), "h5_sha256": _sha256(tmp["h5"]),
+                     "bytes": tmp["arrow"].stat().st_size + tmp["h5"].stat().st_size,
+                     "code_version": self.code_version, "created": _utc_now()}
+            for key in ("h5", "arrow"):
+                os.replace(tmp[key], final[key])
+        except BaseException:
+            # The caller keeps the rows buffered; a half-written tmp file would only hold space on a full disk.
+            remove_quietly(*tmp.values())
+            raise
         _fsync_dir(self.path)
 
         meta = copy.deepcopy(self.meta)
@@ -642,7 +746,7 @@ class FeatureSet:
         if self._tables is None:
             tables = []
             for shard in self._shards:
-                path = self.path / shard["arrow"]
+                path = _shard_file(self.path, shard, "arrow")
                 try:
                     tables.append(_open_arrow(path))
                 except (OSError, pa.ArrowInvalid) as exc:
@@ -785,7 +889,7 @@ class FeatureSet:
         if f is not None:
             self._h5.move_to_end(shard_index)
             return f
-        path = self.path / self._shards[shard_index]["h5"]
+        path = _shard_file(self.path, self._shards[shard_index], "h5")
         try:
             f = h5py.File(path, "r")
         except OSError as exc:
@@ -847,7 +951,7 @@ class FeatureSet:
         """Recompute the sha256 of every listed shard file; StoreError naming the first bad or missing file."""
         for shard in self._shards:
             for key in ("arrow", "h5"):
-                path = self.path / shard[key]
+                path = _shard_file(self.path, shard, key)
                 if not path.is_file():
                     raise StoreError(f"{path}: listed in {META_NAME} but missing")
                 actual = _sha256(path)
@@ -894,12 +998,18 @@ class FeatureStore:
     def write_failures(self, feature_set: str, rows: list[dict]) -> None:
         """Replace ``feature_set``'s rows in failures.arrow with ``rows`` (item_id, path, stage, reason)."""
         new = [self._failure_row(feature_set, r) for r in rows]
+        if self._failure_rows(feature_set) == new:
+            return  # nothing changed: write nothing, so that a rerun on a read-only store succeeds
         self.root.mkdir(parents=True, exist_ok=True)
         # The lock serialises read-modify-write between extraction jobs writing different feature sets.
-        with contextlib.closing(_lock(self.root / ".failures.lock", blocking=True, what="failures table")):
+        with contextlib.closing(exclusive_lock(self.root / ".failures.lock", blocking=True,
+                                               busy="failures table is locked by another writer")):
             kept = [r for r in self.failures().to_pylist() if r["feature_set"] != feature_set]
             table = pa.Table.from_pylist(kept + new, schema=FAILURES_SCHEMA)
             write_arrow_atomic(self.root / FAILURES_NAME, table)
+
+    def _failure_rows(self, feature_set: str) -> list[dict]:
+        return [r for r in self.failures().to_pylist() if r["feature_set"] == feature_set]
 
     @staticmethod
     def _failure_row(feature_set: str, row: dict) -> dict:

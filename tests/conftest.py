@@ -1,4 +1,9 @@
+import builtins
+import errno
+import io
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -101,3 +106,92 @@ def video_dialogue_store(tmp_path_factory):
     config = load_config(overrides=[f"feature_sets=[{sets}]"])
     assert extract(root / "manifest.arrow", root / "store", config, LocalRunner(), log=lambda *a: None).failed == 0
     return root
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a full or read-only disk: real (a tmpfs the test mounts; root only) and simulated (the system calls patched)
+
+
+class Disk:
+    """os.write on a disk with `free` bytes left: partial writes, then ENOSPC, as a full file system behaves.
+    Only our plain-I/O writes go through os.write; library writes (h5py, pyarrow, faiss) never meet it."""
+
+    def __init__(self, monkeypatch, free: int):
+        self.free = free
+        real = os.write
+
+        def write(fd, data):
+            if fd <= 2:  # the test's own stdout / stderr
+                return real(fd, data)
+            if self.free <= 0:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            n = real(fd, memoryview(data).cast("B")[: self.free])
+            self.free -= n
+            return n
+        monkeypatch.setattr(os, "write", write)
+
+
+def read_only(monkeypatch, root: Path) -> None:
+    """Every call that would create, change or remove something under `root` fails with EROFS, as on a file
+    system mounted read-only; reads, and everything outside `root`, go through."""
+    root = os.path.abspath(root)
+
+    def under(path) -> bool:
+        if isinstance(path, int):  # a file descriptor
+            return False
+        path = os.path.abspath(os.fsdecode(os.fspath(path)))
+        return path == root or path.startswith(root + os.sep)
+
+    def refuse(path):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fspath(path))
+
+    real_open, real_os_open = builtins.open, os.open
+
+    def open_(file, mode="r", *args, **kwargs):
+        if any(c in mode for c in "wax+") and under(file):
+            refuse(file)
+        return real_open(file, mode, *args, **kwargs)
+
+    def os_open(path, flags, *args, **kwargs):
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC) and under(path):
+            refuse(path)
+        return real_os_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", open_)
+    monkeypatch.setattr(io, "open", open_)
+    monkeypatch.setattr(os, "open", os_open)
+    for name in ("replace", "rename", "remove", "unlink", "mkdir", "rmdir"):
+        def guarded(path, *args, _real=getattr(os, name), **kwargs):
+            if under(path):
+                refuse(path)
+            return _real(path, *args, **kwargs)
+        monkeypatch.setattr(os, name, guarded)
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """mount(size) -> a fresh tmpfs mount point; remount(point, options). Unmounted in teardown."""
+    mounted: list[Path] = []
+
+    def run(*args):
+        return subprocess.run(args, capture_output=True, text=True)
+
+    def mount(size: str) -> Path:
+        point = tmp_path / f"tmpfs{len(mounted)}"
+        point.mkdir()
+        if shutil.which("mount") is None:
+            pytest.skip("no mount command: cannot test a real full or read-only file system")
+        proc = run("mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point))
+        if proc.returncode != 0:
+            pytest.skip(f"mounting a tmpfs is not permitted here (needs root): {proc.stderr.strip()}")
+        mounted.append(point)
+        return point
+
+    def remount(point: Path, options: str) -> None:
+        proc = run("mount", "-o", f"remount,{options}", str(point))
+        assert proc.returncode == 0, proc.stderr
+
+    yield mount, remount
+    for point in reversed(mounted):
+        if run("umount", str(point)).returncode != 0:
+            run("umount", "-l", str(point))  # something still holds a file open: detach it anyway

@@ -100,7 +100,7 @@ def test_new_shards_are_added_without_a_rebuild(tmp_path):
     assert info["count"] == 190 and info["added_rows"] == 70 and info["built"] == first["built"]
     assert info["generation"] == first["generation"] + 1
     assert sorted(p.name for p in index_dir(fs).iterdir()) == sorted(
-        ["embedding.json", info["files"]["index"], info["files"]["ids"]])  # the old generation is gone
+        [".lock", "embedding.json", info["files"]["index"], info["files"]["ids"]])  # the old generation is gone
     index = VectorIndex.load(fs, "embedding")
     assert index.search(more[3], k=1)[0][0][0] == "item/00123"
     assert update_index(fs, "embedding", log=quiet) == info  # nothing new: nothing written
