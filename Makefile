@@ -11,6 +11,7 @@ ITEMS ?= 24
 SEED ?= 0
 DATASET ?= synthetic
 MANIFEST ?= $(OUT)/manifest.arrow
+ALLOW_OUTSIDE_DATA ?=
 STORE ?= $(OUT)/store
 CONFIG ?=
 RUNNER ?= ray
@@ -45,8 +46,8 @@ setup: $(STAMP) ## install avcache and its dependencies into .venv
 synth: $(STAMP) ## write the synthetic dataset: DATA=<dir> [ITEMS=<n>] [SEED=<s>]
 	$(BIN)/avcache synth --data $(DATA) --items $(ITEMS) --seed $(SEED)
 
-manifest: $(STAMP) ## build a manifest: DATASET=<synthetic|avsd|flickr8k_audio|spokencoco|esc50|ravdess|folder> DATA=<dir> MANIFEST=<file.arrow>
-	$(BIN)/avcache manifest --dataset $(DATASET) --data $(DATA) --manifest $(MANIFEST)
+manifest: $(STAMP) ## build a manifest: DATASET=<synthetic|avsd|flickr8k_audio|spokencoco|esc50|ravdess|folder> DATA=<dir> MANIFEST=<file.arrow> [ALLOW_OUTSIDE_DATA=1: accept media outside DATA]
+	$(BIN)/avcache manifest --dataset $(DATASET) --data $(DATA) --manifest $(MANIFEST) $(if $(filter 1,$(ALLOW_OUTSIDE_DATA)),--allow-outside-data)
 
 extract: $(STAMP) ## extract every feature set: MANIFEST=<file.arrow> STORE=<dir> [CONFIG=<file.yaml>]
 	$(BIN)/avcache extract --manifest $(MANIFEST) --store $(STORE) --runner $(RUNNER) $(if $(CONFIG),--config $(CONFIG))

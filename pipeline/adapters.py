@@ -2,13 +2,20 @@
 
 Each adapter is a function `(data_dir: Path) -> AdapterResult` registered by name in `ADAPTERS`. It parses the
 official index files exactly as published, locating each one by file name anywhere under `data_dir`, so both
-the extracted-archive layout and a flat folder work. Paths in rows are absolute.
+the extracted-archive layout and a flat folder work. Paths in rows are absolute, with `..` normalised away.
 
-Bad input never crashes an adapter: an undecodable line, a malformed entry or a missing media file becomes a
-failure row (item_id, path, stage="manifest", reason naming the file and line) and every good item is still
-returned. Only a wholly missing index file is an error (ManifestError).
+Bad input never crashes an adapter: an undecodable line, a malformed entry or record, a file name that is not
+UTF-8 or a missing media file becomes a failure row (item_id, path, stage="manifest", reason naming the file and
+line) and every good item is still returned. CSV files are read record by record, so a quoted field may span
+lines (a reason names the record's first line). Only a wholly missing index file is an error (ManifestError).
 
-`build_manifest(dataset, data_dir, out_path)` runs an adapter and writes the manifest plus its failures file.
+Media must lie inside the dataset folder, judged lexically: `..` is normalised, symlinks are not resolved, so a
+symlinked media folder inside data_dir counts as inside. Adapters only probe for files inside it; a path the
+index itself names outside (`../..`, absolute) is refused by build_manifest unless `allow_outside_data`.
+
+`build_manifest(dataset, data_dir, out_path)` runs an adapter, turns rows the manifest cannot store (see
+manifest.row_problem), rows with media outside data_dir and repeated item ids into failure rows, and writes the
+manifest plus its failures file.
 """
 
 from __future__ import annotations
@@ -19,12 +26,20 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .manifest import ManifestError, failures_path_for, write_failures, write_manifest
+from .manifest import (
+    PATH_COLUMNS,
+    ManifestError,
+    failures_path_for,
+    readable,
+    row_problem,
+    write_failures,
+    write_manifest,
+)
 
 STAGE = "manifest"
 
@@ -35,19 +50,33 @@ IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".webp"})
 
 @dataclass
 class AdapterResult:
-    """Manifest rows (dicts in the manifest schema; `extra` may be a dict) and failure rows."""
+    """Manifest rows (dicts in the manifest schema; `extra` may be a dict) and failure rows.
+
+    `as_written` maps a media path in the rows to the value the index wrote for it, so that refusing the path can
+    quote the dataset's own words. `outside` counts the rows build_manifest kept although their media lie outside
+    the dataset folder (only with allow_outside_data).
+    """
 
     rows: list[dict] = field(default_factory=list)
     failures: list[dict] = field(default_factory=list)
+    as_written: dict[str, str] = field(default_factory=dict)
+    outside: int = 0
 
-    def fail(self, reason: str, path: str | os.PathLike | None = None, item_id: str | None = None) -> None:
-        self.failures.append(
-            {"item_id": item_id, "path": None if path is None else os.fspath(path), "stage": STAGE, "reason": reason}
-        )
+    def fail(self, reason: str, path: Any = None, item_id: Any = None) -> None:
+        # Readable text: a file name that is not UTF-8 must not make the failures file or the CLI's output fail too.
+        self.failures.append({"item_id": _text_or_none(item_id), "path": _text_or_none(path), "stage": STAGE,
+                              "reason": readable(reason)})
 
     def extend(self, other: AdapterResult) -> None:
         self.rows.extend(other.rows)
         self.failures.extend(other.failures)
+        self.as_written.update(other.as_written)
+
+
+def _text_or_none(value: Any) -> str | None:
+    if value is None:
+        return None
+    return readable(os.fspath(value) if isinstance(value, (str, os.PathLike)) else str(value))
 
 
 Adapter = Callable[[Path], AdapterResult]
@@ -66,28 +95,100 @@ def register_adapter(name: str, looks_for: tuple[str, ...] = ()) -> Callable[[Ad
     return decorate
 
 
-def build_manifest(dataset: str, data_dir: str | os.PathLike, out_path: str | os.PathLike) -> AdapterResult:
+def build_manifest(dataset: str, data_dir: str | os.PathLike, out_path: str | os.PathLike,
+                   allow_outside_data: bool = False) -> AdapterResult:
     """Run adapter `dataset` on `data_dir`, write `out_path` and `<stem>.failures.arrow` beside it.
 
-    The failures file is always written (empty when nothing failed) so a stale one never lingers.
-    Raises ManifestError for an unknown dataset, a missing data_dir, a missing index file, or no items.
+    Rows the manifest cannot store, rows naming media outside data_dir and repeated item ids become failure rows.
+    With `allow_outside_data` outside media are kept and counted in the result's `outside`. The failures file is
+    always written (empty when nothing failed) so a stale one never lingers. Raises ManifestError for an unknown
+    dataset, an out_path that is a directory, a missing data_dir, a missing index file, or no items; an OSError
+    writing either file propagates naming that file. A build that fails at writing leaves no manifest of an
+    earlier build beside its failures (the error says what was removed).
     """
     adapter = ADAPTERS.get(dataset)
     if adapter is None:
         raise ManifestError(f"unknown dataset {dataset!r}; known datasets: {', '.join(sorted(ADAPTERS))}")
+    out = Path(out_path)
+    if out.is_dir():
+        raise ManifestError(f"{out} is a directory; give a file path such as {out / 'manifest.arrow'}")
     root = _abs(data_dir)
     if not root.is_dir():
         raise ManifestError(f"{dataset}: data directory does not exist: {root}")
     result = adapter(root)
+    _drop_unstorable_rows(result)
+    _drop_outside_rows(result, root, allow_outside_data)
     _drop_duplicate_ids(result)
-    write_failures(result.failures, failures_path_for(out_path))
+    failures = failures_path_for(out)
+    _write_or_remove_previous(lambda: write_failures(result.failures, failures), failures,
+                              {"manifest": out, "failures file": failures})
     if not result.rows:
         looked_for = ", ".join(adapter.looks_for) or "media files"  # type: ignore[attr-defined]
         first = "; ".join(f["reason"] for f in result.failures[:3])
         hint = f" First failures: {first}" if first else ""
-        raise ManifestError(f"{dataset}: no items found under {root} (looked for {looked_for}).{hint}")
-    write_manifest(result.rows, out_path)
+        removed = _remove_previous({"manifest": out})
+        raise ManifestError(f"{dataset}: no items found under {root} (looked for {looked_for}).{hint}{removed}")
+    _write_or_remove_previous(lambda: write_manifest(result.rows, out), out, {"manifest": out})
     return result
+
+
+def _drop_unstorable_rows(result: AdapterResult) -> None:
+    """A row the manifest cannot hold (manifest.row_problem) costs that row, not the whole manifest."""
+    kept = []
+    for row in result.rows:
+        problem = row_problem(row)
+        if problem is None:
+            kept.append(row)
+        else:
+            item_id = row.get("item_id") if isinstance(row, dict) else None
+            result.fail(problem, _first_path(row) if isinstance(row, dict) else None, item_id)
+    result.rows = kept
+
+
+def _drop_outside_rows(result: AdapterResult, root: Path, allow_outside: bool) -> None:
+    """Rows naming media outside `root` become failures, unless the user allowed them (then they are counted)."""
+    kept = []
+    for row in result.rows:
+        outside = next((path for path in _media_paths(row) if not _inside(path, root)), None)
+        if outside is None:
+            kept.append(row)
+        elif allow_outside:
+            result.outside += 1
+            kept.append(row)
+        else:
+            written = result.as_written.get(outside, outside)
+            result.fail(f"path escapes the dataset folder: {written}", outside, row["item_id"])
+    result.rows = kept
+
+
+def _media_paths(row: dict) -> list[str]:
+    return [os.fspath(row[column]) for column in PATH_COLUMNS if row.get(column) is not None]
+
+
+def _write_or_remove_previous(write: Callable[[], object], path: Path, previous: dict[str, Path]) -> None:
+    """Run `write`; when the disk refuses (full, read-only), remove the `previous` build's files so they cannot
+    pass for this build's, and raise the OSError again naming `path` and what was removed, in one line."""
+    try:
+        write()
+    except OSError as exc:
+        removed = _remove_previous(previous)
+        # The target, not the temporary file the writer was filling (replace_atomically has deleted that).
+        raise OSError(exc.errno, f"{exc.strerror or exc}{removed}", os.fspath(path)) from exc
+
+
+def _remove_previous(previous: dict[str, Path]) -> str:
+    """Delete the files an earlier build left (what -> path); returns the sentence to append to the error."""
+    notes = []
+    for what, path in previous.items():
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            notes.append(f"the previous {what} {path} could not be removed ({exc.strerror}) and is stale")
+            continue
+        notes.append(f"the previous {what} {path} was removed")
+    return "".join(f"; {note}" for note in notes)
 
 
 def _drop_duplicate_ids(result: AdapterResult) -> None:
@@ -103,7 +204,7 @@ def _drop_duplicate_ids(result: AdapterResult) -> None:
     result.rows = kept
 
 
-def _first_path(row: dict) -> str | None:
+def _first_path(row: dict) -> Any:
     return row.get("video_path") or row.get("audio_path") or row.get("image_path")
 
 
@@ -113,6 +214,19 @@ def _first_path(row: dict) -> str | None:
 def _abs(path: str | os.PathLike) -> Path:
     # abspath, not resolve(): keep symlinked dataset folders as the user named them.
     return Path(os.path.abspath(os.fspath(path)))
+
+
+def _inside(path: str | os.PathLike, root: Path) -> bool:
+    """Whether `path` lies in the folder `root` (absolute), judged on the normalised path, symlinks unresolved."""
+    return _abs(path).is_relative_to(root)
+
+
+def _is_file(path: Path) -> bool:
+    # An index may name anything: a name too long for the file system must read as "not found", not crash.
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
 
 
 class FileIndex:
@@ -209,23 +323,92 @@ def _read_json(path: Path, result: AdapterResult) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         result.fail(f"{path.name} line {exc.lineno} column {exc.colno}: invalid JSON: {exc.msg}", path)
-        return None
+    except RecursionError:  # the parser recurses once per level; no official file comes near the limit
+        result.fail(f"{path.name}: JSON nested too deeply to read", path)
+    return None
 
 
-def _csv_fields(line: str) -> list[str]:
-    return next(csv.reader([line]))
+def _read_csv(path: Path, result: AdapterResult, dataset: str) -> Iterator[tuple[int, list[str]]]:
+    """(first line number, fields) for each non-blank CSV record; a quoted field may span lines.
+
+    A record the csv module refuses (a field over its size limit, text after a closing quote, a quote left open
+    at the end of the file) becomes a failure and reading goes on with the next line. A line that is not UTF-8
+    is a failure and costs the record it is in.
+    """
+    lines = _DecodedLines(_read_bytes(path, dataset), path, result)
+    reader = csv.reader(lines, strict=True)  # strict: a quote left open is an error, not the rest of the file
+    while True:
+        lines.start_record()
+        try:
+            fields = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            result.fail(f"{path.name} line {lines.first}: not a valid CSV record: {exc}", path)
+            continue
+        if not lines.damaged and not _blank(fields):
+            yield lines.first, fields
 
 
-def _first_existing(*candidates: Path) -> Path | None:
-    for candidate in candidates:
-        if candidate.is_file():
+class _DecodedLines:
+    """A file's lines for csv.reader, decoded one at a time, with the line numbers of the current record.
+
+    Decoding per line keeps one bad byte from costing the whole file; the line is reported here and the record
+    it falls in is marked damaged, so the caller drops that record instead of keeping a field with U+FFFD in it.
+    """
+
+    def __init__(self, data: bytes, path: Path, result: AdapterResult):
+        # keepends: a newline inside a quoted field belongs to the field
+        self._lines = enumerate(data.removeprefix(codecs.BOM_UTF8).splitlines(keepends=True), start=1)
+        self._path, self._result = path, result
+        self.first = 0
+        self.damaged = False
+
+    def start_record(self) -> None:
+        self.first, self.damaged = 0, False
+
+    def __iter__(self) -> _DecodedLines:
+        return self
+
+    def __next__(self) -> str:
+        number, raw = next(self._lines)
+        self.first = self.first or number
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            self._result.fail(f"{self._path.name} line {number}: not UTF-8 (byte {exc.start}: {exc.reason})",
+                              self._path)
+            self.damaged = True
+            # Still parsed, with U+FFFD for the bad bytes: its quotes and commas keep the records after it aligned.
+            return raw.decode("utf-8", errors="replace")
+
+
+def _blank(fields: list[str]) -> bool:
+    return not fields or (len(fields) == 1 and not fields[0].strip())
+
+
+def _find_written(value: str, bases: Iterable[Path], files: FileIndex, result: AdapterResult) -> Path | None:
+    """The existing file an index names as `value`: absolute, or relative to the first of `bases` holding it.
+
+    Bases outside the dataset folder are skipped: an adapter never goes looking there on its own. A value that
+    climbs out with `..` (or is absolute) is still tried, inside candidates first, so that build_manifest can
+    refuse it quoting the value (remembered in result.as_written), or keep it under allow_outside_data.
+    """
+    if os.path.isabs(value):
+        candidates = [_abs(value)]
+    else:
+        candidates = [_abs(base / value) for base in bases if _inside(base, files.root)]
+    for candidate in sorted(candidates, key=lambda path: not _inside(path, files.root)):  # stable sort
+        if _is_file(candidate):
+            result.as_written[os.fspath(candidate)] = value
             return candidate
     return None
 
 
 def _hash_split(item_id: str) -> str:
     """Deterministic 80/10/10 train/val/test split from the item id (stable across runs and machines)."""
-    bucket = int(hashlib.sha1(item_id.encode("utf-8")).hexdigest(), 16) % 100
+    # surrogateescape: an id from a file name that is not UTF-8 must still hash (its row then fails on its own)
+    bucket = int(hashlib.sha1(item_id.encode("utf-8", "surrogateescape")).hexdigest(), 16) % 100
     return "train" if bucket < 80 else "val" if bucket < 90 else "test"
 
 
@@ -372,41 +555,71 @@ _CHARADES_ACTION = re.compile(r"(c\d{3}) (\d+(?:\.\d+)?) (\d+(?:\.\d+)?)")
 def _charades_actions(files: FileIndex, result: AdapterResult) -> dict[str, list[dict]]:
     """Video id -> its annotated actions, from whichever Charades annotation files are present (none: {}).
     A malformed action is a failure row and is left out; the video keeps its other actions."""
-    names: dict[str, str] = {}
-    classes = files.find(CHARADES_CLASSES)
-    if classes is not None:
-        for number, line in _read_lines(classes, result, "avsd"):
-            class_id, _, name = line.strip().partition(" ")
-            if not re.fullmatch(r"c\d{3}", class_id) or not name.strip():
-                result.fail(f"{classes.name} line {number}: not 'cNNN <action name>': {line.strip()!r}", classes)
-                continue
-            names[class_id] = name.strip()
+    names = _charades_class_names(files, result)
     actions: dict[str, list[dict]] = {}
     for name in CHARADES_ANNOTATIONS:
         path = files.find(name)
-        if path is None:
-            continue
-        try:
-            records = list(csv.DictReader(_read_bytes(path, "avsd").decode("utf-8-sig").splitlines()))
-        except UnicodeDecodeError as exc:
-            result.fail(f"{path.name}: not UTF-8 (byte {exc.start}: {exc.reason}); its actions are not read", path)
-            continue
-        if records and not {"id", "actions"} <= set(records[0]):
-            result.fail(f"{path.name}: no 'id' and 'actions' columns (Charades' header: id,...,actions,length)", path)
-            continue
-        for line, record in enumerate(records, start=2):
-            video, listed = (record.get("id") or "").strip(), []
-            for entry in filter(None, (record.get("actions") or "").split(";")):
-                match = _CHARADES_ACTION.fullmatch(entry.strip())
-                if match is None or (names and match[1] not in names):
-                    why = "not 'cNNN start end'" if match is None else f"class {match[1]} is not in {CHARADES_CLASSES}"
-                    result.fail(f"{path.name} line {line} (video {video}): action {entry.strip()!r}: {why}", path)
-                    continue
-                listed.append({"class_id": match[1], "action": names.get(match[1], match[1]),
-                               "start": float(match[2]), "end": float(match[3])})
-            if video:
-                actions[video] = listed
+        if path is not None:
+            actions.update(_charades_file_actions(path, names, result))
     return actions
+
+
+def _charades_class_names(files: FileIndex, result: AdapterResult) -> dict[str, str]:
+    """Class id -> action name from Charades_v1_classes.txt ({} when absent)."""
+    names: dict[str, str] = {}
+    classes = files.find(CHARADES_CLASSES)
+    if classes is None:
+        return names
+    for number, line in _read_lines(classes, result, "avsd"):
+        class_id, _, name = line.strip().partition(" ")
+        if not re.fullmatch(r"c\d{3}", class_id) or not name.strip():
+            result.fail(f"{classes.name} line {number}: not 'cNNN <action name>': {line.strip()!r}", classes)
+            continue
+        names[class_id] = name.strip()
+    return names
+
+
+def _charades_file_actions(path: Path, names: dict[str, str], result: AdapterResult) -> dict[str, list[dict]]:
+    """Video id -> actions from one Charades_v1_{train,test}.csv; a record that is not a whole row is a failure.
+
+    An empty `actions` field is Charades' "no action" (the video gets []); a record too short to have the field
+    at all is damage, and its video gets no actions entry rather than a wrong empty one.
+    """
+    records = _read_csv(path, result, "avsd")
+    first = next(records, None)
+    if first is None:
+        return {}
+    header = first[1]
+    if not {"id", "actions"} <= set(header):
+        result.fail(f"{path.name}: no 'id' and 'actions' columns (Charades' header: id,...,actions,length)", path)
+        return {}
+    actions: dict[str, list[dict]] = {}
+    for line, fields in records:
+        record = dict(zip(header, fields))
+        video = (record.get("id") or "").strip()
+        where = f"{path.name} line {line} (video {video})"
+        if len(fields) != len(header):
+            why = f"expected {len(header)} fields, got {len(fields)}; its actions are not read"
+            result.fail(f"{where}: {why}", path)
+            continue
+        listed = _charades_listed(record["actions"], where, names, path, result)
+        if video:
+            actions[video] = listed
+    return actions
+
+
+def _charades_listed(value: str, where: str, names: dict[str, str], path: Path, result: AdapterResult) -> list[dict]:
+    """The actions of one `actions` field ("c092 11.90 21.20;c147 0.00 12.60"); malformed ones are failures."""
+    listed = []
+    for entry in filter(None, value.split(";")):
+        match = _CHARADES_ACTION.fullmatch(entry.strip())
+        if match is None or (names and match[1] not in names):
+            why = "not 'cNNN start end'" if match is None else f"class {match[1]} is not in {CHARADES_CLASSES}"
+            result.fail(f"{where}: action {entry.strip()!r}: {why}", path)
+            continue
+        listed.append({"class_id": match[1], "action": names.get(match[1], match[1]),
+                       "start": float(match[2]), "end": float(match[3])})
+    return listed
 
 
 def _avsd_texts(dialog: dict) -> tuple[list[str], list[str], bool]:
@@ -515,8 +728,9 @@ def _parse_wav2capt(line: str) -> tuple[str, str, int] | None:
 def _flickr_row(wav: str, image: str, index: int, split: str, captions: dict, wav2capt: Path,
                 files: FileIndex, result: AdapterResult) -> dict | None:
     item_id = f"flickr8k_audio:{Path(wav).stem}"
-    official_wav = wav2capt.parent / "wavs" / wav
-    wav_path = _first_existing(official_wav) or files.find(wav, prefer_dirs=("wavs",))
+    official_wav = _abs(wav2capt.parent / "wavs" / wav)
+    wav_path = (_find_written(wav, (wav2capt.parent / "wavs",), files, result)
+                or files.find(wav, prefer_dirs=("wavs",)))
     if wav_path is None:
         result.fail(f"{wav2capt.name}: audio {wav} not found", official_wav, item_id)
         return None
@@ -549,8 +763,10 @@ def spokencoco(data_dir: Path) -> AdapterResult:
     Parses `SpokenCOCO_{train,val,test}_karpathy.json` (Karpathy splits) or, when none is present, the official
     `SpokenCOCO_{train,val}.json`: {"data": [{"image": "val2014/COCO_val2014_....jpg", "captions": [{"text",
     "speaker", "uttid", "wav": "wavs/val/0/....wav"}]}]}. Wav paths are relative to the SpokenCOCO folder (the
-    json's folder); image paths relative to the COCO image root, tried under data_dir, beside and above the json,
-    in an `images/` folder there, then by file name anywhere under data_dir.
+    json's folder); image paths relative to the COCO image root, tried under data_dir, beside and above the json
+    (above only while that is still inside data_dir), in an `images/` folder there, then by file name anywhere
+    under data_dir. A caption's "text" and "uttid" may be absent (the wav stem then names the item); present but
+    not a (non-empty) string, the caption is a failure row.
     """
     files = FileIndex(data_dir)
     json_files = files.matching(_SPOKENCOCO_KARPATHY)
@@ -579,23 +795,24 @@ def _spokencoco_entry(entry: Any, where: str, split: str, path: Path, files: Fil
         result.fail(f"{where}: expected an object with 'image' and 'captions'", path)
         return
     image_rel = entry["image"]
-    image_path = _spokencoco_image(image_rel, path, files)
+    image_path = _spokencoco_image(image_rel, path, files, result)
     for number, caption in enumerate(entry["captions"]):
         here = f"{where} captions[{number}]"
-        if not isinstance(caption, dict) or not isinstance(caption.get("wav"), str):
-            result.fail(f"{here}: expected an object with a 'wav' path", path)
+        problem = _spokencoco_caption_problem(caption)
+        if problem:
+            result.fail(f"{here}: {problem}", path)
             continue
         native = caption.get("uttid") or Path(caption["wav"]).stem
         item_id = f"spokencoco:{native}"
-        wav_path = _first_existing(path.parent / caption["wav"], files.root / caption["wav"]) or files.find(
-            Path(caption["wav"]).name)
+        wav_path = (_find_written(caption["wav"], (path.parent, files.root), files, result)
+                    or files.find(Path(caption["wav"]).name))
         if wav_path is None:
-            result.fail(f"{here}: audio {caption['wav']} not found", path.parent / caption["wav"], item_id)
+            result.fail(f"{here}: audio {caption['wav']} not found", _abs(path.parent / caption["wav"]), item_id)
             continue
         if image_path is None:
-            result.fail(f"{here}: image {image_rel} not found", files.root / image_rel, item_id)
+            result.fail(f"{here}: image {image_rel} not found", _abs(files.root / image_rel), item_id)
             continue
-        text = caption.get("text") if isinstance(caption.get("text"), str) else ""
+        text = caption.get("text", "")
         result.rows.append(_row(
             item_id, "spokencoco", split, group_id=Path(image_rel).stem, audio_path=wav_path, image_path=image_path,
             texts=[text] if text else [], text_kinds=["caption"] if text else [],
@@ -604,11 +821,29 @@ def _spokencoco_entry(entry: Any, where: str, split: str, path: Path, files: Fil
         ))
 
 
-def _spokencoco_image(image_rel: str, json_path: Path, files: FileIndex) -> Path | None:
+def _spokencoco_caption_problem(caption: Any) -> str | None:
+    # "text" and "uttid" may be absent (the wav stem then names the item), but a present one must be usable:
+    # a number would silently lose the caption, an object would become the item id.
+    if not isinstance(caption, dict) or not isinstance(caption.get("wav"), str):
+        return "expected an object with a 'wav' path"
+    if "text" in caption and not isinstance(caption["text"], str):
+        return f"'text' must be a string, got {_json_snippet(caption['text'])}"
+    uttid = caption.get("uttid")
+    if "uttid" in caption and not (isinstance(uttid, str) and uttid.strip()):
+        return f"'uttid' must be a non-empty string, got {_json_snippet(uttid)}"
+    return None
+
+
+def _json_snippet(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:60] + "..."
+
+
+def _spokencoco_image(image_rel: str, json_path: Path, files: FileIndex, result: AdapterResult) -> Path | None:
     base = json_path.parent
-    candidates = [root / image_rel for root in (files.root, base, base.parent)]
-    candidates += [root / "images" / image_rel for root in (files.root, base, base.parent)]
-    return _first_existing(*candidates) or files.find(Path(image_rel).name)
+    roots = (files.root, base, base.parent)  # base.parent is skipped when it lies above data_dir
+    bases = roots + tuple(root / "images" for root in roots)
+    return _find_written(image_rel, bases, files, result) or files.find(Path(image_rel).name)
 
 
 # ---------------------------------------------------------------------------------------------- ESC-50
@@ -630,23 +865,21 @@ def esc50(data_dir: Path) -> AdapterResult:
     files = FileIndex(data_dir)
     csv_path = _require(files, "esc50.csv", "esc50", " (ESC-50: meta/esc50.csv)")
     result = AdapterResult()
-    lines = _read_lines(csv_path, result, "esc50")
-    header_line = next(lines, None)
-    header = _csv_fields(header_line[1]) if header_line else []
+    records = _read_csv(csv_path, result, "esc50")
+    _, header = next(records, (0, []))
     missing = [c for c in ("filename", "fold", "target", "category") if c not in header]
     if missing:
         raise ManifestError(f"esc50: {csv_path} header lacks {missing}; expected {','.join(ESC50_COLUMNS)}")
-    for number, line in lines:
-        row = _esc50_row(header, number, line, csv_path, files, result)
+    for number, fields in records:
+        row = _esc50_row(header, number, fields, csv_path, files, result)
         if row is not None:
             result.rows.append(row)
     return result
 
 
-def _esc50_row(header: list[str], number: int, line: str, csv_path: Path, files: FileIndex,
+def _esc50_row(header: list[str], number: int, fields: list[str], csv_path: Path, files: FileIndex,
                result: AdapterResult) -> dict | None:
     where = f"{csv_path.name} line {number}"
-    fields = _csv_fields(line)
     if len(fields) != len(header):
         result.fail(f"{where}: expected {len(header)} fields, got {len(fields)}", csv_path)
         return None
@@ -658,8 +891,10 @@ def _esc50_row(header: list[str], number: int, line: str, csv_path: Path, files:
         values = f"{record['fold']!r}, {record['target']!r}"
         result.fail(f"{where}: fold/target are not integers: {values}", csv_path, item_id)
         return None
-    official = csv_path.parent.parent / "audio" / record["filename"]
-    audio = _first_existing(official) or files.find(record["filename"], prefer_dirs=("audio",))
+    audio_dir = csv_path.parent.parent / "audio"  # skipped when esc50.csv sits at the top of data_dir
+    official = _abs(audio_dir / record["filename"])
+    audio = (_find_written(record["filename"], (audio_dir,), files, result)
+             or files.find(record["filename"], prefer_dirs=("audio",)))
     if audio is None:
         result.fail(f"{where}: audio {record['filename']} not found", official, item_id)
         return None
@@ -831,15 +1066,13 @@ def _folder_csvs(data_dir: Path) -> list[Path]:
 def _folder_from_csv(csv_files: list[Path]) -> AdapterResult:
     result = AdapterResult()
     for csv_path in csv_files:
-        lines = _read_lines(csv_path, result, "folder")
-        header_line = next(lines, None)
-        header = [h.strip() for h in _csv_fields(header_line[1])] if header_line else []
+        records = _read_csv(csv_path, result, "folder")
+        header = [h.strip() for h in next(records, (0, []))[1]]
         if not {"path", *_MEDIA_COLUMNS.values()} & set(header):
             raise ManifestError(f"folder: {csv_path} needs a 'path' column (or video_path/audio_path/image_path); "
                                 f"header is {header}")
         file_split = _SPLIT_ALIASES.get(csv_path.stem.lower())
-        for number, line in lines:
-            fields = _csv_fields(line)
+        for number, fields in records:
             where = f"{csv_path.name} line {number}"
             if len(fields) != len(header):
                 result.fail(f"{where}: expected {len(header)} fields, got {len(fields)}", csv_path)
@@ -863,6 +1096,7 @@ def _folder_csv_row(record: dict[str, str], where: str, file_split: str | None, 
             result.fail(f"{where}: unknown media type for {value!r}", csv_path)
             return None
         media[target] = _abs(csv_path.parent / value)  # an absolute value replaces the base
+        result.as_written[os.fspath(media[target])] = value
     if not media:
         result.fail(f"{where}: no media path", csv_path)
         return None
@@ -870,7 +1104,7 @@ def _folder_csv_row(record: dict[str, str], where: str, file_split: str | None, 
     native = (record.get("item_id") or "").strip() or _first_value(record)
     item_id = f"folder:{native}"
     for path in media.values():
-        if not path.is_file():
+        if not _is_file(path):
             result.fail(f"{where}: media file not found", path, item_id)
             return None
     split_value = (record.get("split") or "").strip().lower()

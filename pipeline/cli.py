@@ -3,9 +3,11 @@ ablate, bench, demo, report)."""
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
+import traceback
 from pathlib import Path
 
 EXIT_ITEMS_FAILED = 3  # the job finished, but some items are listed in failures.arrow
@@ -22,8 +24,10 @@ def cmd_synth(args) -> int:
 def cmd_manifest(args) -> int:
     from avcache.pipeline.adapters import build_manifest
 
-    result = build_manifest(args.dataset, args.data, args.manifest)
-    print(f"manifest: {args.manifest}: {len(result.rows)} items, {len(result.failures)} failures")
+    result = build_manifest(args.dataset, args.data, args.manifest, allow_outside_data=args.allow_outside_data)
+    # Said only when allowed: then it is the user's to check that those media are the ones meant.
+    outside = f" ({result.outside} with media outside {args.data})" if args.allow_outside_data else ""
+    print(f"manifest: {args.manifest}: {len(result.rows)} items{outside}, {len(result.failures)} failures")
     for failure in result.failures[:10]:
         print(f"  failed {failure['item_id'] or '-'}: {failure['reason']}")
     return 0
@@ -172,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True)
     p.add_argument("--data", required=True, type=Path)
     p.add_argument("--manifest", required=True, type=Path)
+    p.add_argument("--allow-outside-data", action="store_true",
+                   help="accept media paths the dataset's index names outside --data ('..' or absolute); "
+                        "by default each such item is a failure")
     p.set_defaults(run=cmd_manifest)
 
     p = verbs.add_parser("extract", help="run the frozen encoders over a manifest into the feature store")
@@ -260,6 +267,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+EXIT_ENVIRONMENT = 1  # the machine refused: disk full, read-only file system, permissions
+EXIT_BAD_INPUT = 2    # what the command was given or read: arguments, a dataset, a store, a run directory
+
+# OSErrors that mean a path the user gave is wrong, not that the machine refused.
+_BAD_PATH_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError)
+_RERUN = "free space and run the same command again (what was committed is kept)"
+_ELSEWHERE = "use another folder (--store, --run, --out, --manifest) or fix its permissions"
+_ADVICE = {errno.ENOSPC: _RERUN, errno.EDQUOT: _RERUN, errno.EROFS: _ELSEWHERE, errno.EACCES: _ELSEWHERE,
+           errno.EPERM: _ELSEWHERE}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from avcache.features.store import StoreError
@@ -268,12 +286,36 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.run(args)
-    except (ManifestError, ConfigError, StoreError, FileNotFoundError, KeyError, ValueError) as exc:
+    except (ManifestError, ConfigError, StoreError, ValueError, KeyError, OSError) as exc:
         if os.environ.get("AVCACHE_DEBUG"):  # the one-line message hides the traceback a developer may want
             raise
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"avcache {args.verb}: error: {message}", file=sys.stderr)
-        return 2
+        code, message = _explain(exc, (ManifestError, ConfigError, StoreError))
+        print(f"avcache {args.verb}: error: {' '.join(message.split())}", file=sys.stderr)
+        return code
+
+
+def _explain(exc: BaseException, ours: tuple) -> tuple[int, str]:
+    """(exit code, one-line message) for an error that ends a command."""
+    if isinstance(exc, ours):  # our own errors name the file and what to do
+        return EXIT_BAD_INPUT, str(exc)
+    if isinstance(exc, KeyError):  # a lookup nobody turned into a message: say which key, and where
+        key = exc.args[0] if exc.args else "?"
+        return EXIT_BAD_INPUT, (f"missing key {key!r} (looked up in {_our_innermost_frame(exc)}): a file this "
+                                f"command read lacks it, or this is a bug; AVCACHE_DEBUG=1 shows the traceback")
+    if isinstance(exc, OSError) and not isinstance(exc, _BAD_PATH_ERRORS):
+        where = f"{exc.filename}: " if exc.filename else ""
+        advice = f"; {_ADVICE[exc.errno]}" if exc.errno in _ADVICE else ""
+        return EXIT_ENVIRONMENT, f"{where}{exc.strerror or exc}{advice}"
+    return EXIT_BAD_INPUT, str(exc)
+
+
+def _our_innermost_frame(exc: BaseException) -> str:
+    """'file.py:line, function()' of the deepest frame of `exc`'s traceback that is avcache's own code."""
+    ours = {getattr(module, "__file__", None) for name, module in list(sys.modules.items())
+            if name.startswith("avcache.")}
+    frames = traceback.extract_tb(exc.__traceback__)
+    frame = next((f for f in reversed(frames) if f.filename in ours), frames[-1] if frames else None)
+    return f"{Path(frame.filename).name}:{frame.lineno}, {frame.name}()" if frame else "an unknown place"
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """The manifest: one Arrow IPC file, one row per dataset item (schema in docs/CONTRACTS.md).
 
 Adapters (pipeline/adapters.py) produce rows as plain dicts; `write_manifest` fills defaults, validates and
-writes them atomically. `read_manifest` also accepts a manifest a user made by hand: only `item_id` and
-`split` are required, every other column is filled with its default.
+writes them atomically. `row_problem` judges one row on its own, so a builder can turn a bad row into a failure
+row instead of losing the whole table. `read_manifest` also accepts a manifest a user made by hand: only
+`item_id` and `split` are required, every other column is filled with its default.
 
 Failures met while building a manifest go to `<manifest stem>.failures.arrow` beside it
 (`write_failures` / `read_failures`).
@@ -11,6 +12,7 @@ Failures met while building a manifest go to `<manifest stem>.failures.arrow` be
 from __future__ import annotations
 
 import json
+import numbers
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -50,8 +52,13 @@ FAILURES_SCHEMA = pa.schema(
 SPLITS = ("train", "val", "test")
 TEXT_KINDS = ("caption", "summary", "question", "answer", "text")
 PATH_COLUMNS = ("video_path", "audio_path", "image_path")
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1  # the range of label_id
+_COLUMNS = tuple(MANIFEST_SCHEMA.names)  # pyarrow builds .names anew on each access; rows are checked one by one
+_COLUMN_SET = frozenset(_COLUMNS)
 _REQUIRED_ROW_KEYS = ("item_id", "dataset", "split")
+_STRING_COLUMNS = ("item_id", "dataset", "split", "group_id", "video_path", "audio_path", "image_path", "label")
 _MAX_NAMED = 10  # how many offending ids an error message lists
+_SHOWN = 300  # how many characters of a bad value a message shows (a whole path, usually)
 
 
 class ManifestError(ValueError):
@@ -71,61 +78,157 @@ def write_manifest(rows: list[dict], path: str | os.PathLike) -> pa.Table:
     """Fill defaults, validate and atomically write `rows` as a manifest; returns the written table.
 
     Defaults: group_id = item_id, texts = text_kinds = [], extra = "{}" (a dict is stored as sorted-key JSON).
-    Raises ManifestError for unknown keys, missing required keys, duplicate item ids (named in the message),
-    texts/text_kinds of different lengths, unknown text kinds or a split outside train/val/test.
+    Raises ManifestError naming the first row that `row_problem` rejects, or the duplicate item ids.
     """
-    normalized = [_normalize_row(row, i) for i, row in enumerate(rows)]
-    try:
-        table = pa.Table.from_pylist(normalized, schema=MANIFEST_SCHEMA)
-    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as exc:
-        raise ManifestError(f"manifest rows do not fit the manifest schema: {exc}") from exc
+    normalized = [_normalized(row, index) for index, row in enumerate(rows)]
+    table = pa.Table.from_pylist(normalized, schema=MANIFEST_SCHEMA)
     _validate(table, source="manifest rows")
-    _check_text_kinds(table)
     write_arrow_atomic(Path(path), table)
     return table
 
 
-def _normalize_row(row: dict, index: int) -> dict:
-    unknown = sorted(set(row) - set(MANIFEST_SCHEMA.names))
+def row_problem(row: Any) -> str | None:
+    """Why `row` cannot be written to a manifest (one line), or None when it can.
+
+    Judges the row on its own: keys, value types, label_id within int32, text that UTF-8 cannot encode (anywhere,
+    texts and extra included), split, text kinds, texts/text_kinds lengths, extra as a JSON object. Duplicate
+    item ids are a property of the whole table (write_manifest checks them).
+    """
+    try:
+        _normalize_row(row)
+    except ManifestError as exc:
+        return str(exc)
+    return None
+
+
+def readable(text: str) -> str:
+    """`text` safe to store and print: bytes of a file name that are not UTF-8 (and lone surrogates) become
+    backslash escapes such as \\xff, so the name stays recognisable."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that did not come from a file name (a JSON \ud800 escape)
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _normalized(row: Any, index: int) -> dict:
+    try:
+        return _normalize_row(row)
+    except ManifestError as exc:
+        item_id = row.get("item_id") if isinstance(row, dict) else None
+        raise ManifestError(f"manifest row {index} ({_shown(repr(item_id))}): {exc}") from None
+
+
+def _normalize_row(row: Any) -> dict:
+    """The row with defaults filled and extra as JSON; raises ManifestError saying what is wrong with it."""
+    if not isinstance(row, dict):
+        raise ManifestError(f"a row must be a dict, got {type(row).__name__}")
+    unknown = sorted(row.keys() - _COLUMN_SET, key=str)
     if unknown:
-        raise ManifestError(f"manifest row {index} has unknown keys {unknown}; known: {MANIFEST_SCHEMA.names}")
+        raise ManifestError(f"unknown keys {unknown}; known: {list(_COLUMNS)}")
     missing = [key for key in _REQUIRED_ROW_KEYS if row.get(key) is None]
     if missing:
-        raise ManifestError(f"manifest row {index} ({row.get('item_id')!r}) lacks {missing}")
-    out: dict[str, Any] = {name: row.get(name) for name in MANIFEST_SCHEMA.names}
+        raise ManifestError(f"lacks {missing}")
+    out: dict[str, Any] = {name: row.get(name) for name in _COLUMNS}
     if out["group_id"] is None:
         out["group_id"] = out["item_id"]
-    out["texts"] = list(out["texts"] or [])
-    out["text_kinds"] = list(out["text_kinds"] or [])
     for column in PATH_COLUMNS:
-        if out[column] is not None:
+        if isinstance(out[column], os.PathLike):
             out[column] = os.fspath(out[column])
-    out["extra"] = _extra_json(out["extra"], out["item_id"])
+    out["texts"] = _string_list(out["texts"], "texts")
+    out["text_kinds"] = _string_list(out["text_kinds"], "text_kinds")
+    _check_types(out)
+    out["extra"] = _extra_json(out["extra"])
+    _check_utf8(out)
+    _check_values(out)
     return out
 
 
-def _extra_json(extra: Any, item_id: str) -> str:
+def _string_list(value: Any, column: str) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, (list, tuple)):
+        raise ManifestError(f"{column} must be a list of strings, got {type(value).__name__}")
+    for index, item in enumerate(value):
+        if not isinstance(item, str):
+            raise ManifestError(f"{column}[{index}] must be a string, got {type(item).__name__}")
+    return list(value)
+
+
+def _check_types(row: dict) -> None:
+    for column in _STRING_COLUMNS:
+        if row[column] is not None and not isinstance(row[column], str):
+            raise ManifestError(f"{column} must be a string, got {type(row[column]).__name__}")
+    label_id = row["label_id"]
+    if label_id is None:
+        return
+    if isinstance(label_id, bool) or not isinstance(label_id, numbers.Integral):  # numpy integers too
+        raise ManifestError(f"label_id must be an integer, got {type(label_id).__name__}")
+    if not INT32_MIN <= label_id <= INT32_MAX:
+        raise ManifestError(f"label_id {label_id} is outside int32 ({INT32_MIN}..{INT32_MAX})")
+
+
+def _check_utf8(row: dict) -> None:
+    # Arrow stores UTF-8; a file name with undecodable bytes arrives here as a str holding surrogates.
+    named = [(column, row[column]) for column in _STRING_COLUMNS + ("extra",) if row[column] is not None]
+    for column in ("texts", "text_kinds"):
+        named += [(f"{column}[{index}]", text) for index, text in enumerate(row[column])]
+    try:
+        "".join(value for _, value in named).encode("utf-8")  # one call for the whole row: this runs per item
+    except UnicodeEncodeError:
+        name, value = next((name, value) for name, value in named if not _encodes(value))
+        raise ManifestError(f"{name} is not valid UTF-8: {_shown(_around_first_bad(value))}") from None
+
+
+def _encodes(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _around_first_bad(value: str) -> str:
+    if len(value) <= _SHOWN:
+        return value
+    start = next(i for i, char in enumerate(value) if not _encodes(char))
+    return value[max(0, start - _SHOWN // 2):][:_SHOWN]
+
+
+def _check_values(row: dict) -> None:
+    if row["split"] not in SPLITS:
+        raise ManifestError(f"split must be one of {list(SPLITS)}, got {_shown(row['split'])!r}")
+    unknown = sorted(set(row["text_kinds"]) - set(TEXT_KINDS))
+    if unknown:
+        raise ManifestError(f"unknown text kinds {unknown}; known: {list(TEXT_KINDS)}")
+    if len(row["texts"]) != len(row["text_kinds"]):
+        raise ManifestError(f"texts and text_kinds differ in length ({len(row['texts'])} and "
+                            f"{len(row['text_kinds'])})")
+
+
+def _extra_json(extra: Any) -> str:
     """`extra` as a JSON object string; sorted keys keep the file byte-identical across runs."""
     if extra is None:
         return "{}"
     if isinstance(extra, str):
         try:
             parsed = json.loads(extra)
-        except json.JSONDecodeError as exc:
-            raise ManifestError(f"{item_id}: extra is not valid JSON: {exc}") from exc
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise ManifestError(f"extra is not valid JSON: {_shown(str(exc))}") from None
         if not isinstance(parsed, dict):
-            raise ManifestError(f"{item_id}: extra must be a JSON object, got {type(parsed).__name__}")
+            raise ManifestError(f"extra must be a JSON object, got {type(parsed).__name__}")
         return extra
     if isinstance(extra, dict):
-        return json.dumps(extra, sort_keys=True, ensure_ascii=False)
-    raise ManifestError(f"{item_id}: extra must be a dict or a JSON string, got {type(extra).__name__}")
+        try:
+            return json.dumps(extra, sort_keys=True, ensure_ascii=False)
+        except (TypeError, ValueError, RecursionError) as exc:  # an object JSON cannot hold, a cycle, deep nesting
+            raise ManifestError(f"extra cannot be stored as JSON: {_shown(str(exc))}") from None
+    raise ManifestError(f"extra must be a dict or a JSON string, got {type(extra).__name__}")
 
 
-def _check_text_kinds(table: pa.Table) -> None:
-    kinds = pc.unique(pc.list_flatten(table["text_kinds"])).to_pylist()
-    unknown = sorted(k for k in kinds if k not in TEXT_KINDS)
-    if unknown:
-        raise ManifestError(f"unknown text kinds {unknown}; known: {list(TEXT_KINDS)}")
+def _shown(value: Any) -> str:
+    """A value for a one-line message: readable, newlines escaped, cut to a bounded length."""
+    text = readable(str(value)).replace("\n", "\\n").replace("\r", "\\r")
+    return text if len(text) <= _SHOWN else text[:_SHOWN] + "..."
 
 
 def write_failures(rows: Iterable[dict], path: str | os.PathLike) -> pa.Table:
@@ -140,7 +243,7 @@ def write_failures(rows: Iterable[dict], path: str | os.PathLike) -> pa.Table:
                 "item_id": _str_or_none(row.get("item_id")),
                 "path": _str_or_none(row.get("path")),
                 "stage": row.get("stage") or "manifest",
-                "reason": str(row.get("reason") or ""),
+                "reason": readable(str(row.get("reason") or "")),
             }
         )
     table = pa.Table.from_pylist(normalized, schema=FAILURES_SCHEMA)
@@ -149,7 +252,9 @@ def write_failures(rows: Iterable[dict], path: str | os.PathLike) -> pa.Table:
 
 
 def _str_or_none(value: Any) -> str | None:
-    return None if value is None else os.fspath(value) if isinstance(value, os.PathLike) else str(value)
+    if value is None:
+        return None
+    return readable(os.fspath(value) if isinstance(value, os.PathLike) else str(value))
 
 
 # ---------------------------------------------------------------------------------------------- reading

@@ -609,7 +609,7 @@ def test_write_manifest_fills_defaults_and_round_trips(tmp_path):
           {"item_id": "d:2", "dataset": "d", "split": "val"}, {"item_id": "d:2", "dataset": "d", "split": "val"}],
          "duplicate item ids: 'd:1', 'd:2'"),
         ([{"item_id": "d:1", "dataset": "d", "split": "train", "texts": ["a", "b"], "text_kinds": ["caption"]}],
-         "texts and text_kinds differ in length for \\['d:1'\\]"),
+         "manifest row 0 \\('d:1'\\): texts and text_kinds differ in length \\(2 and 1\\)"),
         ([{"item_id": "d:1", "dataset": "d", "split": "dev"}], "split must be one of"),
         ([{"item_id": "d:1", "dataset": "d", "split": "train", "colour": "red"}], "unknown keys \\['colour'\\]"),
         ([{"item_id": "d:1", "split": "train"}], "lacks \\['dataset'\\]"),
