@@ -2,12 +2,18 @@
 
 LocalRunner runs in-process (tests, debugging). RayRunner is the one adapter to Ray Data: decoders as CPU
 tasks, model stages as actor pools (with `num_gpus` when the cluster has GPUs), streaming so decode and
-encode overlap. Ray is imported here and nowhere else."""
+encode overlap. Ray is imported here and nowhere else. `end_leftover_ray_processes` clears what a killed driver
+left running before a local Ray starts."""
 from __future__ import annotations
 
 import logging
 import os
 import pickle
+import re
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -98,6 +104,7 @@ class RayRunner:
             if address:
                 ray.init(address=address, log_to_driver=False)
             else:
+                end_leftover_ray_processes()
                 ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False,
                          configure_logging=False)
         ctx = ray.data.DataContext.get_current()
@@ -130,6 +137,111 @@ class RayRunner:
             yield _from_ray(batch)
 
     def close(self) -> None:
+        pass
+
+
+# --------------------------------------------------------------------------------------------------------------
+# what a killed driver leaves behind
+
+# A local Ray session's folder (/tmp/ray/session_<date>_<time>_<usec>_<pid>), named in its processes' command
+# lines or open log files.
+_SESSION = re.compile(r"session_\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_\d+_\d+")
+
+
+@dataclass
+class _RayProcess:
+    pid: int
+    command: str
+    state: str             # /proc/<pid>/stat's state letter: Z for a zombie
+    session: str | None
+
+
+def end_leftover_ray_processes(log=print, grace_seconds: float = 3.0) -> list[int]:
+    """End this user's Ray processes whose cluster is gone; -> their pids.
+
+    A driver killed with SIGKILL takes its GCS server and raylet with it, but the raylet's agents (dashboard,
+    runtime-env) are re-parented to PID 1 and keep running, about 100 MB each, after every such kill. A session
+    whose GCS server is gone can never be used again, so whatever still holds it is ended here; a session with
+    a live GCS server (a running job, a `ray start` cluster) is never touched. Linux only (reads /proc)."""
+    processes = _ray_processes()
+    live = {p.session for p in processes if p.session and p.state != "Z" and _is_gcs_server(p)}
+    leftovers = [p for p in processes if p.session and p.session not in live and p.state != "Z"]
+    for p in leftovers:
+        _signal(p.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_seconds
+    while any(_running(p.pid) for p in leftovers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for p in leftovers:
+        if _running(p.pid):
+            _signal(p.pid, signal.SIGKILL)
+    if leftovers:
+        sessions = sorted({p.session for p in leftovers})
+        log(f"[ray] ended {len(leftovers)} Ray processes left running by an earlier run that was killed "
+            f"({', '.join(sessions)}): pids {', '.join(str(p.pid) for p in leftovers)}")
+    zombies = [p.pid for p in processes if p.state == "Z"]
+    if zombies:
+        log(f"[ray] {len(zombies)} exited Ray processes are zombies waiting for their parent to reap them "
+            f"(pids {', '.join(map(str, zombies[:10]))}); they hold no memory. Where the parent is PID 1 and "
+            f"never reaps, only restarting the container clears them.")
+    return [p.pid for p in leftovers]
+
+
+def _ray_processes() -> list[_RayProcess]:
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return []
+    found = []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if entry.stat().st_uid != os.getuid():
+                continue
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode("utf-8", "replace").strip()
+            state = (entry / "stat").read_text().rpartition(")")[2].split()[0]
+            if not _is_ray(command, (entry / "comm").read_text().strip()):
+                continue
+            match = _SESSION.search(command) or _session_of_open_files(entry)
+            found.append(_RayProcess(int(entry.name), command, state, match.group(0) if match else None))
+        except (OSError, IndexError):  # it exited while we looked, or is not ours to read
+            continue
+    return found
+
+
+_RAY_PACKAGE = re.compile(r"[/\\](site|dist)-packages[/\\]ray[/\\]")  # Ray's own Python processes (dashboard, monitors)
+
+
+def _is_ray(command: str, comm: str) -> bool:
+    return command.startswith("ray::") or comm in ("raylet", "gcs_server") or bool(_RAY_PACKAGE.search(command))
+
+
+def _is_gcs_server(p: _RayProcess) -> bool:
+    return p.command.split(" ", 1)[0].endswith("gcs_server")
+
+
+def _session_of_open_files(entry: Path):
+    for fd in (entry / "fd").iterdir():
+        try:
+            match = _SESSION.search(os.readlink(fd))
+        except OSError:
+            continue
+        if match:
+            return match
+    return None
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
         pass
 
 

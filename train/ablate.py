@@ -30,6 +30,7 @@ from typing import Callable, Iterator
 import yaml
 
 from avcache.pipeline.config import ConfigError, load_dataclass, read_yaml_mapping
+from avcache.pipeline.runners import end_leftover_ray_processes
 from avcache.train.runs import config_differences  # the comparison RunDir.start makes before resuming
 
 GRID_DIR = Path(__file__).resolve().parent / "grids"
@@ -344,6 +345,7 @@ def run_with_ray(jobs: list[dict], gpus: float, cpus: float, first_alone: bool, 
         if os.environ.get("RAY_ADDRESS"):
             ray.init(address=os.environ["RAY_ADDRESS"])
         else:
+            end_leftover_ray_processes(log)
             ray.init(include_dashboard=False, configure_logging=False)
     if gpus and not ray.cluster_resources().get("GPU"):  # a GPU request no node can meet would wait forever
         log(f"[ablate] the Ray cluster has no GPU: runs get none instead of {gpus}")
