@@ -19,6 +19,7 @@ import math
 import os
 from pathlib import Path
 
+from avcache.eval.markdown import code_span, escape_markdown
 from avcache.features.durable import write_json_atomic
 
 FINISHED = ("done", "cached")
@@ -117,7 +118,8 @@ def markdown(summary: dict) -> str:
         lines += ["", "## Failed runs", ""]
         for name, run in failed:
             reason = (run["error"] or "").strip().splitlines()[-1:] or ["?"]
-            lines.append(f"- `{name}` seed {run['seed']}: {reason[0]} (log: `{run['log']}`)")
+            lines.append(f"- {code_span(name)} seed {run['seed']}: {escape_markdown(reason[0])} "
+                         f"(log: {code_span(run['log'])})")
     if summary["warnings"]:
         lines += ["", "## Warnings", ""] + [f"- {w}" for w in summary["warnings"]]
     return "\n".join(lines) + "\n"

@@ -11,6 +11,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from avcache.eval.markdown import code_fence, code_span, escape_markdown
+
 FILES_DIR = "report_files"
 MIME = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif", ".webp": "image/webp"}
 
@@ -118,8 +120,31 @@ def name_figures(page: Page, files: Path) -> None:
         fig.source = files / fig.name
 
 
-def _md_escape_cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
+_CODE = re.compile(r"(`[^`]*`)")
+_BOLD = re.compile(r"\*\*(.+?)\*\*")
+
+
+def _spans(text) -> list[tuple[str, str]]:
+    """The page's inline language: plain text, `code` and **bold**, as (kind, text) pieces. Both renderers read
+    text through this, so nothing else in it (dataset text included) is ever markup."""
+    spans = []
+    for part in _CODE.split(str(text)):
+        if len(part) >= 2 and part.startswith("`") and part.endswith("`"):
+            spans.append(("code", part[1:-1]))
+        else:
+            spans += [("bold" if i % 2 else "text", piece) for i, piece in enumerate(_BOLD.split(part)) if piece]
+    return spans
+
+
+def _md_inline(text, table_cell: bool = False, line_start: bool = False) -> str:
+    out = []
+    for n, (kind, piece) in enumerate(_spans(text)):
+        if kind == "code":
+            out.append(code_span(piece, table_cell))
+        else:
+            escaped = escape_markdown(piece, table_cell, line_start=line_start and n == 0)
+            out.append(f"**{escaped}**" if kind == "bold" else escaped)
+    return "".join(out)
 
 
 def render_markdown(page: Page, title: str) -> str:
@@ -127,27 +152,28 @@ def render_markdown(page: Page, title: str) -> str:
     for block in page.blocks:
         kind = block[0]
         if kind == "heading":
-            out += [f"{'#' * block[1]} {block[2]}", ""]
+            out += [f"{'#' * block[1]} {_md_inline(block[2])}", ""]
         elif kind == "para":
-            out += [block[1], ""]
+            out += [_md_inline(block[1], line_start=True), ""]
         elif kind == "bullets":
-            out += [f"{'  ' * depth}- {text}" for depth, text in block[1]] + [""]
+            out += [f"{'  ' * depth}- {_md_inline(text, line_start=True)}" for depth, text in block[1]] + [""]
         elif kind == "table":
             _, header, rows, numeric = block
-            out.append("| " + " | ".join(_md_escape_cell(h) for h in header) + " |")
+            out.append("| " + " | ".join(_md_inline(h, table_cell=True) for h in header) + " |")
             out.append("|" + "|".join("---:" if n else "---" for n in numeric) + "|")
-            out += ["| " + " | ".join(_md_escape_cell(c) for c in row) + " |" for row in rows]
+            out += ["| " + " | ".join(_md_inline(c, table_cell=True) for c in row) + " |" for row in rows]
             out.append("")
         elif kind == "code":
-            out += ["```", block[1], "```", ""]
+            fence = code_fence(block[1])
+            out += [fence, block[1], fence, ""]
         elif kind == "figure":
             fig = block[1]
-            out += [f"![{fig.caption}]({FILES_DIR}/{fig.name})", ""]
+            out += [f"![{escape_markdown(fig.caption)}]({FILES_DIR}/{fig.name})", ""]
         elif kind == "warning":
-            out += [f"> **Warning:** {block[1]}", ""]
+            out += [f"> **Warning:** {_md_inline(block[1])}", ""]
         elif kind == "warnings_here" and page.warnings:
             out += [f"**{len(page.warnings)} warning{'s' if len(page.warnings) != 1 else ''}:**", ""]
-            out += [f"- {w}" for w in page.warnings] + [""]
+            out += [f"- {_md_inline(w, line_start=True)}" for w in page.warnings] + [""]
     return "\n".join(out).rstrip() + "\n"
 
 
@@ -171,15 +197,9 @@ nav a{color:#0969da;text-decoration:none}
 
 
 def _inline(text: str) -> str:
-    """Escape, then the inline markdown the page uses: `code` and **bold**."""
-    parts = re.split(r"(`[^`]*`)", str(text))
-    out = []
-    for part in parts:
-        if len(part) >= 2 and part.startswith("`") and part.endswith("`"):
-            out.append(f"<code>{html.escape(part[1:-1])}</code>")
-        else:
-            out.append(re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", html.escape(part)))
-    return "".join(out)
+    """The page's inline language as HTML: every character of the text escaped, `code` and **bold** tagged."""
+    tags = {"code": ("<code>", "</code>"), "bold": ("<strong>", "</strong>"), "text": ("", "")}
+    return "".join(f"{tags[kind][0]}{html.escape(piece)}{tags[kind][1]}" for kind, piece in _spans(text))
 
 
 def _anchor(text: str, used: set) -> str:

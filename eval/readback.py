@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from avcache.eval.markdown import code_span, escape_markdown
 from avcache.features.store import FeatureStore
 
 
@@ -43,5 +44,7 @@ def readback_markdown(result: dict) -> str:
                      f"| {fs['bytes'] / 2**20:.2f} | {failed} |")
     if result["failures"]:
         lines += ["", f"{len(result['failures'])} failed items (first 10):", ""]
-        lines += [f"- `{f['item_id']}` [{f['feature_set']}/{f['stage']}]: {f['reason']}" for f in result["failures"][:10]]
+        # ids and reasons quote dataset text (file names, lines): escaped, so they show as written
+        lines += [f"- {code_span(f['item_id'])} [{f['feature_set']}/{f['stage']}]: {escape_markdown(f['reason'])}"
+                  for f in result["failures"][:10]]
     return "\n".join(lines)

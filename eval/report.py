@@ -33,8 +33,10 @@ from pathlib import Path
 
 import yaml
 
+from avcache.eval.markdown import unescape_markdown
 from avcache.eval.page import (FILES_DIR, Figure, Page, is_number, name_figures, number_text, render_html,
                                render_markdown)
+from avcache.features.store import outside_problem
 
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
@@ -722,8 +724,11 @@ def _ablation_block(page: Page, ctx: _Context, directory: Path, data: dict, leve
         _cells_table(page, cells)
     figures = _figure_names(data.get("figures"))
     for fname in figures + [p.name for p in sorted(directory.glob("*.png")) if p.name not in figures]:
-        path = directory / fname
-        if path.is_file() and path.suffix.lower() == ".png":
+        path, problem = directory / fname, outside_problem(directory, fname)
+        if problem:  # an ablation folder is not trusted to name files elsewhere
+            page.warn(f"ablation `{name}`: figure `{fname}` named in ablation.json lies outside {directory} "
+                      f"({problem}); not shown")
+        elif path.is_file() and path.suffix.lower() == ".png":
             page.figure(path, f"ablation {name}: {Path(fname).stem.replace('_', ' ')}")
         elif fname in figures:
             page.warn(f"ablation `{name}`: figure `{fname}` named in ablation.json is missing")
@@ -964,20 +969,20 @@ def _markdown_into(page: Page, text: str, base: Path, ctx: _Context, skip_first_
             flush()
             if not (skip_first_heading and first_heading):
                 depth = len(stripped) - len(stripped.lstrip("#"))
-                page.heading(min(level + max(depth - 1, 1), 6), stripped.lstrip("#").strip())
+                page.heading(min(level + max(depth - 1, 1), 6), _page_text(stripped.lstrip("#").strip()))
             first_heading = False
         elif stripped.startswith("|"):
             flush()
             block = []
             while i < len(lines) and lines[i].strip().startswith("|"):
-                block.append(_split_row(lines[i].strip()))
+                block.append([_page_text(cell) for cell in _split_row(lines[i].strip())])
                 i += 1
             _table_from_rows(page, block)
             continue
         elif _IMAGE_RE.fullmatch(stripped):
             flush()
             alt, src = _IMAGE_RE.fullmatch(stripped).groups()
-            _image_ref(page, base, src, alt)
+            _image_ref(page, base, src, _page_text(alt))
         elif re.match(r"^\s*[-*] ", line):
             if paragraph:
                 page.para(" ".join(paragraph))
@@ -985,16 +990,16 @@ def _markdown_into(page: Page, text: str, base: Path, ctx: _Context, skip_first_
             depth = 1 if len(line) - len(line.lstrip()) >= 2 else 0
             item = re.sub(r"^\s*[-*] ", "", line)
             for alt, src in _IMAGE_RE.findall(item):  # thumbnails inside a list item: shown after the list
-                _image_ref(page, base, src, alt, defer=True)
-            bullets.append((depth, _IMAGE_RE.sub(lambda m: f"[{m.group(1) or 'figure'}]", item)))
+                _image_ref(page, base, src, _page_text(alt), defer=True)
+            bullets.append((depth, _page_text(_IMAGE_RE.sub(lambda m: f"[{m.group(1) or 'figure'}]", item))))
         elif not stripped:
             flush()
         else:
             if bullets and line.startswith("  "):
                 d, t = bullets[-1]
-                bullets[-1] = (d, t + " " + stripped)
+                bullets[-1] = (d, t + " " + _page_text(stripped))
             else:
-                paragraph.append(stripped)
+                paragraph.append(_page_text(stripped))
         i += 1
     flush()
     for fig in page.deferred:
@@ -1002,11 +1007,22 @@ def _markdown_into(page: Page, text: str, base: Path, ctx: _Context, skip_first_
     page.deferred.clear()
 
 
+def _page_text(markdown: str) -> str:
+    """A line of one of our Markdown files as page text (plain text, `code`, **bold**): escapes are undone
+    outside code spans, and the page's renderers escape the text again for their own format."""
+    parts = re.split(r"(`[^`]*`)", markdown)
+    return "".join(p if len(p) >= 2 and p.startswith("`") and p.endswith("`") else unescape_markdown(p) for p in parts)
+
+
 def _image_ref(page: Page, base: Path, src: str, alt: str, defer: bool = False) -> None:
     if re.match(r"^[a-z]+:", src):  # a URL: never fetched, never embedded
         page.warn(f"image `{_short(src, 80)}` is not a local file; not shown")
         return
-    path = (base / src)
+    problem = outside_problem(base, src)
+    if problem:  # a run directory is not trusted to make the report copy files from elsewhere
+        page.warn(f"image `{_short(src, 80)}` referenced from `{base}` lies outside that folder ({problem}); not shown")
+        return
+    path = base / src
     if not path.is_file():
         page.warn(f"image `{src}` referenced from `{base}` is missing")
         return

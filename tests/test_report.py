@@ -199,6 +199,34 @@ def test_damaged_json_becomes_a_warning_not_a_crash(outputs, tmp_path):
     assert (tmp_path / "out" / "report.html").stat().st_size > 0
 
 
+def test_hostile_run_text_shows_as_written_and_no_file_outside_the_run_is_copied(outputs, tmp_path):
+    """A run directory is not trusted: its Markdown may hold raw HTML and name images anywhere on disk."""
+    from markdown_it import MarkdownIt
+
+    src = tmp_path / "src"
+    shutil.copytree(outputs, src)
+    secret = png(tmp_path / "secret.png", (1, 2, 3))
+    hostile = '<script>alert(1)</script> <img src=x onerror="alert(2)"> [x](javascript:alert(3))'
+    avsd = src / "runs" / "avsd"
+    (avsd / "examples.md").write_text(f"# Generated answers\n\n## `avsd:v1` {hostile}\n\n- Q: {hostile}\n"
+                                      f"- generated: {hostile} ![a]({secret})\n\n![b](../../../secret.png)\n\n"
+                                      f"| q | a |\n|---|---|\n| {hostile} | `{hostile}` |\n")
+    ablation = json.loads((src / "ablate" / "brewclip" / "ablation.json").read_text())
+    write_json(src / "ablate" / "brewclip" / "ablation.json", {**ablation, "figures": ["../../../secret.png"]})
+
+    md = build_report(tmp_path / "out", [src]).read_text()
+    rendered = MarkdownIt("commonmark", {"html": True}).enable("table").render(md)
+    assert not re.search(r"<(script|a)\b", rendered)  # every viewer shows the text, none runs or links it
+    assert all(src.startswith("report_files/") for src in re.findall(r"<img src=\"([^\"]*)\"", rendered))
+    assert "alert(1)" in rendered and "alert(2)" in rendered
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert not re.search(r"<script|<img src=x|href=\"javascript", html)
+    copied = [p.read_bytes() for p in (tmp_path / "out" / "report_files").iterdir()]
+    assert secret.read_bytes() not in copied
+    warnings = md[md.index("warnings:**"):]
+    assert warnings.count("outside") >= 3  # the absolute and ../ images of examples.md, the ablation figure
+
+
 def test_empty_sources_say_what_would_produce_each_section(tmp_path):
     md = build_report(tmp_path / "out", [tmp_path / "empty"]).read_text()
     assert "is not a directory" in md

@@ -14,6 +14,8 @@ is the selected frames' CLIP embeddings through one linear layer.
 """
 from __future__ import annotations
 
+import hashlib
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -287,6 +289,7 @@ def main(store: str | Path, run: str | Path, config=None, overrides=(), log=prin
 def write_examples(s: Setup, examples: list[Example], hypotheses: dict[str, str], out: Path) -> Path:
     """examples.md: each question with its cues, the selected frames as a thumbnail strip, the generated answer
     and the references. A video that cannot be decoded any more loses its strip, not the example."""
+    from avcache.eval.markdown import code_span, escape_markdown
     from avcache.eval.thumbnails import frame_strip
     from avcache.pipeline.media import MediaError
 
@@ -295,17 +298,27 @@ def write_examples(s: Setup, examples: list[Example], hypotheses: dict[str, str]
     for e in examples:
         selected = s.cues.sequence(e.item_id, "selected_frames")
         seconds = s.frames.sequence(e.item_id, "timestamps")[selected]
-        strip = f"examples/{e.item_id.replace(':', '_')}.png"
+        strip = f"examples/{thumbnail_name(e.item_id)}"
         try:
             frame_strip(videos[e.item_id], seconds, out / strip)
-            picture = f"![selected frames of {e.item_id}]({strip})"
+            picture = f"![selected frames of {escape_markdown(e.item_id)}]({strip})"
         except MediaError as exc:
-            picture = f"(frames not shown: {exc})"
-        cue = cue_text_for(s.cue_rows[e.item_id], s.cfg.data.cues) or "(none)"
-        lines += [f"## `{e.item_id}`", "", picture, "",
+            picture = escape_markdown(f"(frames not shown: {exc})")
+        # Item ids, questions, answers and cue names are dataset text: escaped, so they show as written.
+        cue = escape_markdown(cue_text_for(s.cue_rows[e.item_id], s.cfg.data.cues) or "(none)")
+        lines += [f"## {code_span(e.item_id)}", "", picture, "",
                   f"- selected frames at {', '.join(f'{t:.2f}' for t in seconds)} s; cues: {cue}",
-                  f"- Q: {e.question}", f"- generated: {hypotheses[e.item_id]}",
-                  f"- references: {' / '.join(e.references)}", ""]
+                  f"- Q: {escape_markdown(e.question)}", f"- generated: {escape_markdown(hypotheses[e.item_id])}",
+                  f"- references: {' / '.join(escape_markdown(r) for r in e.references)}", ""]
     path = out / "examples.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def thumbnail_name(item_id: str) -> str:
+    """A file name for an item's thumbnail strip: an id is dataset text and may hold '/' or '..'; an id that had
+    to be changed gets a hash of itself, so two ids never share a file."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", item_id.replace(":", "_")).lstrip(".")
+    if name != item_id.replace(":", "_"):
+        name += "-" + hashlib.sha1(item_id.encode("utf-8")).hexdigest()[:10]
+    return f"{name}.png"
