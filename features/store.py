@@ -991,9 +991,13 @@ class FeatureStore:
         if not path.is_file():
             return FAILURES_SCHEMA.empty_table()
         # Read into memory, not mapped: the file is small and write_failures replaces it wholesale.
-        with pa.OSFile(str(path), "rb") as source:
-            table = ipc.open_file(source).read_all()
-        return table.select(list(FAILURE_COLUMNS)).cast(FAILURES_SCHEMA)
+        try:
+            with pa.OSFile(str(path), "rb") as source:
+                table = ipc.open_file(source).read_all()
+            return table.select(list(FAILURE_COLUMNS)).cast(FAILURES_SCHEMA)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, KeyError) as exc:
+            raise StoreError(f"{path}: not a failures table ({' '.join(str(exc).split())}); delete it and run "
+                             f"extract again, which lists every feature set's failures anew") from None
 
     def write_failures(self, feature_set: str, rows: list[dict]) -> None:
         """Replace ``feature_set``'s rows in failures.arrow with ``rows`` (item_id, path, stage, reason)."""

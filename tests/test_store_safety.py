@@ -109,6 +109,17 @@ def test_cli_info_verify_refuses_a_store_naming_outside_files(tmp_path):
     assert OUTSIDE_STORE in proc.stderr and "'../../x.arrow'" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("damage", [b"not arrow at all", b"ARROW1\x00\x00" + b"\x00" * 64])
+def test_a_damaged_failures_table_is_a_store_error(tmp_path, damage):
+    store = FeatureStore(tmp_path / "store")
+    store.write_failures("clip_frames", [{"item_id": "a", "path": None, "stage": "decode", "reason": "r"}])
+    (tmp_path / "store" / "failures.arrow").write_bytes(damage)
+    with pytest.raises(StoreError, match=r"failures\.arrow: not a failures table .*delete it and run extract again"):
+        store.failures()
+    with pytest.raises(StoreError, match="not a failures table"):
+        store.write_failures("clip_frames", [])
+
+
 @pytest.mark.parametrize("key", ["index", "ids"])
 @pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink", "not_a_string"])
 def test_index_file_names_leading_outside_the_index_folder_are_refused(tmp_path, kind, key):
