@@ -11,7 +11,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from avcache.eval.markdown import code_fence, code_span, escape_markdown
+from avcache.eval.markdown import code_fence, code_span, escape_markdown, unescape_markdown
 
 FILES_DIR = "report_files"
 MIME = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif", ".webp": "image/webp"}
@@ -134,6 +134,12 @@ def _spans(text) -> list[tuple[str, str]]:
         else:
             spans += [("bold" if i % 2 else "text", piece) for i, piece in enumerate(_BOLD.split(part)) if piece]
     return spans
+
+
+def page_text(markdown: str) -> str:
+    """A line of one of our Markdown files as page text: escapes are undone outside code spans (the renderers
+    escape the text again, each for its own format)."""
+    return "".join(part if _CODE.fullmatch(part) else unescape_markdown(part) for part in _CODE.split(markdown))
 
 
 def _md_inline(text, table_cell: bool = False, line_start: bool = False) -> str:

@@ -33,9 +33,8 @@ from pathlib import Path
 
 import yaml
 
-from avcache.eval.markdown import unescape_markdown
-from avcache.eval.page import (FILES_DIR, Figure, Page, is_number, name_figures, number_text, render_html,
-                               render_markdown)
+from avcache.eval.page import (FILES_DIR, Figure, Page, is_number, name_figures, number_text, page_text,
+                               render_html, render_markdown)
 from avcache.features.store import outside_problem
 
 REPORT_MD = "report.md"
@@ -969,20 +968,20 @@ def _markdown_into(page: Page, text: str, base: Path, ctx: _Context, skip_first_
             flush()
             if not (skip_first_heading and first_heading):
                 depth = len(stripped) - len(stripped.lstrip("#"))
-                page.heading(min(level + max(depth - 1, 1), 6), _page_text(stripped.lstrip("#").strip()))
+                page.heading(min(level + max(depth - 1, 1), 6), page_text(stripped.lstrip("#").strip()))
             first_heading = False
         elif stripped.startswith("|"):
             flush()
             block = []
             while i < len(lines) and lines[i].strip().startswith("|"):
-                block.append([_page_text(cell) for cell in _split_row(lines[i].strip())])
+                block.append([page_text(cell) for cell in _split_row(lines[i].strip())])
                 i += 1
             _table_from_rows(page, block)
             continue
         elif _IMAGE_RE.fullmatch(stripped):
             flush()
             alt, src = _IMAGE_RE.fullmatch(stripped).groups()
-            _image_ref(page, base, src, _page_text(alt))
+            _image_ref(page, base, src, page_text(alt))
         elif re.match(r"^\s*[-*] ", line):
             if paragraph:
                 page.para(" ".join(paragraph))
@@ -990,28 +989,21 @@ def _markdown_into(page: Page, text: str, base: Path, ctx: _Context, skip_first_
             depth = 1 if len(line) - len(line.lstrip()) >= 2 else 0
             item = re.sub(r"^\s*[-*] ", "", line)
             for alt, src in _IMAGE_RE.findall(item):  # thumbnails inside a list item: shown after the list
-                _image_ref(page, base, src, _page_text(alt), defer=True)
-            bullets.append((depth, _page_text(_IMAGE_RE.sub(lambda m: f"[{m.group(1) or 'figure'}]", item))))
+                _image_ref(page, base, src, page_text(alt), defer=True)
+            bullets.append((depth, page_text(_IMAGE_RE.sub(lambda m: f"[{m.group(1) or 'figure'}]", item))))
         elif not stripped:
             flush()
         else:
             if bullets and line.startswith("  "):
                 d, t = bullets[-1]
-                bullets[-1] = (d, t + " " + _page_text(stripped))
+                bullets[-1] = (d, t + " " + page_text(stripped))
             else:
-                paragraph.append(_page_text(stripped))
+                paragraph.append(page_text(stripped))
         i += 1
     flush()
     for fig in page.deferred:
         page.blocks.append(("figure", fig))
     page.deferred.clear()
-
-
-def _page_text(markdown: str) -> str:
-    """A line of one of our Markdown files as page text (plain text, `code`, **bold**): escapes are undone
-    outside code spans, and the page's renderers escape the text again for their own format."""
-    parts = re.split(r"(`[^`]*`)", markdown)
-    return "".join(p if len(p) >= 2 and p.startswith("`") and p.endswith("`") else unescape_markdown(p) for p in parts)
 
 
 def _image_ref(page: Page, base: Path, src: str, alt: str, defer: bool = False) -> None:
