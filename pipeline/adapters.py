@@ -36,6 +36,7 @@ from .manifest import (
     ManifestError,
     failures_path_for,
     readable,
+    readable_or_none,
     row_problem,
     write_failures,
     write_manifest,
@@ -64,19 +65,13 @@ class AdapterResult:
 
     def fail(self, reason: str, path: Any = None, item_id: Any = None) -> None:
         # Readable text: a file name that is not UTF-8 must not make the failures file or the CLI's output fail too.
-        self.failures.append({"item_id": _text_or_none(item_id), "path": _text_or_none(path), "stage": STAGE,
+        self.failures.append({"item_id": readable_or_none(item_id), "path": readable_or_none(path), "stage": STAGE,
                               "reason": readable(reason)})
 
     def extend(self, other: AdapterResult) -> None:
         self.rows.extend(other.rows)
         self.failures.extend(other.failures)
         self.as_written.update(other.as_written)
-
-
-def _text_or_none(value: Any) -> str | None:
-    if value is None:
-        return None
-    return readable(os.fspath(value) if isinstance(value, (str, os.PathLike)) else str(value))
 
 
 Adapter = Callable[[Path], AdapterResult]

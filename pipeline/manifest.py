@@ -240,8 +240,8 @@ def write_failures(rows: Iterable[dict], path: str | os.PathLike) -> pa.Table:
             raise ManifestError(f"failure row has unknown keys {unknown}; known: {FAILURES_SCHEMA.names}")
         normalized.append(
             {
-                "item_id": _str_or_none(row.get("item_id")),
-                "path": _str_or_none(row.get("path")),
+                "item_id": readable_or_none(row.get("item_id")),
+                "path": readable_or_none(row.get("path")),
                 "stage": row.get("stage") or "manifest",
                 "reason": readable(str(row.get("reason") or "")),
             }
@@ -251,7 +251,8 @@ def write_failures(rows: Iterable[dict], path: str | os.PathLike) -> pa.Table:
     return table
 
 
-def _str_or_none(value: Any) -> str | None:
+def readable_or_none(value: Any) -> str | None:
+    """A failure row's value as readable text (see `readable`); None stays None."""
     if value is None:
         return None
     return readable(os.fspath(value) if isinstance(value, os.PathLike) else str(value))

@@ -198,7 +198,7 @@ def _ray_processes() -> list[_RayProcess]:
             if entry.stat().st_uid != os.getuid():
                 continue
             command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode("utf-8", "replace").strip()
-            state = (entry / "stat").read_text().rpartition(")")[2].split()[0]
+            state = _state(entry)
             if not _is_ray(command, (entry / "comm").read_text().strip()):
                 continue
             match = _SESSION.search(command) or _session_of_open_files(entry)
@@ -230,12 +230,16 @@ def _session_of_open_files(entry: Path):
     return None
 
 
+def _state(entry: Path) -> str:
+    """The state letter of /proc/<pid>/stat (after the command name, which may hold spaces and parentheses)."""
+    return (entry / "stat").read_text().rpartition(")")[2].split()[0]
+
+
 def _running(pid: int) -> bool:
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+        return _state(Path(f"/proc/{pid}")) != "Z"
     except (OSError, IndexError):
         return False
-    return state != "Z"
 
 
 def _signal(pid: int, sig: int) -> None:
