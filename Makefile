@@ -22,14 +22,16 @@ FEATURE_SET ?= clip_image
 K ?= 10
 SPLIT ?= test
 INDEX_VECTORS ?= 1000000
-RUN ?= runs/brewclip
+RECIPE ?=
+RUN ?= runs/$(or $(RECIPE),brewclip)
 SET ?=
 GRID ?=
 SEEDS ?=
 FROM ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup synth manifest extract info index search eval-retrieval train-retrieval train-ser train-aligner aligner-efficiency train-generator ablate bench demo report test test-browser clean
+# `train` is also a folder (train/): without .PHONY make would take the target as up to date
+.PHONY: help setup synth manifest extract info index search eval-retrieval train train-retrieval train-ser train-aligner aligner-efficiency train-generator ablate bench demo report test lint test-browser clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -65,20 +67,26 @@ search: $(STAMP) ## top-K items: STORE=<dir> one of QUERY="<text>" IMAGE=<file> 
 eval-retrieval: $(STAMP) ## zero-shot Whisper->CLIP retrieval + text upper bound: STORE=<dir> OUT=<dir> [SPLIT=test]
 	$(BIN)/avcache eval-retrieval --store $(STORE) --out $(OUT) --split $(SPLIT)
 
-train-retrieval: $(STAMP) ## BrewCLIP heads on cached features: STORE=<dir> RUN=<dir> [CONFIG=train/configs/brewclip_*.yaml] [SET="k=v ..."]
-	$(BIN)/avcache train-retrieval --store $(STORE) --run $(RUN) $(if $(CONFIG),--config $(CONFIG)) $(foreach s,$(SET),--set $(s))
+TRAIN_ARGS = --store $(STORE) --run $(RUN) $(if $(CONFIG),--config $(CONFIG)) $(foreach s,$(SET),--set $(s))
 
-train-ser: $(STAMP) ## emotion classifier on the acoustic channel: STORE=<dir> RUN=<dir> [CONFIG=...] [SET="init_from=runs/brewclip ..."]
-	$(BIN)/avcache train-ser --store $(STORE) --run $(RUN) $(if $(CONFIG),--config $(CONFIG)) $(foreach s,$(SET),--set $(s))
+train: $(STAMP) ## one method on cached features: RECIPE=<brewclip|ser|bgtai|avsd> STORE=<dir> [RUN=runs/<recipe>] [CONFIG=train/configs/<recipe>_*.yaml] [SET="k=v ..."]
+	$(BIN)/avcache train --recipe "$(RECIPE)" $(TRAIN_ARGS)
 
-train-aligner: $(STAMP) ## BGTAI aligner on cached features: STORE=<dir> RUN=<dir> [CONFIG=train/configs/bgtai_*.yaml] [SET="k=v ..."]
-	$(BIN)/avcache train-aligner --store $(STORE) --run $(RUN) $(if $(CONFIG),--config $(CONFIG)) $(foreach s,$(SET),--set $(s))
+# The targets before `make train RECIPE=...`, kept as its aliases.
+train-retrieval: $(STAMP) ## = make train RECIPE=brewclip (BrewCLIP heads)
+	$(BIN)/avcache train --recipe brewclip $(TRAIN_ARGS)
+
+train-ser: $(STAMP) ## = make train RECIPE=ser (emotion classifier on the acoustic channel; SET="init_from=runs/brewclip ...")
+	$(BIN)/avcache train --recipe ser $(TRAIN_ARGS)
+
+train-aligner: $(STAMP) ## = make train RECIPE=bgtai (BGTAI aligner)
+	$(BIN)/avcache train --recipe bgtai $(TRAIN_ARGS)
 
 aligner-efficiency: $(STAMP) ## BGTAI Base / DS-Net / Result Filter / DS & RF, accuracy per epoch plotted: STORE=<dir> RUN=<dir>
 	$(BIN)/avcache train-aligner --efficiency-study --store $(STORE) --run $(RUN) $(foreach s,$(SET),--set $(s))
 
-train-generator: $(STAMP) ## AVSD answers with cues + BART, DSTC scores: STORE=<dir> RUN=<dir> [CONFIG=train/configs/avsd_*.yaml] [SET="k=v ..."]
-	$(BIN)/avcache train-generator --store $(STORE) --run $(RUN) $(if $(CONFIG),--config $(CONFIG)) $(foreach s,$(SET),--set $(s))
+train-generator: $(STAMP) ## = make train RECIPE=avsd (AVSD answers with cues + BART, DSTC scores)
+	$(BIN)/avcache train --recipe avsd $(TRAIN_ARGS)
 
 ablate: $(STAMP) ## every cell of a grid, table + plots in OUT: GRID=<train/grids/*.yaml or name> STORE=<dir> OUT=<dir> [SET="k=v ..."] [SEEDS=0,1]
 	$(BIN)/avcache ablate --grid $(GRID) --store $(STORE) --out $(OUT) $(foreach s,$(SET),--set $(s)) $(if $(SEEDS),--seeds $(SEEDS))
@@ -92,8 +100,11 @@ demo: $(STAMP) ## synth -> extract -> index -> zero-shot retrieval -> each metho
 report: $(STAMP) ## OUT/report.md + report_files/ + self-contained report.html from what is found: OUT=<dir> [FROM="dir1 dir2"]
 	$(BIN)/avcache report --out $(OUT) $(if $(FROM),--from $(FROM))
 
-test: $(STAMP) test-browser ## run the whole test suite
+test: $(STAMP) test-browser lint ## the layer contracts, then the whole test suite
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lint: $(STAMP) ## the one-way layers of docs/ARCHITECTURE.md (import-linter contracts in pyproject.toml)
+	$(BIN)/lint-imports --no-cache
 
 # Never fails: without chromium (no apt, not root, no network) tests/test_report.py's browser test skips, saying why.
 test-browser: ## install Debian's chromium (headless report check in the tests) when it is missing

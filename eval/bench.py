@@ -67,7 +67,7 @@ def _pipeline_bench(out: Path, items: int, feature_sets) -> dict:
         extractor = get_extractor(name)
         rows = extractor.select(ctx)
         extractor.spec(ctx)  # writes tiny checkpoints on first use, outside the timings
-        decode, encode = extractor.stages(ctx)
+        decode, encode = extractor.build_stages(ctx)
         _drain(runner.run(rows[: decode.resources.batch_size], [decode, encode]))  # warm-up, untimed
         decoded, t_decode = _drain(runner.run(rows, [decode]))
         _, t_setup = _drain(runner.run(decoded[:1], [encode]))

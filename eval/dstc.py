@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from avcache.features.durable import replace_atomically, write_json_atomic
-from avcache.pipeline.adapters import UNDISCLOSED
+from avcache.pipeline.datasets.avsd import UNDISCLOSED
 
 ITEM_PREFIX = "avsd:"  # the avsd adapter's item_id is f"avsd:{image_id}"
 METRICS = ("BLEU_1", "BLEU_2", "BLEU_3", "BLEU_4", "METEOR", "ROUGE_L", "CIDEr")

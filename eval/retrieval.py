@@ -1,25 +1,18 @@
-"""Caption<->image retrieval metrics (Recall@K, MRR, ranks) and the BrewCLIP zero-shot baselines from a store."""
+"""Caption<->image retrieval metrics (Recall@K, MRR, ranks) and their report (markdown table, bar plot).
+
+Pure functions of embeddings and results: the zero-shot evaluation that reads a store is train/zeroshot.py."""
 from __future__ import annotations
 
-import contextlib
-import json
 from pathlib import Path
 
 import numpy as np
-import pyarrow.compute as pc
-
-from avcache.features.store import FeatureSet, FeatureStore
-from avcache.pipeline.manifest import read_manifest
 
 KS = (1, 5, 10)
-COLUMN = "embedding"
-# result prefix -> (feature set holding the caption queries, row label in the report)
+# result prefix -> row label in the report
 SYSTEMS = {
-    "zeroshot": ("clip_transcript", "pipeline (Whisper → CLIP text)"),
-    "textupper": ("clip_text", "text upper bound (ground-truth captions)"),
+    "zeroshot": "pipeline (Whisper → CLIP text)",
+    "textupper": "text upper bound (ground-truth captions)",
 }
-# what to pass to `avcache extract --feature-sets` for each feature set this evaluation reads
-_EXTRACT = {"clip_image": "clip_image", "clip_text": "clip_text", "clip_transcript": "whisper,clip_transcript"}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -152,124 +145,6 @@ def cross_modal_retrieval(captions, images, caption_image, *, prefix=("s2i", "i2
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# zero-shot baselines from a feature store
-
-
-class NoItemsError(ValueError):
-    """The manifest has no caption/image items for the requested split (or dataset)."""
-
-
-def _open_sets(store: FeatureStore, stack: contextlib.ExitStack) -> dict[str, FeatureSet]:
-    names = ["clip_image"] + [fs for fs, _ in SYSTEMS.values()]
-    missing = [n for n in names if n not in store]
-    if missing:
-        what = ",".join(dict.fromkeys(x for n in missing for x in _EXTRACT[n].split(",")))
-        raise ValueError(f"store {str(store.root)!r} lacks feature set(s) {missing} (has {store.feature_sets()}); "
-                         f"extract them first: `make extract` with them in the config, or "
-                         f"`avcache extract --manifest M --store {store.root} --feature-sets {what}`")
-    sets = {n: stack.enter_context(store[n]) for n in names}
-    for name, fs in sets.items():
-        if COLUMN not in fs.spec.vectors:
-            raise ValueError(f"feature set {name!r} has no vector column {COLUMN!r} (has {list(fs.spec.vectors)})")
-    image_encoder = sets["clip_image"].spec.encoder
-    for name in names[1:]:
-        # Embeddings of two different CLIPs live in unrelated spaces: their scores would mean nothing.
-        if sets[name].spec.encoder != image_encoder:
-            raise ValueError(f"{name!r} and 'clip_image' were extracted with different CLIP encoders "
-                             f"({sets[name].spec.encoder} vs {image_encoder}); re-extract them with one profile")
-    return sets
-
-
-def extraction_manifest(clip_image: FeatureSet, manifest):
-    if manifest is None:
-        manifest = (clip_image.meta.get("provenance") or {}).get("manifest")
-        if not manifest:
-            raise ValueError(f"{clip_image.path / 'meta.json'} records no manifest (provenance.manifest); pass the "
-                             f"manifest the features were extracted from (manifest=... / --manifest)")
-        where = f"the manifest recorded in {clip_image.path / 'meta.json'}"
-    else:
-        where = "the manifest"
-    try:
-        return read_manifest(manifest)
-    except ValueError as exc:  # ManifestError: missing file, not Arrow, bad columns
-        raise ValueError(f"cannot read {where} ({manifest}): {exc}; pass the right manifest "
-                         f"(manifest=... / --manifest)") from None
-
-
-def _present(column):
-    return pc.fill_null(pc.and_(pc.is_valid(column), pc.not_equal(column, "")), False)
-
-
-def select_caption_items(table, split: str, dataset: str | None) -> list[dict]:
-    mask = pc.and_(pc.equal(table["split"], split), _present(table["audio_path"]))
-    mask = pc.and_(pc.and_(mask, _present(table["image_path"])), _present(table["group_id"]))
-    if dataset is not None:
-        mask = pc.and_(mask, pc.equal(table["dataset"], dataset))
-    rows = table.filter(mask).select(["item_id", "dataset", "group_id"]).to_pylist()
-    if not rows:
-        splits = sorted(set(table["split"].to_pylist()))
-        datasets = sorted(set(table["dataset"].to_pylist()))
-        raise NoItemsError(f"no manifest rows of split {split!r}" + (f", dataset {dataset!r}" if dataset else "")
-                         + f" with both audio_path and image_path (manifest splits: {splits}, datasets: {datasets})")
-    return rows
-
-
-def image_gallery(rows: list[dict], clip_image: FeatureSet) -> tuple[dict, np.ndarray, int]:
-    """One image per (dataset, group_id): the first item of the group that clip_image holds."""
-    groups, first = {}, {}
-    for r in rows:
-        key = (r["dataset"], r["group_id"])
-        groups[key] = True
-        if key not in first and r["item_id"] in clip_image:
-            first[key] = r["item_id"]
-    if not first:
-        raise ValueError(f"none of the {len(groups)} images of the selected items is in 'clip_image' "
-                         f"(its extraction failed or ran on another manifest); re-extract clip_image")
-    index = {key: i for i, key in enumerate(first)}
-    images = clip_image.vectors(COLUMN, list(first.values())).astype(np.float32)  # (Ni, D)
-    return index, images, len(groups) - len(first)
-
-
-def _system(name: str, fs: FeatureSet, captions: list[tuple[str, int]], images: np.ndarray,
-            chunk_size: int) -> dict:
-    present = [(item, image) for item, image in captions if item in fs]
-    if not present:
-        raise ValueError(f"none of the {len(captions)} selected captions is in {fs.name!r} (extraction failed or "
-                         f"ran on another manifest); re-extract it: --feature-sets {_EXTRACT[fs.name]}")
-    queries = fs.vectors(COLUMN, [item for item, _ in present]).astype(np.float32)  # (Nc, D)
-    own = np.array([image for _, image in present], np.int64)  # (Nc,)
-    out = cross_modal_retrieval(queries, images, own, prefix=(f"{name}_s2i", f"{name}_i2s"), chunk_size=chunk_size)
-    out[f"{name}_missing"] = len(captions) - len(present)
-    return out
-
-
-def evaluate_zeroshot(store_root, manifest=None, split: str = "test", dataset: str | None = None, *,
-                      chunk_size: int = 1024) -> dict:
-    """BrewCLIP's pipeline-only zero-shot baseline and the text upper bound, both directions, from a store.
-
-    Items: manifest rows of ``split`` (and ``dataset``) with an audio_path, an image_path and a group_id. The
-    gallery holds one clip_image embedding per (dataset, group_id). "zeroshot" queries are clip_transcript
-    embeddings (CLIP text of the Whisper transcript), "textupper" queries are clip_text embeddings (CLIP text of
-    the ground-truth caption). Captions missing from a feature set are dropped and counted.
-
-    Keys (all numbers): images, images_missing (groups with no clip_image row), captions (items whose image is in
-    the gallery), captions_without_image, and per system S in (zeroshot, textupper) and direction in (s2i, i2s):
-    S_<dir>_R@1/R@5/R@10/MRR/median_rank/mean_rank/queries, plus S_missing.
-    """
-    with contextlib.ExitStack() as stack:
-        sets = _open_sets(FeatureStore(store_root), stack)
-        rows = select_caption_items(extraction_manifest(sets["clip_image"], manifest), split, dataset)
-        index, images, images_missing = image_gallery(rows, sets["clip_image"])
-        captions = [(r["item_id"], index[(r["dataset"], r["group_id"])]) for r in rows
-                    if (r["dataset"], r["group_id"]) in index]
-        results = {"images": len(images), "images_missing": images_missing, "captions": len(captions),
-                   "captions_without_image": len(rows) - len(captions)}
-        for name, (feature_set, _) in SYSTEMS.items():
-            results.update(_system(name, sets[feature_set], captions, images, chunk_size))
-    return results
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # report
 
 
@@ -288,7 +163,7 @@ def retrieval_markdown(results: dict) -> str:
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     for name in _systems_in(results):
         r = {k[len(name) + 1:]: v for k, v in results.items() if k.startswith(f"{name}_")}
-        cells = [SYSTEMS[name][1], f"{r['s2i_queries']} / {r['i2s_queries']}"]
+        cells = [SYSTEMS[name], f"{r['s2i_queries']} / {r['i2s_queries']}"]
         cells += [f"{100 * r[f'{d}_R@{k}']:.1f}" for d in ("s2i", "i2s") for k in KS]
         cells += [f"{r['s2i_MRR']:.3f}", f"{r['i2s_MRR']:.3f}", _median(r["s2i_median_rank"]),
                   _median(r["i2s_median_rank"])]
@@ -313,7 +188,7 @@ def plot_retrieval(results: dict, path) -> Path:
     ax = fig.subplots()
     for s, name in enumerate(systems):
         values = [100 * results[f"{name}_{m}"] for m in metrics]
-        bars = ax.bar(x + (s - (len(systems) - 1) / 2) * width, values, width, label=SYSTEMS[name][1])
+        bars = ax.bar(x + (s - (len(systems) - 1) / 2) * width, values, width, label=SYSTEMS[name])
         ax.bar_label(bars, fmt="%.0f", fontsize=7)
     ax.set_xticks(x, [m.replace("_", " ") for m in metrics])
     ax.set_ylabel("recall (%)")
@@ -327,15 +202,3 @@ def plot_retrieval(results: dict, path) -> Path:
     fig.savefig(path, dpi=120)
     return path
 
-
-def run_eval_retrieval(store_root, out_dir, manifest=None, split: str = "test", dataset: str | None = None) -> dict:
-    """Evaluate, then write OUT/results.json (flat name -> number), OUT/results.md and OUT/retrieval.png."""
-    results = evaluate_zeroshot(store_root, manifest=manifest, split=split, dataset=dataset)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    table = retrieval_markdown(results)
-    (out / "results.md").write_text(table, encoding="utf-8")
-    plot_retrieval(results, out / "retrieval.png")
-    print(table, end="")
-    return results

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from avcache.features.store import FeatureSetSpec, FeatureSetWriter
+from avcache.features.store import FeatureSetSpec, FeatureSetWriter, FeatureStore
 from avcache.pipeline.manifest import write_manifest
 
 SPLITS = ("train", "val", "test")
@@ -49,8 +49,8 @@ def write_planted_store(root: str | Path, images: int = 64, captions_per_image: 
                          "texts": [f"a caption of image {image}"], "text_kinds": ["caption"],
                          "label": f"class{cls}", "label_id": cls})
     manifest = root / "manifest.arrow"
-    write_manifest(rows, manifest)
     store = root / "store"
+    FeatureStore(store).write_items(write_manifest(rows, manifest))  # as extract does: the store carries its items
     provenance = {"manifest": str(manifest.resolve())}
     encoder = {"name": "planted", "seed": seed}
     specs = {
@@ -75,7 +75,7 @@ def write_planted_store(root: str | Path, images: int = 64, captions_per_image: 
 
 
 def _pairs_per_second(store: Path, preload: bool, epochs: int, batch_size: int, seed: int = 0) -> tuple[float, int]:
-    from avcache.train.brewclip import brewclip_loss
+    from avcache.train.models.brewclip import brewclip_loss
     from avcache.train.data import CachedPairs, loader
     from avcache.train.recipes.brewclip import build_model, forward, load_recipe_config
 

@@ -1,4 +1,5 @@
-"""CLIP through open_clip: one factory from (model name, pretrained tag or checkpoint path) to an encoder."""
+"""CLIP through open_clip: one factory from (model name, pretrained tag or checkpoint path) to an encoder, and the
+way back from an encoder profile (or a feature set's provenance) to that pair."""
 from __future__ import annotations
 
 from contextlib import nullcontext
@@ -12,6 +13,7 @@ import torch
 from PIL import Image
 
 from avcache.features.checkpoints import sha256_file
+from avcache.features.store import FeatureSet, StoreError
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 # Our variants (the tiny offline CLIP) are data files in open_clip's own config format.
@@ -25,6 +27,13 @@ def resolve_clip_checkpoint(model: str, pretrained: str | None) -> str | None:
 
         return str(ensure_tiny_clip(model))
     return pretrained
+
+
+def clip_model(profile: dict) -> tuple[str, str | None]:
+    """(model, checkpoint) of an encoder profile's CLIP, resolved in the driver so workers load exactly the file the
+    spec hashed."""
+    clip = profile["clip"]
+    return clip["model"], resolve_clip_checkpoint(clip["model"], clip.get("pretrained"))
 
 
 def clip_spec(model: str, pretrained: str | None) -> dict:
@@ -95,13 +104,31 @@ class ClipEncoder:
 def create_clip(model: str, pretrained: str | None = None, device: str = "cpu") -> tuple[ClipEncoder, Callable, dict]:
     """Like open_clip.create_model_and_transforms, returning (encoder, preprocess, spec)."""
     spec = clip_spec(model, pretrained)
-    clip_model, _, preprocess = open_clip.create_model_and_transforms(
-        model, pretrained=spec["checkpoint"], device=device
-    )
-    clip_model.eval()
+    network, _, preprocess = open_clip.create_model_and_transforms(model, pretrained=spec["checkpoint"], device=device)
+    network.eval()
     tokenizer = open_clip.get_tokenizer(model)
-    encoder = ClipEncoder(clip_model, preprocess, tokenizer, torch.device(device), spec)
+    encoder = ClipEncoder(network, preprocess, tokenizer, torch.device(device), spec)
     return encoder, preprocess, spec
+
+
+def encoders_of(fs: FeatureSet) -> dict:
+    """The resolved encoder profile a feature set was extracted with (its provenance)."""
+    encoders = (fs.meta.get("provenance") or {}).get("encoders")
+    if not encoders:
+        raise StoreError(f"feature set {fs.name!r} records no encoders in its provenance, so no encoder can be "
+                         f"matched to it")
+    return encoders
+
+
+def clip_of(fs: FeatureSet, device: str = "cpu") -> ClipEncoder:
+    """The CLIP that made a feature set, loaded again and checked against the weights hash the store recorded."""
+    encoder, _, spec = create_clip(*clip_model(encoders_of(fs)), device=device)
+    stored = fs.spec.encoder.get("checkpoint_sha256")
+    if spec["checkpoint_sha256"] != stored:
+        raise StoreError(f"the CLIP named by {fs.name!r}'s provenance ({spec['model']}, {spec['checkpoint']}) has "
+                         f"weights {spec['checkpoint_sha256'][:16]}..., but the feature set was made with "
+                         f"{str(stored)[:16]}...; its embeddings would live in another space")
+    return encoder
 
 
 def save_clip_checkpoint(model: torch.nn.Module, path: Path) -> None:

@@ -11,12 +11,18 @@ import contextlib
 import hashlib
 import json
 import os
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
 _HASH_BLOCK = 1 << 20
+
+
+def utc_now() -> str:
+    """The timestamp written files record (`created`, `updated`): UTC, to the second, ISO 8601."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def sha256_of(path: str | os.PathLike) -> str:

@@ -39,8 +39,8 @@ import numpy as np
 import pyarrow as pa
 
 from avcache.features.checkpoints import sha256_file
-from avcache.features.durable import (remove_quietly, replace_atomically, write_arrow_atomic, write_bytes,
-                                      write_json_atomic)
+from avcache.features.durable import (remove_quietly, replace_atomically, utc_now, write_arrow_atomic,
+                                      write_bytes, write_json_atomic)
 from avcache.features.store import FeatureSet, StoreError, StoreKeyError, contained_path, exclusive_lock
 
 INDEX_DIR = "index"
@@ -414,12 +414,6 @@ def _building(fs: FeatureSet, column: str):
         yield
 
 
-def _utc_now() -> str:
-    from datetime import datetime, timezone
-
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
 # --------------------------------------------------------------------------------------------------------------
 # build, update, load
 
@@ -446,7 +440,7 @@ def make_index(rows: VectorRows, factory: str | None = None, *, target_recall: f
     start = time.monotonic()
     probe = _RecallProbe.sample(rows, RECALL_K, TUNE_QUERIES, seed + 1, held_out_from=sample_rows)
     params, recall, met = tune(index, probe, target_recall, log) if n > 1 else ({}, 1.0, True)
-    now = _utc_now()
+    now = utc_now()
     info = {
         "format_version": FORMAT_VERSION, "factory": factory, "metric": "inner_product", "normalisation": "L2",
         "count": n, "dim": dim, "search_params": params,
@@ -542,7 +536,7 @@ def _update_locked(fs: FeatureSet, column: str, factory: str | None, *, target_r
     if suggested != info["factory"]:
         log(f"[index] {fs.name}/{column}: at {len(rows)} rows the default would be {suggested}; "
             f"run with --rebuild to switch from {info['factory']}")
-    info = {**info, "count": len(rows), "search_params": params, "updated": _utc_now(),
+    info = {**info, "count": len(rows), "search_params": params, "updated": utc_now(),
             "added_rows": info.get("added_rows", 0) + added, "shards": _shard_list(fs),
             "recall": {**info["recall"], "k": probe.k, "value": round(recall, 4), "target": target_recall,
                        "target_met": met, "queries": len(probe.query_rows)}}

@@ -8,6 +8,8 @@ Layout (readable with plain pyarrow / h5py, no avcache code needed)::
     STORE/<feature_set>/shard-NNNNN.h5       one group per sequence column, one dataset per item named
                                              urllib.parse.quote(item_id, safe=""), plus a root dataset item_ids
     STORE/failures.arrow                     item_id, path, stage, reason, feature_set
+    STORE/items.arrow                        the manifest rows extracted into the store (every column), one per
+                                             item_id: trainers find their items here, wherever the store is
 
 Commit protocol: a shard is written to ``.shard-NNNNN.{h5,arrow}.tmp``, fsynced, renamed to its final name, and
 only then listed in meta.json (written atomically: tmp + fsync + rename + fsync of the directory). meta.json's
@@ -33,18 +35,19 @@ import os
 import re
 import urllib.parse
 from collections import OrderedDict
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
 import h5py
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 
+from avcache.features.differences import nested_differences
 # Module-level names (not durable.X calls) so crash tests can stop the commit protocol at any single step.
 from avcache.features.durable import fsync_dir as _fsync_dir
-from avcache.features.durable import remove_quietly
+from avcache.features.durable import remove_quietly, utc_now
 from avcache.features.durable import sha256_of as _sha256
 from avcache.features.durable import write_arrow as _write_arrow
 from avcache.features.durable import write_arrow_atomic
@@ -59,6 +62,8 @@ except ImportError:  # pragma: no cover - non-POSIX
 FORMAT_VERSION = 1
 META_NAME = "meta.json"
 FAILURES_NAME = "failures.arrow"
+ITEMS_NAME = "items.arrow"
+ITEMS_LOCK_NAME = ".items.lock"
 LOCK_NAME = ".lock"
 FLOAT_DTYPES = ("float32", "float16")
 FINGERPRINT_FIELDS = ("extractor", "encoder", "preprocessing", "dtype", "vectors", "sequences")
@@ -113,10 +118,6 @@ class StoreMismatchError(StoreError):
 
 # --------------------------------------------------------------------------------------------------------------
 # small file helpers
-
-
-def _utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def _json_normal(value: Any, what: str) -> Any:
@@ -231,24 +232,6 @@ def h5_dataset_name(item_id: str) -> str:
 # spec
 
 
-def _dict_diff(stored: Any, requested: Any, prefix: str) -> list[str]:
-    """Field-by-field differences, recursing into dicts so that e.g. 'encoder.checkpoint_sha256' is named."""
-    if isinstance(stored, dict) and isinstance(requested, dict):
-        out = []
-        for key in sorted(set(stored) | set(requested)):
-            sub = f"{prefix}.{key}"
-            if key not in stored:
-                out.append(f"{sub}: stored <absent>, requested {requested[key]!r}")
-            elif key not in requested:
-                out.append(f"{sub}: stored {stored[key]!r}, requested <absent>")
-            else:
-                out.extend(_dict_diff(stored[key], requested[key], sub))
-        return out
-    if stored != requested:
-        return [f"{prefix}: stored {stored!r}, requested {requested!r}"]
-    return []
-
-
 def _check_column_name(name: str, kind: str) -> None:
     if not isinstance(name, str) or not name or "/" in name or name in (".", "..", "item_id"):
         raise ValueError(f"invalid {kind} column name {name!r} (non-empty, no '/', not 'item_id')")
@@ -327,7 +310,8 @@ class FeatureSetSpec:
 def _check_fingerprint(meta: dict, spec: FeatureSetSpec, directory: Path) -> None:
     stored = FeatureSetSpec.from_dict(meta).fingerprint()
     requested = spec.fingerprint()
-    differences = _dict_diff(stored, requested, "spec")
+    differences = [f"{key}: stored {a!r}, requested {b!r}"
+                   for key, a, b in nested_differences(stored, requested, prefix="spec")]
     if not differences:
         return
     lines = "\n".join(f"  - {d}" for d in differences)
@@ -514,7 +498,7 @@ class FeatureSetWriter:
             if self._provenance is not None:
                 self.meta["provenance"] = self._provenance
         else:
-            now = _utc_now()
+            now = utc_now()
             self.meta = {"format_version": FORMAT_VERSION, **self.spec.to_dict(), "code_version": self.code_version,
                          "created": now, "updated": now, "scalars": {}, "shards": [], "rows": 0}
             if self._provenance is not None:
@@ -668,7 +652,7 @@ class FeatureSetWriter:
             entry = {"name": name, "arrow": final["arrow"].name, "h5": final["h5"].name, "rows": len(rows),
                      "arrow_sha256": _sha256(tmp["arrow"]), "h5_sha256": _sha256(tmp["h5"]),
                      "bytes": tmp["arrow"].stat().st_size + tmp["h5"].stat().st_size,
-                     "code_version": self.code_version, "created": _utc_now()}
+                     "code_version": self.code_version, "created": utc_now()}
             for key in ("h5", "arrow"):
                 os.replace(tmp[key], final[key])
         except BaseException:
@@ -961,11 +945,76 @@ class FeatureSet:
 
 
 # --------------------------------------------------------------------------------------------------------------
+# items: the manifest rows a store was extracted from
+
+
+def _check_items_columns(table: pa.Table, where: str, remedy: str, error=StoreError) -> None:
+    """item_id and split as text columns, item ids present and unique: what every reader of items relies on."""
+    for column in ("item_id", "split"):
+        if column not in table.column_names or not (pa.types.is_string(table.schema.field(column).type)
+                                                     or pa.types.is_large_string(table.schema.field(column).type)):
+            raise error(f"{where}: not an items table: needs text columns 'item_id' and 'split' "
+                        f"(has {table.column_names}); {remedy}")
+    ids = table["item_id"]
+    if ids.null_count or pc.count_distinct(ids).as_py() != table.num_rows:
+        raise error(f"{where}: not an items table: item_id has nulls or repeats; {remedy}")
+
+
+def _read_items(root: Path) -> pa.Table | None:
+    """STORE/items.arrow, or None when the store has none. Plain Arrow data is read into memory (nothing is
+    unpickled or executed); a symlink leading out of the store folder is refused before it is opened."""
+    path = root / ITEMS_NAME
+    if not os.path.lexists(path):
+        return None
+    remedy = _items_remedy(root)
+    problem = outside_problem(root, ITEMS_NAME)
+    if problem:
+        raise StoreError(f"{path}: refusing to read it ({problem}); {remedy}")
+    if not path.is_file():
+        raise StoreError(f"{path}: not a regular file; {remedy}")
+    try:
+        with pa.OSFile(str(path), "rb") as source:
+            table = ipc.open_file(source).read_all()
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError, pa.ArrowKeyError) as exc:
+        raise StoreError(f"{path}: not an Arrow items table ({' '.join(str(exc).split())}); {remedy}") from None
+    _check_items_columns(table, str(path), remedy)
+    return table
+
+
+def _items_remedy(root: Path) -> str:
+    return (f"delete it and run `avcache extract --manifest M --store {root} --runner local --set 'feature_sets=[]'` "
+            f"once for each manifest M extracted into this store (that computes nothing; it writes {ITEMS_NAME})")
+
+
+def _merged_items(stored: pa.Table | None, new: pa.Table, path: Path) -> pa.Table:
+    """``stored`` with each row of ``new`` in place of the stored row of the same item_id, and the rows of new
+    items after them. Columns are those of both, types promoted where the manifests differ (int32 -> int64; a
+    column one side lacks is null there)."""
+    if stored is None:
+        return new
+    try:
+        both = pa.concat_tables([stored, new], promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
+        raise StoreError(f"{path}: this manifest's columns cannot be merged with the stored items "
+                         f"({' '.join(str(exc).split())}); give the column the type it has in {ITEMS_NAME} or extract "
+                         f"into another store") from None
+    place = {item_id: i for i, item_id in enumerate(stored["item_id"].to_pylist())}
+    order = list(range(stored.num_rows))
+    for j, item_id in enumerate(new["item_id"].to_pylist()):
+        row = stored.num_rows + j  # row j of new, in `both`
+        if item_id in place:
+            order[place[item_id]] = row
+        else:
+            order.append(row)
+    return both.take(pa.array(order, pa.int64()))
+
+
+# --------------------------------------------------------------------------------------------------------------
 # store root
 
 
 class FeatureStore:
-    """A directory of feature sets plus the shared failures table."""
+    """A directory of feature sets plus the shared failures table and the items they were extracted from."""
 
     def __init__(self, root):
         self.root = Path(root)
@@ -1027,6 +1076,63 @@ class FeatureStore:
             return None if v is None else str(v)
         return {"item_id": text(row.get("item_id")), "path": text(row.get("path")), "stage": str(row["stage"]),
                 "reason": str(row["reason"]), "feature_set": feature_set}
+
+    def items(self, split: str | None = None) -> pa.Table:
+        """The manifest rows extracted into this store (items.arrow, every column), those of ``split`` when given.
+
+        A store written before stores carried their items is refused with a StoreError saying how to convert it."""
+        table = _read_items(self.root)
+        if table is None:
+            raise StoreError(self._no_items_message())
+        return table if split is None else table.filter(pc.equal(table["split"], split))
+
+    def write_items(self, manifest: pa.Table) -> None:
+        """Merge a manifest's rows into items.arrow: they replace stored rows of the same item_id, other stored
+        rows stay (items extracted from an earlier manifest stay findable). Writes nothing when every row is
+        already stored as given, so that a rerun on a read-only store succeeds."""
+        _check_items_columns(manifest, "the table given", "write_items takes a manifest", error=ValueError)
+        path = self.root / ITEMS_NAME
+        stored = _read_items(self.root)
+        if stored is not None and _merged_items(stored, manifest, path).equals(stored):
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        # The lock serialises read-merge-write between extraction jobs given different manifests.
+        with contextlib.closing(exclusive_lock(self.root / ITEMS_LOCK_NAME, blocking=True, read_only_ok=False,
+                                               busy="items table is locked by another writer")):
+            stored = _read_items(self.root)  # again: another job may have merged its manifest meanwhile
+            merged = _merged_items(stored, manifest, path)
+            if stored is None or not merged.equals(stored):
+                write_arrow_atomic(path, merged)
+
+    def _no_items_message(self) -> str:
+        if not self.feature_sets():
+            return (f"{self.root}: no {ITEMS_NAME} and no feature set: nothing was extracted into this store "
+                    f"(`avcache extract --manifest M --store {self.root}`)")
+        recorded = self._recorded_manifests()
+        manifest = recorded[0] if len(recorded) == 1 else "M"
+        if len(recorded) == 1:
+            which = "the manifest its feature sets record"
+        elif recorded:
+            which = f"once for each manifest its feature sets record: {', '.join(recorded)}"
+        else:
+            which = "M being the manifest it was extracted from"
+        return (f"{self.root}: no {ITEMS_NAME}: the store was written before stores carried their items. Convert it "
+                f"with `avcache extract --manifest {manifest} --store {self.root} --runner local --set "
+                f"'feature_sets=[]'` ({which}; nothing is computed, it writes {ITEMS_NAME}), or give the manifest "
+                f"to the trainer (`--set data.manifest={manifest}`; eval-retrieval: `--manifest {manifest}`)")
+
+    def _recorded_manifests(self) -> list[str]:
+        """The manifests the feature sets' provenance names, in feature-set order, each once."""
+        found: list[str] = []
+        for name in self.feature_sets():
+            try:
+                provenance = _read_meta(self.root / name).get("provenance")
+            except StoreError:
+                continue
+            manifest = provenance.get("manifest") if isinstance(provenance, dict) else None
+            if isinstance(manifest, str) and manifest and manifest not in found:
+                found.append(manifest)
+        return found
 
     def summary(self) -> list[dict]:
         out = []

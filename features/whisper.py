@@ -18,6 +18,11 @@ Backends
   tests check the transcripts are identical.
 - `transformers`: `WhisperForConditionalGeneration` + `WhisperProcessor` from a hub name or a local directory,
   autocast on CUDA. `build_tiny_hf_whisper` writes a small seeded random model of that format for offline tests.
+
+`whisper_spec` gives the spec `create_whisper` would, from the model's files alone (config.json,
+generation_config.json, the feature extractor's config; for CTranslate2 the vocabulary file and model.bin's variable
+headers) and the weights' hash: the driver checks a store against it without building the model.
+`whisper_options(profile)` turns an encoder profile's `whisper` section into create_whisper's arguments.
 """
 from __future__ import annotations
 
@@ -41,6 +46,9 @@ WINDOW_SAMPLES = WINDOW_SECONDS * SAMPLE_RATE
 WINDOW_FRAMES = WINDOW_SAMPLES // HOP  # 3000 mel frames in, 1500 states out
 STATES_PER_WINDOW = WINDOW_SAMPLES // SAMPLES_PER_STATE
 BACKENDS = ("ctranslate2", "transformers")
+MULTILINGUAL_VOCABULARY = 51865  # tokens from which a Whisper vocabulary is multilingual (.en ones have 51864)
+CT2_COMPUTE_TYPES = ("default", "auto", "int8", "int8_float32", "int8_float16", "int8_bfloat16", "int16", "float16",
+                     "bfloat16", "float32")
 
 # faster-whisper's transcribe() defaults that still matter with temperature 0 and no timestamps
 _MAX_LENGTH = 448  # decoder positions, prompt included
@@ -180,7 +188,7 @@ class Ct2Whisper(WhisperEncoder):
         # the tokens suppressed by transcribe(suppress_tokens=[-1]); they do not depend on the language.
         # Building the tokenizer of the configured language also checks that code now rather than at decode time.
         self.suppress_tokens = list(get_suppressed_tokens(self._tokenizer(self.language or "en"), [-1]))
-        self.spec = self._spec(model, path, compute_type)
+        self.spec = self._spec(model, path)
 
     def _tokenizer(self, language: str | None):
         from faster_whisper.tokenizer import Tokenizer
@@ -190,27 +198,11 @@ class Ct2Whisper(WhisperEncoder):
                                                    task="transcribe", language=language)
         return self._tokenizers[language]
 
-    def _spec(self, model: str, path: Path, compute_type: str) -> dict:
+    def _spec(self, model: str, path: Path) -> dict:
         fe = self.fw.feature_extractor
-        # probe the width with a 2-frame input (~10 ms) instead of reading CTranslate2's binary format
+        # probe the width with a 2-frame input (~10 ms); whisper_spec reads it from model.bin's header instead
         probe = self._encode(np.zeros((1, fe.mel_filters.shape[0], 2), np.float32))
-        return {
-            "name": "whisper", "backend": "ctranslate2", "model": model, "checkpoint": str(path),
-            "checkpoint_sha256": sha256_file(path / "model.bin"), "dim": int(probe.shape[-1]),
-            "sample_rate": SAMPLE_RATE, "frame_rate": SAMPLE_RATE // SAMPLES_PER_STATE,
-            "compute_type": self.ct2.compute_type,
-            "preprocessing": {
-                "features": "faster_whisper.FeatureExtractor", "n_mels": int(fe.mel_filters.shape[0]),
-                "n_fft": fe.n_fft, "hop_length": fe.hop_length, "window_seconds": WINDOW_SECONDS,
-                # faster-whisper clamps the log-mel to (max - 8) over the whole clip, then cuts 30 s windows
-                "log_mel_max": "per clip",
-            },
-            "decoding": {
-                "beam_size": self.beam_size, "language": self.language, "task": "transcribe", "temperature": 0.0,
-                "without_timestamps": True, "condition_on_previous_text": False, "vad_filter": False,
-                "no_speech_threshold": _NO_SPEECH_THRESHOLD, "log_prob_threshold": _LOG_PROB_THRESHOLD,
-            },
-        }
+        return _ct2_spec(model, path, int(probe.shape[-1]), fe, self.ct2.compute_type, self.beam_size, self.language)
 
     def preprocess(self, waveform: np.ndarray) -> np.ndarray:
         from faster_whisper.audio import pad_or_trim
@@ -283,6 +275,121 @@ def _check_language(language: str | None, multilingual: bool, model: str) -> str
     return language
 
 
+def _ct2_spec(model: str, path: Path, dim: int, fe, compute_type: str, beam_size: int, language: str | None) -> dict:
+    """The ctranslate2 backend's description; fe is the faster_whisper.FeatureExtractor the model directory asks for."""
+    return {
+        "name": "whisper", "backend": "ctranslate2", "model": model, "checkpoint": str(path),
+        "checkpoint_sha256": sha256_file(path / "model.bin"), "dim": dim,
+        "sample_rate": SAMPLE_RATE, "frame_rate": SAMPLE_RATE // SAMPLES_PER_STATE, "compute_type": compute_type,
+        "preprocessing": {
+            "features": "faster_whisper.FeatureExtractor", "n_mels": int(fe.mel_filters.shape[0]),
+            "n_fft": fe.n_fft, "hop_length": fe.hop_length, "window_seconds": WINDOW_SECONDS,
+            # faster-whisper clamps the log-mel to (max - 8) over the whole clip, then cuts 30 s windows
+            "log_mel_max": "per clip",
+        },
+        "decoding": {
+            "beam_size": beam_size, "language": language, "task": "transcribe", "temperature": 0.0,
+            "without_timestamps": True, "condition_on_previous_text": False, "vad_filter": False,
+            "no_speech_threshold": _NO_SPEECH_THRESHOLD, "log_prob_threshold": _LOG_PROB_THRESHOLD,
+        },
+    }
+
+
+def _ct2_spec_from_files(model: str, compute_type: str | None, beam_size: int, language: str | None) -> dict:
+    """What Ct2Whisper(model, "cpu", ...).spec says, read from the model directory without loading the weights."""
+    import tokenizers
+    from faster_whisper.feature_extractor import FeatureExtractor
+    from faster_whisper.tokenizer import Tokenizer
+
+    path = resolve_ct2_model(model)
+    if compute_type is not None and compute_type not in CT2_COMPUTE_TYPES:
+        raise ValueError(f"compute_type {compute_type!r} is not one of CTranslate2's {CT2_COMPUTE_TYPES}")
+    multilingual = _ct2_vocabulary_size(path) >= MULTILINGUAL_VOCABULARY
+    language = _check_language(language, multilingual, model)
+    # the tokenizer refuses an unknown language code, as it does when the model is built
+    Tokenizer(tokenizers.Tokenizer.from_file(str(path / "tokenizer.json")), multilingual, task="transcribe",
+              language=language or "en")
+    fe = FeatureExtractor(**_ct2_feature_kwargs(path))
+    width = _ct2_variable_shape(path, "encoder/layer_norm/gamma")[0]  # (D,): the encoder's output norm
+    # Ct2Whisper on a CPU computes in float32 unless told otherwise; CTranslate2 may resolve a name it is given
+    # (int8 -> int8_float32 on a CPU). Not part of a store's fingerprint.
+    return _ct2_spec(model, path, width, fe, compute_type or "float32", int(beam_size), language)
+
+
+def _ct2_feature_kwargs(path: Path) -> dict:
+    """faster-whisper's FeatureExtractor arguments for a model directory: its preprocessor_config.json, if any
+    (large-v3 has 128 mel bins), as WhisperModel reads it."""
+    import inspect
+
+    from faster_whisper.feature_extractor import FeatureExtractor
+
+    config_path = path / "preprocessor_config.json"
+    if not config_path.is_file():
+        return {}
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except ValueError:  # faster-whisper warns and uses the defaults
+        return {}
+    valid = inspect.signature(FeatureExtractor.__init__).parameters
+    return {k: v for k, v in config.items() if k in valid}
+
+
+def _ct2_vocabulary_size(path: Path) -> int:
+    """Tokens in the model's vocabulary file; CTranslate2 calls a Whisper model multilingual from 51865 on."""
+    if (path / "vocabulary.json").is_file():
+        return len(json.loads((path / "vocabulary.json").read_text(encoding="utf-8")))
+    if (path / "vocabulary.txt").is_file():
+        # one token a line (byte-level BPE tokens hold no raw newline), as CTranslate2 reads it
+        return len((path / "vocabulary.txt").read_text(encoding="utf-8").rstrip("\n").split("\n"))
+    raise ValueError(f"{path} is not a CTranslate2 Whisper directory: it lacks vocabulary.json or vocabulary.txt")
+
+
+def _ct2_variable_shape(path: Path, name: str) -> tuple[int, ...]:
+    """Shape of one variable of a CTranslate2 model.bin, from the variable headers alone: each variable's data is
+    skipped with a seek, so this reads a few kilobytes of a file of any size.
+
+    Format (binary version >= 4, CTranslate2 >= 2.0): uint32 version, string spec name, uint32 revision, uint32
+    count, then per variable: string name, uint8 rank, rank x uint32 dims, uint8 dtype, uint32 bytes, the data;
+    then uint32 count of aliases, each a pair of strings (alias, variable): the converter stores a tensor equal to
+    an earlier one (a fresh layer norm's ones) once. A string is a uint16 length (NUL included), the bytes, a NUL."""
+    import struct
+
+    model_bin = path / "model.bin"
+
+    def read(fh, fmt: str) -> tuple:
+        size = struct.calcsize(fmt)
+        data = fh.read(size)
+        if len(data) != size:
+            raise ValueError(f"{model_bin}: truncated CTranslate2 model file")
+        return struct.unpack(fmt, data)
+
+    def read_string(fh) -> str:
+        (length,) = read(fh, "<H")
+        return fh.read(length)[:-1].decode("utf-8")
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    with open(model_bin, "rb") as fh:
+        (version,) = read(fh, "<I")
+        if version < 4:
+            raise ValueError(f"{model_bin}: CTranslate2 binary version {version} is older than this reader knows "
+                             f"(4 and later); convert the model again with a current ct2-transformers-converter")
+        read_string(fh)  # the spec's name
+        _, count = read(fh, "<II")  # the spec's revision, the number of variables
+        for _ in range(count):
+            variable = read_string(fh)
+            (rank,) = read(fh, "<B")
+            shapes[variable] = read(fh, f"<{rank}I")
+            _, num_bytes = read(fh, "<BI")  # dtype id, bytes of data
+            fh.seek(num_bytes, 1)
+        (aliases,) = read(fh, "<I")
+        for _ in range(aliases):
+            alias, variable = read_string(fh), read_string(fh)
+            shapes.setdefault(alias, shapes.get(variable))
+    if shapes.get(name) is None:
+        raise ValueError(f"{model_bin} has no variable {name!r}; is it a CTranslate2 Whisper model?")
+    return shapes[name]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # transformers backend
 
@@ -305,34 +412,12 @@ class HfWhisper(WhisperEncoder):
         self.model.to(self.device)
         self.dtype = _autocast_dtype(compute_type, self.device)
         gen = self.model.generation_config
-        # official .en configs say is_multilingual false; older ones: .en vocabularies are one token shorter
-        self.multilingual = bool(getattr(gen, "is_multilingual", self.model.config.vocab_size >= 51865))
-        self.language = _check_language(language, self.multilingual, model)
-        known = getattr(gen, "lang_to_id", None)
-        if self.language is not None and self.multilingual and known and f"<|{self.language}|>" not in known:
-            raise ValueError(f"language {self.language!r} is not one of {model}'s: {sorted(k[2:-2] for k in known)}")
+        self.multilingual = _hf_multilingual(gen, self.model.config.vocab_size)
+        self.language = _hf_language(language, self.multilingual, gen, model)
         self.beam_size, self.batch_size = int(beam_size), int(batch_size)
-        self.spec = self._spec(model)
-
-    def _spec(self, model: str) -> dict:
-        fe = self.processor.feature_extractor
-        directory = _hf_model_dir(model)
-        return {
-            "name": "whisper", "backend": "transformers", "model": model, "checkpoint": str(directory),
-            "checkpoint_sha256": _weights_sha256(directory), "dim": int(self.model.config.d_model),
-            "sample_rate": SAMPLE_RATE, "frame_rate": SAMPLE_RATE // SAMPLES_PER_STATE,
-            "compute_type": str(self.dtype).removeprefix("torch."),
-            "preprocessing": {
-                "features": "transformers.WhisperFeatureExtractor", "n_mels": int(fe.feature_size),
-                "n_fft": fe.n_fft, "hop_length": fe.hop_length, "window_seconds": WINDOW_SECONDS,
-                # each 30 s chunk is padded with zeros and clamped to (max - 8) on its own
-                "log_mel_max": "per window",
-            },
-            "decoding": {
-                "beam_size": self.beam_size, "language": self.language, "task": "transcribe", "temperature": 0.0,
-                "without_timestamps": True, "max_new_tokens": self.model.generation_config.max_new_tokens,
-            },
-        }
+        self.spec = _hf_spec(model, _hf_model_dir(model), int(self.model.config.d_model),
+                             self.processor.feature_extractor, self.dtype, self.beam_size, self.language,
+                             gen.max_new_tokens)
 
     def preprocess(self, waveform: np.ndarray) -> np.ndarray:
         wave = check_waveform(waveform)
@@ -375,6 +460,64 @@ class HfWhisper(WhisperEncoder):
         return [tok[2:-2] for tok in self.processor.tokenizer.convert_ids_to_tokens(ids.tolist())]
 
 
+def _hf_multilingual(generation, vocab_size: int) -> bool:
+    # official .en configs say is_multilingual false; older ones: .en vocabularies are one token shorter
+    return bool(getattr(generation, "is_multilingual", vocab_size >= MULTILINGUAL_VOCABULARY))
+
+
+def _hf_language(language: str | None, multilingual: bool, generation, model: str) -> str | None:
+    language = _check_language(language, multilingual, model)
+    known = getattr(generation, "lang_to_id", None)
+    if language is not None and multilingual and known and f"<|{language}|>" not in known:
+        raise ValueError(f"language {language!r} is not one of {model}'s: {sorted(k[2:-2] for k in known)}")
+    return language
+
+
+def _hf_spec(model: str, directory: Path, dim: int, fe, dtype, beam_size: int, language: str | None,
+             max_new_tokens: int | None) -> dict:
+    """The transformers backend's description; fe is the model's WhisperFeatureExtractor, dtype its compute dtype."""
+    return {
+        "name": "whisper", "backend": "transformers", "model": model, "checkpoint": str(directory),
+        "checkpoint_sha256": _weights_sha256(directory), "dim": dim,
+        "sample_rate": SAMPLE_RATE, "frame_rate": SAMPLE_RATE // SAMPLES_PER_STATE,
+        "compute_type": str(dtype).removeprefix("torch."),
+        "preprocessing": {
+            "features": "transformers.WhisperFeatureExtractor", "n_mels": int(fe.feature_size),
+            "n_fft": fe.n_fft, "hop_length": fe.hop_length, "window_seconds": WINDOW_SECONDS,
+            # each 30 s chunk is padded with zeros and clamped to (max - 8) on its own
+            "log_mel_max": "per window",
+        },
+        "decoding": {
+            "beam_size": beam_size, "language": language, "task": "transcribe", "temperature": 0.0,
+            "without_timestamps": True, "max_new_tokens": max_new_tokens,
+        },
+    }
+
+
+def _hf_spec_from_files(model: str, compute_type: str | None, beam_size: int, language: str | None) -> dict:
+    """What HfWhisper(model, "cpu", ...).spec says, from the configuration files alone: config.json,
+    generation_config.json and the feature extractor's config; the weights are hashed, never loaded."""
+    import torch
+    from transformers import GenerationConfig, WhisperConfig, WhisperFeatureExtractor
+
+    try:
+        config = WhisperConfig.from_pretrained(model)
+        fe = WhisperFeatureExtractor.from_pretrained(model)
+    except OSError as e:
+        raise ValueError(
+            f"cannot load Whisper model {model!r} with transformers: not a local directory in transformers "
+            f"format, nor a hub name that is cached or reachable ({e.__class__.__name__}: {e})"
+        ) from e
+    try:
+        generation = GenerationConfig.from_pretrained(model)
+    except OSError:  # what from_pretrained falls back to for a model saved without one
+        generation = GenerationConfig.from_model_config(config)
+    language = _hf_language(language, _hf_multilingual(generation, config.vocab_size), generation, model)
+    dtype = _autocast_dtype(compute_type, torch.device("cpu"))
+    return _hf_spec(model, _hf_weights_dir(model), int(config.d_model), fe, dtype, int(beam_size), language,
+                    generation.max_new_tokens)
+
+
 def _autocast_dtype(compute_type: str | None, device):
     import torch
 
@@ -395,6 +538,22 @@ def _hf_model_dir(model: str) -> Path:
     from transformers.utils import cached_file
 
     return Path(cached_file(model, "config.json")).parent  # already cached by from_pretrained
+
+
+def _hf_weights_dir(model: str) -> Path:
+    """Like _hf_model_dir, with the weights file in it: from_pretrained has not run, so for a hub name the weights
+    may not be in the local cache yet (they are fetched to be hashed, not loaded; offline, the cache is used)."""
+    if Path(model).expanduser().is_dir():
+        return Path(model).expanduser().resolve()
+    from huggingface_hub import snapshot_download
+
+    configs = ["config.json", "generation_config.json", "preprocessor_config.json"]
+    # transformers prefers safetensors and falls back to pytorch_model.bin: fetch the one it would load
+    for weights in (["model.safetensors", "model-*.safetensors"], ["pytorch_model.bin", "pytorch_model-*.bin"]):
+        directory = Path(snapshot_download(model, allow_patterns=configs + weights))
+        if any(any(directory.glob(pattern)) for pattern in weights):
+            return directory
+    return directory  # no weights anywhere: _weights_sha256 names what it looked for
 
 
 _WEIGHT_PATTERNS = ("model.safetensors", "model-*.safetensors", "pytorch_model.bin", "pytorch_model-*.bin", "model.bin")
@@ -433,21 +592,43 @@ def create_whisper(model: str = "tiny.en", backend: str | None = None, device: s
     downloads). preprocess is that backend's waveform -> (W, n_mels, 3000) log-mel windows. cpu_threads applies to
     CTranslate2 only (0: OMP_NUM_THREADS when set, else min(4, available cores)).
     """
-    if backend is None:
-        backend = "transformers" if _looks_like_hf_dir(Path(model).expanduser()) else "ctranslate2"
-    if backend == "ctranslate2":
+    if _backend_of(model, backend) == "ctranslate2":
         encoder = Ct2Whisper(model, device, compute_type, beam_size, language, cpu_threads, batch_size)
-    elif backend == "transformers":
-        encoder = HfWhisper(model, device, compute_type, beam_size, language, batch_size)
     else:
-        raise ValueError(f"unknown Whisper backend {backend!r}: use one of {BACKENDS}")
+        encoder = HfWhisper(model, device, compute_type, beam_size, language, batch_size)
     return encoder, encoder.preprocess, encoder.spec
 
 
-def whisper_spec(**options) -> dict:
-    """The spec of the encoder `create_whisper(**options)` builds, loaded on the CPU (the driver has no GPU)."""
-    options = {**options, "device": "cpu"}
-    return create_whisper(**options)[2]
+def _backend_of(model: str, backend: str | None) -> str:
+    if backend is None:
+        return "transformers" if _looks_like_hf_dir(Path(model).expanduser()) else "ctranslate2"
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown Whisper backend {backend!r}: use one of {BACKENDS}")
+    return backend
+
+
+def whisper_spec(model: str = "tiny.en", backend: str | None = None, device: str = "cpu",
+                 compute_type: str | None = None, beam_size: int = 1, language: str | None = "en", *,
+                 batch_size: int = 8, cpu_threads: int = 0) -> dict:
+    """The spec `create_whisper(...)` gives on the CPU (the driver has no GPU), read from the model's files without
+    building the model: the store checks it on the driver before any work. Same arguments as create_whisper; the
+    device, batch size and threads change how it runs, not what it computes."""
+    del device, batch_size, cpu_threads
+    backend = _backend_of(model, backend)
+    if backend == "ctranslate2":
+        return _ct2_spec_from_files(model, compute_type, beam_size, language)
+    return _hf_spec_from_files(model, compute_type, beam_size, language)
+
+
+def whisper_options(profile: dict) -> dict:
+    """create_whisper keyword arguments of an encoder profile, with the tiny offline checkpoint resolved to its
+    path."""
+    options = dict(profile["whisper"])
+    if options.get("model") == "tiny-hf":
+        from avcache.features.tiny import ensure_tiny_hf_whisper
+
+        options["model"] = str(ensure_tiny_hf_whisper())
+    return options
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""`avcache <verb>`: one verb per stage (synth, manifest, extract, info, index, search, eval-retrieval, train-*,
-ablate, bench, demo, report)."""
+"""`avcache <verb>`: one verb per stage (synth, manifest, extract, info, index, search, eval-retrieval, train,
+ablate, bench, demo, report). The older train-* verbs are `train --recipe <name>` under the names they had."""
 from __future__ import annotations
 
 import argparse
@@ -98,32 +98,38 @@ def cmd_search(args) -> int:
 
 
 def cmd_eval_retrieval(args) -> int:
-    from avcache.eval.retrieval import run_eval_retrieval
+    from avcache.train.zeroshot import run_eval_retrieval
 
     run_eval_retrieval(args.store, args.out, manifest=args.manifest, split=args.split, dataset=args.dataset)
     return 0
 
 
 def cmd_train(args) -> int:
-    import importlib
+    from avcache.train.recipes import recipe
 
-    recipe = importlib.import_module(f"avcache.train.recipes.{args.recipe}")
+    module = recipe(args.recipe)  # an unknown name: one line listing the known ones
     if getattr(args, "efficiency_study", False):
-        recipe.efficiency_study(args.store, args.run_dir, args.set)
+        module.efficiency_study(args.store, args.run_dir, args.set)
     else:
-        recipe.main(args.store, args.run_dir, args.config, args.set)
+        module.main(args.store, args.run_dir, args.config, args.set)
     return 0
 
 
-def add_recipe_verb(verbs, verb: str, recipe: str, help: str):
-    """A `train-*` verb: every recipe takes a store, a run directory, a config and overrides."""
-    p = verbs.add_parser(verb, help=f"{help} (train/recipes/{recipe}.py)")
+def add_train_arguments(p, recipe: str) -> None:
+    """What every recipe takes: a store, a run directory, a config and overrides."""
     p.add_argument("--store", required=True, type=Path)
     p.add_argument("--run", required=True, type=Path, dest="run_dir", metavar="RUN",
-                   help="run directory (an existing run of the same config resumes)")
+                   help="run directory (an existing run of the same recipe and config resumes)")
     p.add_argument("--config", type=Path, default=None, help=f"recipe YAML (default: train/configs/{recipe}.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    p.set_defaults(run=cmd_train, recipe=recipe)
+    p.set_defaults(run=cmd_train)
+
+
+def add_recipe_verb(verbs, verb: str, recipe: str, help: str):
+    """An older `train-*` verb: `train --recipe <recipe>` under its own name."""
+    p = verbs.add_parser(verb, help=f"{help} (= train --recipe {recipe})")
+    add_train_arguments(p, recipe)
+    p.set_defaults(recipe=recipe)
     return p
 
 
@@ -215,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--column", default="embedding")
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--distinct", action="store_true", help="one result per source media file")
-    p.add_argument("--manifest", type=Path, default=None, help="for media paths (default: the extraction manifest)")
+    p.add_argument("--manifest", type=Path, default=None, help="for media paths (default: the items the store carries)")
     p.add_argument("--allow-stale", action="store_true", help="search an index older than its store (warns)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(run=cmd_search)
@@ -223,11 +229,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("eval-retrieval", help="zero-shot Whisper->CLIP retrieval and the text upper bound")
     p.add_argument("--store", required=True, type=Path)
     p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--manifest", type=Path, default=None, help="default: the manifest clip_image was extracted from")
+    p.add_argument("--manifest", type=Path, default=None,
+                   help="default: the items the store carries (STORE/items.arrow)")
     p.add_argument("--split", default="test")
     p.add_argument("--dataset", default=None, help="only items of this dataset (e.g. flickr8k_audio)")
     p.set_defaults(run=cmd_eval_retrieval)
 
+    p = verbs.add_parser("train", help="train a recipe (train/recipes/<recipe>.py) on the features of a store")
+    p.add_argument("--recipe", required=True,
+                   help="a recipe's name, as train/recipes/__init__.py registers it (an unknown one lists them)")
+    add_train_arguments(p, "<recipe>")
     add_recipe_verb(verbs, "train-retrieval", "brewclip", "train BrewCLIP retrieval heads on a store")
     add_recipe_verb(verbs, "train-ser", "ser", "emotion classifier on BrewCLIP's acoustic channel")
     p = add_recipe_verb(verbs, "train-aligner", "bgtai", "BGTAI gloss-based aligner on a store")

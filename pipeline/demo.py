@@ -7,7 +7,6 @@ the summary and the report say which and why); 3 when extraction finished but so
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import shutil
 import sys
@@ -16,7 +15,7 @@ import traceback
 from pathlib import Path
 
 from avcache.eval.readback import read_back, readback_markdown
-from avcache.eval.retrieval import retrieval_markdown, run_eval_retrieval
+from avcache.eval.retrieval import retrieval_markdown
 from avcache.features.index import update_index
 from avcache.features.store import FeatureStore
 from avcache.pipeline.adapters import build_manifest
@@ -24,6 +23,8 @@ from avcache.pipeline.config import load_config
 from avcache.pipeline.extract import extract
 from avcache.pipeline.runners import make_runner
 from avcache.pipeline.synth import write_synthetic
+from avcache.train.recipes import RECIPES, recipe
+from avcache.train.zeroshot import run_eval_retrieval
 
 EXIT_TRAINING_FAILED = 1
 DEMO_GRID, DEMO_SEEDS = "brewclip", [0, 1]  # about 50 s a seed on the demo store
@@ -125,8 +126,7 @@ def _train_each(store: Path, runs: Path, timings: dict) -> dict:
         entry = {"title": title, "run": str(run), "config": f"train/configs/{name}.yaml", "overrides": overrides}
         start = time.monotonic()
         try:
-            recipe = importlib.import_module(f"avcache.train.recipes.{name}")
-            results = recipe.main(store, run, None, overrides)
+            results = recipe(name).main(store, run, None, overrides)
             entry.update(status="ok", metrics={k: v for k, v in results.items() if isinstance(v, (int, float))})
         except Exception as exc:  # one method failing must not hide the others' results
             entry.update(status="failed", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
@@ -178,16 +178,18 @@ def _summary_markdown(out: Path, built, report, readback: dict, timings: dict, i
     return "\n".join(lines)
 
 
-KEY_RESULTS = {"brewclip": ("s2i_R@1", "i2s_R@1", "untrained_s2i_R@1"),
-               "bgtai": ("alignment_accuracy", "a2i_R@1", "untrained_alignment_accuracy"),
-               "avsd": ("BLEU_4", "METEOR", "ROUGE_L", "CIDEr")}
-
-
 def _training_row(name: str, entry: dict) -> str:
     status = entry["status"]
     if status != "ok":
         status = f"**{status}**: " + (entry.get("error") or "").strip().splitlines()[0][:200].replace("|", "/")
-    metrics = entry.get("metrics") or {}
-    shown = [f"{k} {metrics[k]:.3f}" for k in KEY_RESULTS.get(name, ()) if isinstance(metrics.get(k), (int, float))]
+    metrics = {k: v for k, v in (entry.get("metrics") or {}).items() if isinstance(v, (int, float))}
+    shown = []
+    for headline in RECIPES[name].HEADLINE if name in RECIPES else ():  # each with the baselines the run has
+        if headline.metric not in metrics:
+            continue
+        baselines = [f"{label} {metrics[key]:.3f}" for label, key in
+                     (("untrained", headline.untrained), (headline.trivial, headline.trivial)) if key in metrics]
+        value = f"{headline.metric} {metrics[headline.metric]:.3f}"
+        shown.append(f"{value} ({', '.join(baselines)})" if baselines else value)
     return (f"| {name} | {status} | {entry['seconds']:.1f} | {' '.join(entry['overrides']) or '(defaults)'} "
             f"| {', '.join(shown) or '-'} |")

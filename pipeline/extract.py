@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from avcache.features.checkpoints import load_profile
-from avcache.features.store import FeatureSetWriter, FeatureStore
+from avcache.features.store import FeatureSetSpec, FeatureSetWriter, FeatureStore
 from avcache.pipeline.config import ExtractConfig
 from avcache.pipeline.extractors import Context, Extractor, get_extractor, ordered
 from avcache.pipeline.manifest import failures_path_for, read_failures, read_manifest
@@ -44,6 +44,7 @@ def extract(manifest_path: str | Path, store_root: str | Path, config: ExtractCo
     manifest = read_manifest(manifest_path)
     store_root.mkdir(parents=True, exist_ok=True)
     store = FeatureStore(store_root)
+    store.write_items(manifest)  # the store carries its items: trainers find them wherever it is copied
     report = ExtractReport(store=str(store_root), runner=runner.name)
 
     failures_file = failures_path_for(manifest_path)
@@ -76,7 +77,7 @@ def _extract_feature_set(extractor: Extractor, ctx: Context, runner, manifest_pa
         failures: list[dict] = []
         if pending:
             progress = Progress(extractor.name, len(pending))
-            for batch in runner.run(pending, extractor.stages(ctx)):
+            for batch in runner.run(pending, extractor.build_stages(ctx)):
                 written, failed = _write_batch(batch, extractor, spec, writer, failures)
                 result.written += written
                 result.failed += failed
@@ -89,7 +90,10 @@ def _extract_feature_set(extractor: Extractor, ctx: Context, runner, manifest_pa
     return result
 
 
-def _write_batch(batch: dict, extractor: Extractor, spec, writer: FeatureSetWriter, failures: list[dict]) -> tuple[int, int]:
+def _write_batch(batch: dict, extractor: Extractor, spec: FeatureSetSpec, writer: FeatureSetWriter,
+                 failures: list[dict]) -> tuple[int, int]:
+    """Each good row of a batch into the store, with exactly the declared columns: the scalars converted to their
+    declared dtypes, the vectors and sequences the spec holds (an optional vector the encoder lacks is not)."""
     written = failed = 0
     for i, item_id in enumerate(batch["item_id"]):
         error = batch["error"][i]
@@ -97,26 +101,15 @@ def _write_batch(batch: dict, extractor: Extractor, spec, writer: FeatureSetWrit
             try:
                 writer.add(
                     item_id,
-                    scalars={key: _plain(batch[key][i]) for key in extractor.scalars},
-                    vectors={key: np.asarray(batch[key][i]) for key in spec.vectors},
-                    sequences={key: np.asarray(batch[key][i]) for key in spec.sequences},
+                    scalars={column.name: column.value(batch[column.name][i]) for column in extractor.scalars},
+                    vectors={name: np.asarray(batch[name][i]) for name in spec.vectors},
+                    sequences={name: np.asarray(batch[name][i]) for name in spec.sequences},
                 )
                 written += 1
                 continue
-            except ValueError as exc:  # NaN features, wrong shapes: the item fails, the job goes on
+            except ValueError as exc:  # NaN features, wrong shapes or types: the item fails, the job goes on
                 error = f"store: {exc}"
         stage, _, reason = error.partition(": ")
         failures.append({"item_id": item_id, "path": str(batch["path"][i]), "stage": stage, "reason": reason})
         failed += 1
     return written, failed
-
-
-def _plain(value):
-    """numpy scalars/arrays from Ray batches -> Python values Arrow understands."""
-    if isinstance(value, np.ndarray):
-        return [_plain(v) for v in value.tolist()]
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value

@@ -1,21 +1,28 @@
-"""Feature sets, registered by name: which items they apply to, the stages that compute them, and the spec
-(encoder identity, preprocessing, dims) that the store records and checks before mixing features."""
+"""Feature sets, each declared once (lhotse's registered extractors are the model): which items it selects and the
+row fields that selection provides, the stages that compute it, its columns with their dtypes, and what identifies
+its features (the encoder's identity and the preprocessing). Everything else is derived from the declaration: the
+spec the store records and checks before mixing features (FeatureSetSpec), and the columns each item is written
+with. Registration checks that every declared column is filled in by a stage or by the selection, so a renamed
+column fails at import time rather than dropping (or failing) every item of a job."""
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import pyarrow as pa
 
 from avcache.features.store import FeatureSetSpec, FeatureStore
+from avcache.features.whisper import whisper_options
 from avcache.pipeline.config import ExtractConfig
-from avcache.pipeline.stages import (BeatsStage, ClipImageStage, ClipTextStage, DecodeAudio, DecodeImage,
-                                     DecodeVideo, GlossAlignmentStage, GlossStage, Resources, Stage,
+from avcache.pipeline.stages import (BeatsStage, ClipFramesStage, ClipImageStage, ClipTextStage, DecodeAudio,
+                                     DecodeImage, DecodeVideo, GlossAlignmentStage, GlossStage, Resources, Stage,
                                      WhisperStage)
 
 
@@ -30,22 +37,195 @@ class Context:
     num_gpus: float = 0.0  # per model actor, decided by the runner from the cluster's resources
 
 
+# -- columns ------------------------------------------------------------------------------------------------
+
+
+def _as_bool(value):
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError
+
+
+def _as_int(value):
+    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+        return int(value)
+    raise TypeError
+
+
+def _as_float(value):
+    if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_)):
+        return float(value)
+    raise TypeError
+
+
+def _as_string(value):
+    if isinstance(value, str):
+        return str(value)  # np.str_ too
+    raise TypeError
+
+
+def _as_strings(value):
+    # Ray hands lists back as numpy arrays
+    values = value.tolist() if isinstance(value, np.ndarray) else value
+    if isinstance(values, (list, tuple)) and all(isinstance(v, str) for v in values):
+        return [str(v) for v in values]
+    raise TypeError
+
+
+# The store's scalar kinds, each with the conversion of a batch value (Python or numpy) into it.
+SCALAR_DTYPES: dict[str, Callable] = {"bool": _as_bool, "int64": _as_int, "float64": _as_float,
+                                      "string": _as_string, "list<string>": _as_strings}
+
+
+@dataclass(frozen=True)
+class Scalar:
+    """A per-item value in the Arrow rows, of one of the store's scalar kinds (SCALAR_DTYPES); None is a null."""
+
+    name: str
+    dtype: str
+
+    def __post_init__(self):
+        if self.dtype not in SCALAR_DTYPES:
+            raise ValueError(f"scalar column {self.name!r}: dtype must be one of {list(SCALAR_DTYPES)}, "
+                             f"not {self.dtype!r}")
+
+    def value(self, raw):
+        """The batch value as the Python value the column stores; ValueError (the item fails) if it is not one."""
+        if raw is None:
+            return None
+        try:
+            value = SCALAR_DTYPES[self.dtype](raw)
+        except TypeError:
+            raise ValueError(f"scalar {self.name!r}: expected {self.dtype}, got {type(raw).__name__} "
+                             f"{str(raw)[:80]!r}") from None
+        if self.dtype == "float64" and not math.isfinite(value):
+            raise ValueError(f"scalar {self.name!r}: non-finite value {value!r}")
+        return value
+
+
+@dataclass(frozen=True)
+class Vector:
+    """A pooled (dim,) float vector per item. `dim` is the key of the encoder description holding its width
+    ("dim", "num_tags"); an optional vector is stored only when the encoder has one (that width is not 0)."""
+
+    name: str
+    dim: str
+    optional: bool = False
+
+
+@dataclass(frozen=True)
+class Sequence:
+    """A (T, *trailing) array per item, in the HDF5 shards; `trailing` names encoder description keys ("dim",
+    "context_length"), () for a 1-D sequence."""
+
+    name: str
+    trailing: tuple[str, ...] = ()
+
+
+Column = Scalar | Vector | Sequence
+
+
+# -- what a feature set is made of --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The items a feature set applies to: rows {item_id, path, error, *fields}. `path` is what a failure row will
+    point at; `fields` are the values stages and scalar columns may read from a row."""
+
+    rows: Callable[[Context], list[dict]]
+    fields: tuple[str, ...]
+
+    def __call__(self, ctx: Context) -> list[dict]:
+        rows = self.rows(ctx)
+        for row in rows:
+            missing = [f for f in ("item_id", "path", "error", *self.fields) if f not in row]
+            if missing:
+                raise ValueError(f"selected row {row.get('item_id')!r} lacks the declared fields {missing}")
+        return rows
+
+
+# A stage class with the function that gives its constructor's keyword arguments: the classes (and so the columns
+# they fill in) are known without a context, the arguments come from the config and profile.
+StageDecl = tuple[type[Stage], Callable[[Context], dict]]
+
+IDENTITY_KEYS = ("name", "model", "backend", "checkpoint_sha256")
+
+
 @dataclass(frozen=True)
 class Extractor:
+    """One feature set, declared once.
+
+    `encoder` gives the encoder's description (a dict such as clip_spec's), which names the dims the columns refer
+    to; its `identity` keys and `preprocessing(ctx, encoder)` are the fingerprint the store checks before mixing
+    features. `after`: feature sets this one reads from the store, extracted first."""
+
     name: str
-    select: Callable[[Context], list[dict]]  # rows {item_id, path, ...inputs}
-    stages: Callable[[Context], list[Stage]]
-    spec: Callable[[Context], FeatureSetSpec]
-    scalars: tuple[str, ...] = ()
-    after: tuple[str, ...] = ()  # feature sets this one reads from the store
+    select: Selection
+    stages: tuple[StageDecl, ...]
+    columns: tuple[Column, ...]
+    encoder: Callable[[Context], dict]
+    preprocessing: Callable[[Context, dict], dict]
+    identity: tuple[str, ...] = IDENTITY_KEYS
+    after: tuple[str, ...] = ()
+
+    @property
+    def scalars(self) -> tuple[Scalar, ...]:
+        return tuple(c for c in self.columns if isinstance(c, Scalar))
+
+    def build_stages(self, ctx: Context) -> list[Stage]:
+        return [stage(**arguments(ctx)) for stage, arguments in self.stages]
+
+    def spec(self, ctx: Context) -> FeatureSetSpec:
+        encoder = self.encoder(ctx)
+        vectors = {c.name: self._dim(encoder, c, c.dim) for c in self.columns
+                   if isinstance(c, Vector) and not (c.optional and not encoder.get(c.dim))}
+        sequences = {c.name: [self._dim(encoder, c, key) for key in c.trailing] for c in self.columns
+                     if isinstance(c, Sequence)}
+        # The weights' hash identifies the encoder, not the file's path: a store moved between a cluster and a
+        # laptop, or a cache at another place, still holds the same features. The path goes in the provenance.
+        identity = {k: encoder[k] for k in self.identity
+                    if k in encoder and not (k == "model" and os.path.isabs(str(encoder[k])))}
+        # A set without float columns (gloss) stores no float: the config's dtype would only refuse mixing for nothing.
+        dtype = ctx.config.dtype if vectors or sequences else "float32"
+        return FeatureSetSpec(name=self.name, extractor=self.name, encoder=identity,
+                              preprocessing=self.preprocessing(ctx, encoder), dtype=dtype, vectors=vectors,
+                              sequences=sequences)
+
+    def _dim(self, encoder: dict, column: Column, key: str) -> int:
+        if key not in encoder:
+            raise ValueError(f"feature set {self.name!r}: column {column.name!r} takes its width from the encoder's "
+                             f"{key!r}, which its description lacks (keys: {sorted(encoder)})")
+        return encoder[key]
 
 
 EXTRACTORS: dict[str, Extractor] = {}
 
 
 def register_extractor(extractor: Extractor) -> Extractor:
+    """Add a feature set to the registry, after checking its declaration (ValueError naming what is wrong)."""
+    check_declaration(extractor)
     EXTRACTORS[extractor.name] = extractor
     return extractor
+
+
+def check_declaration(extractor: Extractor) -> None:
+    """Every declared column is filled in by one of the declared stages or provided by the selection."""
+    name = extractor.name
+    for stage, _ in extractor.stages:
+        if not (isinstance(stage, type) and issubclass(stage, Stage)):
+            raise ValueError(f"feature set {name!r}: stages must be (Stage class, arguments) pairs, got {stage!r}")
+    names = [c.name for c in extractor.columns]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"feature set {name!r}: columns {duplicates} are declared more than once")
+    produced = {field for stage, _ in extractor.stages for field in stage.outputs} | set(extractor.select.fields)
+    for column in extractor.columns:
+        if column.name not in produced:
+            stages = ", ".join(f"{stage.__name__} -> {list(stage.outputs)}" for stage, _ in extractor.stages)
+            raise ValueError(f"feature set {name!r}: column {column.name!r} is filled in by none of its stages "
+                             f"({stages or 'none'}) and is not a field its selection provides "
+                             f"({list(extractor.select.fields)})")
 
 
 def get_extractor(name: str) -> Extractor:
@@ -70,8 +250,8 @@ def ordered(names: list[str]) -> list[str]:
 # -- item selection ---------------------------------------------------------------------------------------
 
 
-def rows_with(column: str, *keep: str) -> Callable[[Context], list[dict]]:
-    """Manifest rows that have `column`; `path` is what a failure row will point at."""
+def rows_with(column: str, *keep: str) -> Selection:
+    """Manifest rows that have `column` (and its path, when it is one), with the `keep` columns beside it."""
 
     def select(ctx: Context) -> list[dict]:
         wanted = ["item_id", column, *keep]
@@ -85,7 +265,7 @@ def rows_with(column: str, *keep: str) -> Callable[[Context], list[dict]]:
             rows.append({**row, "path": path, "error": ""})
         return rows
 
-    return select
+    return Selection(select, (column, *keep))
 
 
 def transcripts(ctx: Context) -> list[dict]:
@@ -125,7 +305,13 @@ def _vocabulary_labels(vocab, manifest: pa.Table) -> list[str]:
     raise ValueError(f"vocabulary {vocab.name!r}: source must be 'manifest', 'actions' or 'file', not {vocab.source!r}")
 
 
-# -- specs --------------------------------------------------------------------------------------------------
+# -- encoders, preprocessing and stage arguments --------------------------------------------------------------
+
+
+def _clip_model(ctx: Context) -> tuple[str, str | None]:
+    from avcache.features.clip import clip_model
+
+    return clip_model(ctx.profile)
 
 
 def _clip_encoder(ctx: Context) -> dict:
@@ -134,154 +320,13 @@ def _clip_encoder(ctx: Context) -> dict:
     return clip_spec(*_clip_model(ctx))
 
 
-def _clip_model(ctx: Context) -> tuple[str, str | None]:
-    return clip_model(ctx.profile)
-
-
-def clip_model(profile: dict) -> tuple[str, str | None]:
-    """(model, checkpoint) resolved in the driver, so workers load exactly the file the spec hashed."""
-    from avcache.features.clip import resolve_clip_checkpoint
-
-    clip = profile["clip"]
-    return clip["model"], resolve_clip_checkpoint(clip["model"], clip.get("pretrained"))
-
-
 def _clip_preprocessing(encoder: dict) -> dict:
     return {k: v for k, v in encoder.items() if k.startswith("preprocess_") or k in ("image_size", "context_length")}
 
 
-def _spec(ctx: Context, name: str, encoder: dict, preprocessing: dict, vectors: dict, sequences: dict) -> FeatureSetSpec:
-    # The weights' hash identifies the encoder, not the file's path: a store moved between a cluster and a
-    # laptop, or a cache at another place, still holds the same features. The path goes in the provenance.
-    identity = {k: encoder[k] for k in ("name", "model", "backend", "checkpoint_sha256")
-                if k in encoder and not (k == "model" and os.path.isabs(str(encoder[k])))}
-    return FeatureSetSpec(name=name, extractor=name, encoder=identity, preprocessing=preprocessing,
-                          dtype=ctx.config.dtype, vectors=vectors, sequences=sequences)
-
-
-def _model_resources(ctx: Context, batch_size: int) -> Resources:
-    ray = ctx.config.ray
-    return Resources(num_cpus=ray.cpus_per_actor, num_gpus=ctx.num_gpus, batch_size=batch_size,
-                     concurrency=ray.encoder_actors)
-
-
-def _audio_decoder(ctx: Context) -> DecodeAudio:
-    audio = ctx.config.audio
-    return DecodeAudio(audio.sample_rate, audio.max_seconds, audio.min_source_rate, batch_size=ctx.config.batch_size.decode)
-
-
-def _audio_preprocessing(ctx: Context) -> dict:
-    audio = ctx.config.audio
-    return {"sample_rate": audio.sample_rate, "mono": "mean of channels", "max_seconds": audio.max_seconds,
-            "resampler": "libswresample"}
-
-
-# -- the feature sets ---------------------------------------------------------------------------------------
-
-
-def _clip_frames_spec(ctx: Context) -> FeatureSetSpec:
-    encoder = _clip_encoder(ctx)
-    preprocessing = {**_clip_preprocessing(encoder), "num_frames": ctx.config.video.num_frames,
-                     "frame_sampling": "segment centres", "pooled": "normalised mean of frames"}
-    d = encoder["dim"]
-    return _spec(ctx, "clip_frames", encoder, preprocessing, {"embedding": d}, {"frames": [d], "timestamps": []})
-
-
-register_extractor(Extractor(
-    name="clip_frames",
-    select=rows_with("video_path"),
-    stages=lambda ctx: [
-        DecodeVideo(ctx.config.video.num_frames, batch_size=ctx.config.batch_size.decode),
-        ClipImageStage(*_clip_model(ctx), "frames",
-                       _model_resources(ctx, max(1, ctx.config.batch_size.clip // ctx.config.video.num_frames))),
-    ],
-    spec=_clip_frames_spec,
-    scalars=("fps", "duration"),
-))
-
-
-def _clip_image_spec(ctx: Context) -> FeatureSetSpec:
-    encoder = _clip_encoder(ctx)
-    return _spec(ctx, "clip_image", encoder, _clip_preprocessing(encoder), {"embedding": encoder["dim"]}, {})
-
-
-register_extractor(Extractor(
-    name="clip_image",
-    select=rows_with("image_path"),
-    stages=lambda ctx: [
-        DecodeImage(batch_size=ctx.config.batch_size.decode),
-        ClipImageStage(*_clip_model(ctx), "image",
-                       _model_resources(ctx, ctx.config.batch_size.clip)),
-    ],
-    spec=_clip_image_spec,
-))
-
-
-def _clip_text_spec(ctx: Context, name: str, pool: str, extra: dict | None = None) -> FeatureSetSpec:
-    encoder = _clip_encoder(ctx)
-    preprocessing = {**_clip_preprocessing(encoder), "tokenizer": f"open_clip:{encoder['model']}",
-                     "pooled": pool, **(extra or {})}
-    return _spec(ctx, name, encoder, preprocessing, {"embedding": encoder["dim"]},
-                 {"text_embeddings": [encoder["dim"]], "token_ids": [encoder["context_length"]]})
-
-
-def _text_stage(ctx: Context, pool: str, allow_empty: bool = False) -> ClipTextStage:
-    return ClipTextStage(*_clip_model(ctx), pool, _model_resources(ctx, ctx.config.batch_size.clip),
-                         allow_empty=allow_empty)
-
-
-register_extractor(Extractor(
-    name="clip_text",
-    select=rows_with("texts", "text_kinds"),
-    stages=lambda ctx: [_text_stage(ctx, ctx.config.text.pool)],
-    spec=lambda ctx: _clip_text_spec(ctx, "clip_text", ctx.config.text.pool),
-    scalars=("texts", "text_kinds"),
-))
-
-
-def _clip_transcript_spec(ctx: Context) -> FeatureSetSpec:
-    # Transcripts from another Whisper are different inputs: the source's identity is part of the spec.
-    whisper = ctx.store["whisper"].spec
-    source = {"transcripts_from": {"feature_set": "whisper", "encoder": whisper.encoder,
-                                   "decoding": whisper.preprocessing.get("decoding")}}
-    return _clip_text_spec(ctx, "clip_transcript", "first", source)
-
-
-register_extractor(Extractor(
-    name="clip_transcript",
-    select=transcripts,
-    stages=lambda ctx: [_text_stage(ctx, "first", allow_empty=True)],
-    spec=_clip_transcript_spec,
-    scalars=("transcript",),
-    after=("whisper",),
-))
-
-
-def _clip_vocab_spec(ctx: Context) -> FeatureSetSpec:
-    # The templates are part of the identity: the same "labels:dog" row embedded with other prompts differs.
-    vocabularies = [dataclasses.asdict(v) for v in ctx.config.vocabularies]
-    return _clip_text_spec(ctx, "clip_vocab", "mean", {"vocabularies": vocabularies})
-
-
-register_extractor(Extractor(
-    name="clip_vocab",
-    select=vocabulary_prompts,
-    stages=lambda ctx: [_text_stage(ctx, "mean")],
-    spec=_clip_vocab_spec,
-    scalars=("vocab", "label", "prompts"),
-))
-
-
-def _beats_spec(ctx: Context) -> FeatureSetSpec:
-    from avcache.features.beats import beats_spec
-
-    encoder = beats_spec(_beats_checkpoint(ctx))
-    vectors = {"embedding": encoder["dim"]}
-    if encoder.get("num_tags"):
-        vectors["tag_probs"] = encoder["num_tags"]
-    preprocessing = {**_audio_preprocessing(ctx), **encoder.get("preprocessing", {}),
-                     "pooled": "mean over valid tokens"}
-    return _spec(ctx, "beats", encoder, preprocessing, vectors, {"tokens": [encoder["dim"]]})
+def _clip_text_preprocessing(encoder: dict, pool: str, extra: dict | None = None) -> dict:
+    return {**_clip_preprocessing(encoder), "tokenizer": f"open_clip:{encoder['model']}", "pooled": pool,
+            **(extra or {})}
 
 
 def _beats_checkpoint(ctx: Context) -> str:
@@ -293,64 +338,176 @@ def _beats_checkpoint(ctx: Context) -> str:
     return checkpoint
 
 
+def _beats_encoder(ctx: Context) -> dict:
+    from avcache.features.beats import beats_spec
+
+    return beats_spec(_beats_checkpoint(ctx))
+
+
+def _whisper_encoder(ctx: Context) -> dict:
+    from avcache.features.whisper import whisper_spec
+
+    return whisper_spec(**whisper_options(ctx.profile))
+
+
+def _gloss_encoder(ctx: Context) -> dict:
+    from avcache.features.gloss import GLOSS_VERSION, gloss_library
+
+    # The library versions and the rules are the identity: there is no model.
+    return {"name": "gloss", "library": gloss_library(), "rules": GLOSS_VERSION}
+
+
+def _audio_preprocessing(ctx: Context) -> dict:
+    audio = ctx.config.audio
+    return {"sample_rate": audio.sample_rate, "mono": "mean of channels", "max_seconds": audio.max_seconds,
+            "resampler": "libswresample"}
+
+
+def _model_resources(ctx: Context, batch_size: int) -> Resources:
+    ray = ctx.config.ray
+    return Resources(num_cpus=ray.cpus_per_actor, num_gpus=ctx.num_gpus, batch_size=batch_size,
+                     concurrency=ray.encoder_actors)
+
+
+def _clip_stage(ctx: Context, batch_size: int, **extra) -> dict:
+    model, pretrained = _clip_model(ctx)
+    return {"model": model, "pretrained": pretrained, "resources": _model_resources(ctx, batch_size), **extra}
+
+
+def _video_decoder(ctx: Context) -> dict:
+    return {"num_frames": ctx.config.video.num_frames, "batch_size": ctx.config.batch_size.decode}
+
+
+def _image_decoder(ctx: Context) -> dict:
+    return {"batch_size": ctx.config.batch_size.decode}
+
+
+def _audio_decoder(ctx: Context) -> dict:
+    audio = ctx.config.audio
+    return {"sample_rate": audio.sample_rate, "max_seconds": audio.max_seconds,
+            "min_source_rate": audio.min_source_rate, "batch_size": ctx.config.batch_size.decode}
+
+
+def _no_arguments(ctx: Context) -> dict:
+    return {}
+
+
+# CLIP text columns, shared by every set that runs ClipTextStage.
+TEXT_COLUMNS = (Vector("embedding", dim="dim"), Sequence("text_embeddings", trailing=("dim",)),
+                Sequence("token_ids", trailing=("context_length",)))
+
+
+# -- the feature sets ---------------------------------------------------------------------------------------
+
+
 register_extractor(Extractor(
-    name="beats",
-    select=rows_with("audio_path"),
-    stages=lambda ctx: [_audio_decoder(ctx), BeatsStage(_beats_checkpoint(ctx), _model_resources(ctx, ctx.config.batch_size.beats))],
-    spec=_beats_spec,
-    scalars=("duration",),
+    name="clip_frames",
+    select=rows_with("video_path"),
+    stages=((DecodeVideo, _video_decoder),
+            (ClipFramesStage, lambda ctx: _clip_stage(
+                ctx, max(1, ctx.config.batch_size.clip // ctx.config.video.num_frames)))),
+    columns=(Vector("embedding", dim="dim"), Sequence("frames", trailing=("dim",)), Sequence("timestamps"),
+             Scalar("fps", "float64"), Scalar("duration", "float64")),
+    encoder=_clip_encoder,
+    preprocessing=lambda ctx, encoder: {**_clip_preprocessing(encoder), "num_frames": ctx.config.video.num_frames,
+                                        "frame_sampling": "segment centres", "pooled": "normalised mean of frames"},
 ))
 
 
-def _whisper_options(ctx: Context) -> dict:
-    return whisper_options(ctx.profile)
+register_extractor(Extractor(
+    name="clip_image",
+    select=rows_with("image_path"),
+    stages=((DecodeImage, _image_decoder),
+            (ClipImageStage, lambda ctx: _clip_stage(ctx, ctx.config.batch_size.clip))),
+    columns=(Vector("embedding", dim="dim"),),
+    encoder=_clip_encoder,
+    preprocessing=lambda ctx, encoder: _clip_preprocessing(encoder),
+))
 
 
-def whisper_options(profile: dict) -> dict:
-    """create_whisper keyword arguments of a profile, with the tiny offline checkpoint resolved to its path."""
-    options = dict(profile["whisper"])
-    if options.get("model") == "tiny-hf":
-        from avcache.features.tiny import ensure_tiny_hf_whisper
+register_extractor(Extractor(
+    name="clip_text",
+    select=rows_with("texts", "text_kinds"),
+    stages=((ClipTextStage, lambda ctx: _clip_stage(ctx, ctx.config.batch_size.clip, pool=ctx.config.text.pool)),),
+    columns=(*TEXT_COLUMNS, Scalar("texts", "list<string>"), Scalar("text_kinds", "list<string>")),
+    encoder=_clip_encoder,
+    preprocessing=lambda ctx, encoder: _clip_text_preprocessing(encoder, ctx.config.text.pool),
+))
 
-        options["model"] = str(ensure_tiny_hf_whisper())
-    return options
+
+def _clip_transcript_preprocessing(ctx: Context, encoder: dict) -> dict:
+    # Transcripts from another Whisper are different inputs: the source's identity is part of the spec.
+    whisper = ctx.store["whisper"].spec
+    source = {"transcripts_from": {"feature_set": "whisper", "encoder": whisper.encoder,
+                                   "decoding": whisper.preprocessing.get("decoding")}}
+    return _clip_text_preprocessing(encoder, "first", source)
 
 
-def _whisper_spec(ctx: Context) -> FeatureSetSpec:
-    from avcache.features.whisper import whisper_spec
+register_extractor(Extractor(
+    name="clip_transcript",
+    select=Selection(transcripts, ("texts", "transcript")),
+    # an empty Whisper transcript is an answer ("no speech"), not a failure
+    stages=((ClipTextStage, lambda ctx: _clip_stage(ctx, ctx.config.batch_size.clip, pool="first",
+                                                    allow_empty=True)),),
+    columns=(*TEXT_COLUMNS, Scalar("transcript", "string")),
+    encoder=_clip_encoder,
+    preprocessing=_clip_transcript_preprocessing,
+    after=("whisper",),
+))
 
-    encoder = whisper_spec(**_whisper_options(ctx))
-    preprocessing = {**_audio_preprocessing(ctx), **encoder.get("preprocessing", {}),
-                     "decoding": encoder.get("decoding"), "states": "encoder output trimmed to audio length",
-                     "pooled": "mean of trimmed encoder states"}
-    return _spec(ctx, "whisper", encoder, preprocessing, {"embedding": encoder["dim"]},
-                 {"encoder_states": [encoder["dim"]]})
+
+register_extractor(Extractor(
+    name="clip_vocab",
+    select=Selection(vocabulary_prompts, ("vocab", "label", "texts", "prompts")),
+    stages=((ClipTextStage, lambda ctx: _clip_stage(ctx, ctx.config.batch_size.clip, pool="mean")),),
+    columns=(*TEXT_COLUMNS, Scalar("vocab", "string"), Scalar("label", "string"),
+             Scalar("prompts", "list<string>")),
+    encoder=_clip_encoder,
+    # The templates are part of the identity: the same "labels:dog" row embedded with other prompts differs.
+    preprocessing=lambda ctx, encoder: _clip_text_preprocessing(
+        encoder, "mean", {"vocabularies": [dataclasses.asdict(v) for v in ctx.config.vocabularies]}),
+))
+
+
+register_extractor(Extractor(
+    name="beats",
+    select=rows_with("audio_path"),
+    stages=((DecodeAudio, _audio_decoder),
+            (BeatsStage, lambda ctx: {"checkpoint": _beats_checkpoint(ctx),
+                                      "resources": _model_resources(ctx, ctx.config.batch_size.beats)})),
+    # tag_probs only for a checkpoint with a tag head (num_tags > 0)
+    columns=(Vector("embedding", dim="dim"), Vector("tag_probs", dim="num_tags", optional=True),
+             Sequence("tokens", trailing=("dim",)), Scalar("duration", "float64")),
+    encoder=_beats_encoder,
+    preprocessing=lambda ctx, encoder: {**_audio_preprocessing(ctx), **encoder.get("preprocessing", {}),
+                                        "pooled": "mean over valid tokens"},
+))
 
 
 register_extractor(Extractor(
     name="whisper",
     select=rows_with("audio_path"),
-    stages=lambda ctx: [_audio_decoder(ctx), WhisperStage(_whisper_options(ctx), _model_resources(ctx, ctx.config.batch_size.whisper))],
-    spec=_whisper_spec,
-    scalars=("transcript", "n_frames", "duration"),
+    stages=((DecodeAudio, _audio_decoder),
+            (WhisperStage, lambda ctx: {"whisper": whisper_options(ctx.profile),
+                                        "resources": _model_resources(ctx, ctx.config.batch_size.whisper)})),
+    columns=(Vector("embedding", dim="dim"), Sequence("encoder_states", trailing=("dim",)),
+             Scalar("transcript", "string"), Scalar("n_frames", "int64"), Scalar("duration", "float64")),
+    encoder=_whisper_encoder,
+    preprocessing=lambda ctx, encoder: {**_audio_preprocessing(ctx), **encoder.get("preprocessing", {}),
+                                        "decoding": encoder.get("decoding"),
+                                        "states": "encoder output trimmed to audio length",
+                                        "pooled": "mean of trimmed encoder states"},
 ))
-
-
-def _gloss_spec(ctx: Context) -> FeatureSetSpec:
-    from avcache.features.gloss import GLOSS_VERSION, gloss_library
-
-    # Not _spec(): its encoder identity keeps model/checkpoint keys only, and here the library versions and the
-    # rules are the identity. No float columns, so the config's dtype would only refuse mixing for nothing.
-    encoder = {"name": "gloss", "library": gloss_library(), "rules": GLOSS_VERSION}
-    return FeatureSetSpec(name="gloss", extractor="gloss", encoder=encoder, preprocessing={}, dtype="float32")
 
 
 register_extractor(Extractor(
     name="gloss",
     select=rows_with("texts"),
-    stages=lambda ctx: [GlossStage()],
-    spec=_gloss_spec,
-    scalars=("glosses", "gloss_tokens"),
+    stages=((GlossStage, _no_arguments),),
+    columns=(Scalar("glosses", "list<string>"), Scalar("gloss_tokens", "int64")),
+    encoder=_gloss_encoder,
+    preprocessing=lambda ctx, encoder: {},
+    identity=("name", "library", "rules"),
 ))
 
 
@@ -407,32 +564,31 @@ def gloss_alignment_rows(ctx: Context) -> list[dict]:
     return rows
 
 
-def _gloss_alignment_spec(ctx: Context) -> FeatureSetSpec:
+def _gloss_alignment_preprocessing(ctx: Context, encoder: dict) -> dict:
     from avcache.features.gloss import GLOSS_VERSION, gloss_library
 
-    encoder = _clip_encoder(ctx)
     # The frames' identity: the stored clip_frames' (extracted first, so present in an extraction), or what this
     # config would store there.
-    frames = ctx.store["clip_frames"].spec if "clip_frames" in ctx.store else _clip_frames_spec(ctx)
-    preprocessing = {**_clip_preprocessing(encoder), "tokenizer": f"open_clip:{encoder['model']}",
-                     "text": "first caption, else summary, else first text",
-                     "token_prompt": "{word}",  # each gloss token embedded alone, lower-cased
-                     "dtw": "cosine, classic steps, middle source index per frame",
-                     "gloss_rules": GLOSS_VERSION, "gloss_library": gloss_library(),
-                     "frames_from": {"feature_set": "clip_frames", "encoder": frames.encoder,
-                                     "preprocessing": frames.preprocessing},
-                     "pooled": "normalised mean of gloss_embeddings, zeros when no gloss token"}
-    d = encoder["dim"]
-    return _spec(ctx, "gloss_alignment", encoder, preprocessing, {"embedding": d},
-                 {"gloss_embeddings": [d], "alignment": []})
+    frames = ctx.store["clip_frames"].spec if "clip_frames" in ctx.store else get_extractor("clip_frames").spec(ctx)
+    return {**_clip_preprocessing(encoder), "tokenizer": f"open_clip:{encoder['model']}",
+            "text": "first caption, else summary, else first text",
+            "token_prompt": "{word}",  # each gloss token embedded alone, lower-cased
+            "dtw": "cosine, classic steps, middle source index per frame",
+            "gloss_rules": GLOSS_VERSION, "gloss_library": gloss_library(),
+            "frames_from": {"feature_set": "clip_frames", "encoder": frames.encoder,
+                            "preprocessing": frames.preprocessing},
+            "pooled": "normalised mean of gloss_embeddings, zeros when no gloss token"}
 
 
 register_extractor(Extractor(
     name="gloss_alignment",
-    select=gloss_alignment_rows,
-    stages=lambda ctx: [GlossAlignmentStage(*_clip_model(ctx), ctx.config.dtype,
-                                            _model_resources(ctx, ctx.config.batch_size.clip))],
-    spec=_gloss_alignment_spec,
-    scalars=("gloss", "text", "text_kind", "aligned"),
+    select=Selection(gloss_alignment_rows, ("text", "text_kind", "gloss", "frames")),
+    stages=((GlossAlignmentStage, lambda ctx: _clip_stage(ctx, ctx.config.batch_size.clip,
+                                                          dtype=ctx.config.dtype)),),
+    columns=(Vector("embedding", dim="dim"), Sequence("gloss_embeddings", trailing=("dim",)),
+             Sequence("alignment"), Scalar("gloss", "list<string>"), Scalar("text", "string"),
+             Scalar("text_kind", "string"), Scalar("aligned", "bool")),
+    encoder=_clip_encoder,
+    preprocessing=_gloss_alignment_preprocessing,
     after=("gloss", "clip_frames"),
 ))

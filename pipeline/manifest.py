@@ -1,9 +1,10 @@
 """The manifest: one Arrow IPC file, one row per dataset item (schema in docs/CONTRACTS.md).
 
-Adapters (pipeline/adapters.py) produce rows as plain dicts; `write_manifest` fills defaults, validates and
-writes them atomically. `row_problem` judges one row on its own, so a builder can turn a bad row into a failure
-row instead of losing the whole table. `read_manifest` also accepts a manifest a user made by hand: only
-`item_id` and `split` are required, every other column is filled with its default.
+Dataset adapters (one module per dataset in pipeline/datasets/, registered in pipeline/adapters.py) produce
+rows as plain dicts; `write_manifest` fills defaults, validates and writes them atomically. `row_problem` judges
+one row on its own, so a builder can turn a bad row into a failure row instead of losing the whole table.
+`read_manifest` also accepts a manifest a user made by hand: only `item_id` and `split` are required, every
+other column is filled with its default.
 
 Failures met while building a manifest go to `<manifest stem>.failures.arrow` beside it
 (`write_failures` / `read_failures`).

@@ -2,8 +2,9 @@
 
 LocalRunner runs in-process (tests, debugging). RayRunner is the one adapter to Ray Data: decoders as CPU
 tasks, model stages as actor pools (with `num_gpus` when the cluster has GPUs), streaming so decode and
-encode overlap. Ray is imported here and nowhere else. `end_leftover_ray_processes` clears what a killed driver
-left running before a local Ray starts."""
+encode overlap. Ray is imported and started here and nowhere else: `start_ray` is how RayRunner and the
+ablation grids (train/ablate.py) get it. `end_leftover_ray_processes` clears what a killed driver left running before
+a local Ray starts."""
 from __future__ import annotations
 
 import logging
@@ -91,22 +92,41 @@ def _from_ray(batch: dict) -> Batch:
     return {key: [pickle.loads(v) for v in values] for key, values in batch.items()}
 
 
+def start_ray(num_cpus: int | None = None, log=print):
+    """Ray, started once per process -> the `ray` module. Attached to the cluster RAY_ADDRESS names, else a local one
+    of `num_cpus` (default: every core), started after ending what a killed driver left running. Workers' output
+    stays in Ray's logs (log_to_driver=False): extraction reports its own progress, a grid run writes its cell.log."""
+    import ray
+
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            end_leftover_ray_processes(log)
+            ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False,
+                     configure_logging=False)
+    return ray
+
+
+def ray_attached() -> bool:
+    """Whether a Ray cluster is at hand without starting one: RAY_ADDRESS is set or this process already runs Ray."""
+    if os.environ.get("RAY_ADDRESS"):
+        return True
+    try:
+        import ray
+    except ImportError:
+        return False
+    return ray.is_initialized()
+
+
 class RayRunner:
     """Ray Data on the local machine (embedded `ray.init()`) or on the cluster named by RAY_ADDRESS."""
 
     name = "ray"
 
     def __init__(self, num_cpus: int | None = None):
-        import ray
-
-        if not ray.is_initialized():
-            address = os.environ.get("RAY_ADDRESS")
-            if address:
-                ray.init(address=address, log_to_driver=False)
-            else:
-                end_leftover_ray_processes()
-                ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False,
-                         configure_logging=False)
+        ray = start_ray(num_cpus)
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # we print our own: items, rate, ETA
         ctx.verbose_stats_logs = False

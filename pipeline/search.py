@@ -82,29 +82,6 @@ def _jsonl_query(line: str, number: int, path: Path) -> Query:
     return Query(kind, value)
 
 
-def encoders_of(fs: FeatureSet) -> dict:
-    """The resolved encoder profile a feature set was extracted with (its provenance)."""
-    encoders = (fs.meta.get("provenance") or {}).get("encoders")
-    if not encoders:
-        raise StoreError(f"feature set {fs.name!r} records no encoders in its provenance, so no encoder can be "
-                         f"matched to it")
-    return encoders
-
-
-def clip_of(fs: FeatureSet, device: str = "cpu"):
-    """The CLIP that made a feature set, loaded again and checked against the weights hash the store recorded."""
-    from avcache.features.clip import create_clip
-    from avcache.pipeline.extractors import clip_model
-
-    encoder, _, spec = create_clip(*clip_model(encoders_of(fs)), device=device)
-    stored = fs.spec.encoder.get("checkpoint_sha256")
-    if spec["checkpoint_sha256"] != stored:
-        raise StoreError(f"the CLIP named by {fs.name!r}'s provenance ({spec['model']}, {spec['checkpoint']}) has "
-                         f"weights {spec['checkpoint_sha256'][:16]}..., but the feature set was made with "
-                         f"{str(stored)[:16]}...; its embeddings would live in another space")
-    return encoder
-
-
 class QueryEncoder:
     """Embeds queries into the space of a CLIP feature set, with the encoders its provenance names."""
 
@@ -118,13 +95,15 @@ class QueryEncoder:
 
     def clip(self):
         if self._clip is None:
+            from avcache.features.clip import clip_of
+
             self._clip = clip_of(self.fs)
         return self._clip
 
     def whisper(self):
         if self._whisper is None:
-            from avcache.features.whisper import create_whisper
-            from avcache.pipeline.extractors import whisper_options
+            from avcache.features.clip import encoders_of
+            from avcache.features.whisper import create_whisper, whisper_options
 
             # The Whisper that made the store's transcripts, so audio queries go through the same pipeline.
             source = self.store["whisper"] if "whisper" in self.store else self.fs
@@ -156,14 +135,12 @@ class QueryEncoder:
         return np.stack(vectors), transcripts
 
 
-def _media_lookup(fs: FeatureSet, manifest: str | Path | None) -> dict[str, dict]:
-    """item_id -> media paths and first text, from the manifest the features were extracted from."""
-    path = manifest or (fs.meta.get("provenance") or {}).get("manifest")
-    if not path or not Path(path).is_file():
-        return {}
+def _media_lookup(store: FeatureStore, manifest: str | Path | None) -> dict[str, dict]:
+    """item_id -> media paths and first text: from the manifest given, else from the items the store carries. Hits
+    are still shown without them (a store written before stores carried their items, an unreadable manifest)."""
     try:
-        table = read_manifest(path)
-    except ManifestError:
+        table = read_manifest(manifest) if manifest else store.items()
+    except (ManifestError, StoreError):
         return {}
     columns = [c for c in ("item_id", *MEDIA_COLUMNS, "texts") if c in table.column_names]
     out = {}
@@ -186,7 +163,7 @@ def search(store_root: str | Path, queries: list[Query], feature_set: str = "cli
     fs = store[feature_set]
     index = VectorIndex.load(fs, column, allow_stale=allow_stale)
     vectors, transcripts = QueryEncoder(store, fs).encode(queries)
-    media = _media_lookup(fs, manifest)
+    media = _media_lookup(store, manifest)
     source = SOURCE_COLUMN.get(feature_set)
     fetch = min(len(index.item_ids), k * 8 if distinct and source else k)
     answers = []

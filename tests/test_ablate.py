@@ -104,15 +104,20 @@ def test_an_unknown_grid_name_lists_the_shipped_ones():
 def test_the_skip_rule(tmp_path):
     config = {"seed": 0, "train": {"epochs": 3, "lr": 0.001}}
     run = tmp_path / "run"
-    assert previous(run, config) == "new"
+    assert previous(run, "brewclip", config) == "new"
     run.mkdir()
+    (run / "recipe.json").write_text('{"recipe": "brewclip", "format": 1}')
     (run / "config.yaml").write_text(yaml.safe_dump(config))
-    assert previous(run, config) == "resumable"  # started, never finished
+    assert previous(run, "brewclip", config) == "resumable"  # started, never finished
     (run / "results.json").write_text("{}")
-    assert previous(run, config) == "finished"
-    assert previous(run, {"seed": 0, "train": {"epochs": 5, "lr": 0.001}}) == "resumable"  # more epochs continue
-    assert previous(run, {"seed": 0, "train": {"epochs": 2, "lr": 0.001}}) == "stale"
-    assert previous(run, {"seed": 0, "train": {"epochs": 3, "lr": 0.01}}) == "stale"
+    assert previous(run, "brewclip", config) == "finished"
+    assert previous(run, "brewclip", {"seed": 0, "train": {"epochs": 5, "lr": 0.001}}) == "resumable"  # more epochs
+    assert previous(run, "brewclip", {"seed": 0, "train": {"epochs": 2, "lr": 0.001}}) == "stale"
+    assert previous(run, "brewclip", {"seed": 0, "train": {"epochs": 3, "lr": 0.01}}) == "stale"
+    # the recipe is the one recipe.json names, and nothing else: another one, or none (an older run), is stale
+    assert previous(run, "ser", config) == "stale"
+    (run / "recipe.json").unlink()
+    assert previous(run, "brewclip", config) == "stale"
 
 
 def test_a_store_extracted_again_reruns_finished_cells(store, tmp_path, torch_one_thread):
@@ -178,6 +183,7 @@ def test_a_grid_runs_skips_what_is_finished_and_records_a_failing_cell(store, tm
     assert summary["counts"] == {"done": 4, "cached": 0, "failed": 0}
     saved = yaml.safe_load((out / "cells/full/seed0/config.yaml").read_text())
     assert saved["train"]["lr"] == 0.002 and saved["seed"] == 0
+    assert json.loads((out / "cells/full/seed0/recipe.json").read_text()) == {"recipe": "brewclip", "format": 1}
     aside = list((out / "cells/full").glob("seed0.stale-*"))  # the earlier result is kept, not deleted
     assert len(aside) == 1 and (aside[0] / "results.json").is_file()
 

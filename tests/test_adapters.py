@@ -7,8 +7,12 @@ placeholder wav/jpg/mp4 files there (adapters only check that media exist; they 
 
 from __future__ import annotations
 
+import importlib
 import json
+import pkgutil
 import shutil
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +21,8 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
-from avcache.pipeline.adapters import ADAPTERS, build_manifest
+from avcache.pipeline.adapters import ADAPTERS, DATASETS_PACKAGE, AdapterResult, build_manifest, register_adapter
+from avcache.pipeline.cli import main
 from avcache.pipeline.manifest import (
     MANIFEST_SCHEMA,
     ManifestError,
@@ -582,6 +587,57 @@ def test_build_manifest_drops_duplicate_ids_as_failures(tmp_path):
     result = build_manifest("folder", root, tmp_path / "m.arrow")
     assert [r["item_id"] for r in result.rows] == ["folder:same"]
     assert "duplicate item id folder:same" in result.failures[0]["reason"]
+
+
+# ---------------------------------------------------------------------------------------------- registry
+
+
+def test_every_module_of_the_datasets_package_registers_the_adapters_it_holds():
+    package = importlib.import_module(DATASETS_PACKAGE)
+    modules = {f"{DATASETS_PACKAGE}.{module.name}" for module in pkgutil.iter_modules(package.__path__)}
+    assert {adapter.__module__ for adapter in ADAPTERS.values()} == modules
+    assert {"avsd", "flickr8k_audio", "spokencoco", "esc50", "ravdess", "folder", "synthetic"} <= set(ADAPTERS)
+
+
+# A dataset module as someone adding a dataset would write it, using only the registry's shared helpers.
+TONES_MODULE = """
+from pathlib import Path
+
+from avcache.pipeline.adapters import AdapterResult, FileIndex, manifest_row, register_adapter
+
+
+@register_adapter("tones", looks_for=("<name>.wav",))
+def tones(data_dir: Path) -> AdapterResult:
+    result = AdapterResult()
+    for wav in sorted(FileIndex(data_dir).all_files()):
+        result.rows.append(manifest_row(f"tones:{wav.stem}", "tones", "train", audio_path=wav))
+    return result
+"""
+
+
+def test_a_new_module_in_the_datasets_package_is_a_new_dataset(tmp_path, monkeypatch, capsys, request):
+    # The module lies in a folder added to the package's search path, so the source tree stays untouched.
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "tones.py").write_text(textwrap.dedent(TONES_MODULE))
+    package = importlib.import_module(DATASETS_PACKAGE)
+    monkeypatch.setattr(package, "__path__", [*package.__path__, str(tmp_path / "pkg")])
+    # A fresh, not yet loaded registry holding today's adapters; the original comes back after the test.
+    monkeypatch.setattr(ADAPTERS, "_adapters", dict(ADAPTERS))
+    monkeypatch.setattr(ADAPTERS, "_loaded", False)
+    request.addfinalizer(lambda: sys.modules.pop(f"{DATASETS_PACKAGE}.tones", None))
+    write_wav(tmp_path / "data" / "a440.wav")
+
+    assert main(["manifest", "--dataset", "tones", "--data", str(tmp_path / "data"),
+                 "--manifest", str(tmp_path / "m.arrow")]) == 0, capsys.readouterr().err
+    assert read_manifest(tmp_path / "m.arrow")["item_id"].to_pylist() == ["tones:a440"]
+    with pytest.raises(ManifestError, match=r"known datasets: .*ravdess, spokencoco, synthetic, tones$"):
+        build_manifest("kinetics", tmp_path / "data", tmp_path / "k.arrow")
+
+
+def test_a_dataset_name_registered_twice_is_refused():
+    with pytest.raises(ValueError, match=r"dataset 'avsd' is registered twice: by avcache\.pipeline\.datasets\.avsd"):
+        register_adapter("avsd")(lambda data_dir: AdapterResult())
+    assert ADAPTERS["avsd"].__module__ == f"{DATASETS_PACKAGE}.avsd"
 
 
 # ---------------------------------------------------------------------------------------------- manifest file

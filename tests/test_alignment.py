@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from avcache.train.alignment import (IGNORE, DSNet, DSNetConfig, ResultFilter, alignment_accuracy, alignment_ce,
-                                     dtw_alignment, dtw_path, dtw_targets, interpolate, mean_index_error,
-                                     monotonic_decode, path_to_alignment, select, selection_matrix, soft_alignment,
-                                     sp_loss)
+from avcache.pipeline.dtw import IGNORE, dtw_alignment, dtw_path, path_to_alignment
+from avcache.train.models.alignment import (DSNet, DSNetConfig, ResultFilter, alignment_accuracy, alignment_ce, dtw_targets,
+                                     interpolate, mean_index_error, monotonic_decode, select, selection_matrix,
+                                     soft_alignment, sp_loss)
 
 dtw_lib = pytest.importorskip("dtw", reason="dtw-python is the DTW reference (pip install -e '.[test]')")
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from avcache.train.brewclip import (AcousticChannel, BrewClip, BrewClipConfig, PromptedTextTower, SerHead,
+from avcache.train.models.brewclip import (AcousticChannel, BrewClip, BrewClipConfig, PromptedTextTower, SerHead,
                                     brewclip_loss, contrastive_logits_mask, directional_nce, freeze_for_ser,
                                     ser_trainable, symmetric_nce)
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 from avcache.eval.train_bench import write_planted_store
 from avcache.features.store import FeatureStore
-from avcache.pipeline.cli import main
+from avcache.pipeline.cli import build_parser, main
 from avcache.pipeline.manifest import write_manifest
 
 from conftest import Disk
@@ -163,6 +163,28 @@ class Payload:
 def planted(tmp_path_factory) -> Path:
     return write_planted_store(tmp_path_factory.mktemp("planted"), images=20, clip_dim=16, whisper_dim=16,
                                seconds=(0.1, 0.2))
+
+
+@pytest.mark.parametrize("recipe, alias", [("brewclip", "train-retrieval"), ("ser", "train-ser"),
+                                           ("bgtai", "train-aligner"), ("avsd", "train-generator")])
+def test_train_takes_every_recipe_by_name_and_the_older_verbs_are_its_aliases(recipe, alias):
+    from avcache.train.recipes import RECIPES
+
+    common = ["--store", "s", "--run", "r", "--set", "train.epochs=1"]
+    by_name = build_parser().parse_args(["train", "--recipe", recipe, *common])
+    by_alias = build_parser().parse_args([alias, *common])
+    for args in (by_name, by_alias):
+        assert (args.recipe, args.run, args.store, args.run_dir, args.set) == (
+            recipe, by_name.run, Path("s"), Path("r"), ["train.epochs=1"])
+        assert args.recipe in RECIPES
+
+
+@pytest.mark.parametrize("name", ["nope", "", "train-retrieval"])
+def test_an_unknown_recipe_is_one_line_listing_the_known_ones(capsys, tmp_path, name):
+    exit_code, stderr = run(capsys, "train", "--recipe", name, "--store", tmp_path, "--run", tmp_path / "run")
+    line = one_error_line(stderr, "train")
+    assert exit_code == 2 and f"unknown recipe {name!r} (known: brewclip, ser, bgtai, avsd)" in line
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_pickled_run_state_is_refused_and_never_runs(capsys, planted, tmp_path):

@@ -83,7 +83,7 @@ def write_cue_store(tmp_path, annotated=True, audio_dim=None):
                      "texts": texts, "text_kinds": kinds, "extra": {"actions": actions} if annotated else {}})
     for writer in writers.values():
         writer.close()
-    write_manifest(rows, tmp_path / "manifest.arrow")
+    FeatureStore(root).write_items(write_manifest(rows, tmp_path / "manifest.arrow"))  # as extract does
     return root
 
 

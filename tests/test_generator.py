@@ -8,7 +8,7 @@ import torch
 from avcache.features.bart import (BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, bart_model, build_tiny_bart, create_bart,
                                    train_tokenizer)
 from avcache.features.checkpoints import load_profile, sha256_file
-from avcache.train.generator import AnswerGenerator, build_inputs, collate
+from avcache.train.models.generator import AnswerGenerator, build_inputs, collate
 
 COLORS = ["red", "green", "blue", "yellow", "black", "white"]
 OBJECTS = ["ball", "cup", "car", "hat"]

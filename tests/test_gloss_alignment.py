@@ -11,12 +11,11 @@ from avcache.features.checkpoints import load_profile
 from avcache.features.gloss import GLOSS_VERSION, text_to_gloss
 from avcache.features.store import FeatureSetWriter, FeatureStore, StoreMismatchError
 from avcache.pipeline.config import load_config
+from avcache.pipeline.dtw import IGNORE, dtw_alignment
 from avcache.pipeline.extract import extract
-from avcache.pipeline.extractors import (Context, clip_model, description_index, get_extractor,
-                                         gloss_alignment_rows, ordered)
+from avcache.pipeline.extractors import Context, description_index, get_extractor, gloss_alignment_rows, ordered
 from avcache.pipeline.manifest import read_manifest, write_manifest
 from avcache.pipeline.runners import LocalRunner
-from avcache.train.alignment import IGNORE, dtw_alignment
 
 SETS = "feature_sets=[clip_frames,gloss,gloss_alignment]"
 NUM_FRAMES = 6
@@ -97,7 +96,7 @@ def test_gloss_alignment_extracted_and_checked(video_manifest, tmp_path, torch_o
     assert fs.spec.sequences == {"gloss_embeddings": [dim], "alignment": []}
 
     # The store's CLIP, word by word, exactly as the stage embeds them.
-    from avcache.features.clip import create_clip
+    from avcache.features.clip import clip_model, create_clip
 
     encoder, _, _ = create_clip(*clip_model(load_profile(config.profile)))
     manifest = {r["item_id"]: r for r in read_manifest(video_manifest).to_pylist()}

@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.gpu,
 def test_clip_stage_on_gpu_matches_cpu_within_bf16_tolerance():
     frames = np.random.default_rng(0).integers(0, 255, (4, 48, 48, 3), dtype=np.uint8)
     cpu, _, _ = create_clip("avcache-tiny-clip", "tiny", device="cpu")
-    stage = ClipImageStage("avcache-tiny-clip", str(cpu.spec["checkpoint"]), "image", Resources(num_gpus=1))
+    stage = ClipImageStage("avcache-tiny-clip", str(cpu.spec["checkpoint"]), Resources(num_gpus=1))
     stage.setup()
     assert stage.device() == "cuda"
     gpu_rows = stage.encode([{"image": f} for f in frames])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from avcache.train.langue2gloss import (BOS, EOS, PAD, UNK, Langue2Gloss, Langue2GlossConfig, Vocabulary,
+from avcache.train.models.langue2gloss import (BOS, EOS, PAD, UNK, Langue2Gloss, Langue2GlossConfig, Vocabulary,
                                         pad_batch)
 
 

@@ -1,10 +1,9 @@
 """`make report`: the page builds from fixture outputs of every kind, every figure it names exists, the HTML is
-self-contained, damaged inputs become warnings, and the HTML loads in headless Chromium without errors."""
+self-contained, damaged inputs become warnings, a run's recipe is the one its recipe.json names (a run without
+one is left out with a warning saying how to add it), and the HTML loads in headless Chromium without errors."""
 from __future__ import annotations
 
 import base64
-import dataclasses
-import importlib
 import json
 import os
 import re
@@ -19,9 +18,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from avcache.eval.report import build_report, recipe_of
-
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "train" / "configs"
+from avcache.eval.report import build_report
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
 
 
@@ -34,6 +31,15 @@ def png(path: Path, colour=(40, 90, 200), size=(48, 24)) -> Path:
 def write_json(path: Path, data) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2), encoding="utf-8")
+    return path
+
+
+def run_dir(path: Path, recipe: str | None, config: dict) -> Path:
+    """A run directory as RunDir.start leaves it (recipe None: as an avcache before recipe.json left it)."""
+    path.mkdir(parents=True)
+    if recipe:
+        write_json(path / "recipe.json", {"recipe": recipe, "format": 1})
+    (path / "config.yaml").write_text(yaml.safe_dump(config))
     return path
 
 
@@ -75,22 +81,16 @@ def outputs(tmp_path_factory) -> Path:
     # two BrewCLIP runs (the older one with another config), one AVSD run with examples and a thumbnail strip
     base = {"seed": 0, "data": {"dataset": None}, "model": {"channels": "both", "prompt_mode": "fast"},
             "train": {"epochs": 20}, "store": str(store)}
-    old = root / "runs" / "brewclip_old"
-    old.mkdir(parents=True)
-    (old / "config.yaml").write_text(yaml.safe_dump({**base, "model": {"channels": "pipeline", "prompt_mode": "fast"}}))
+    old = run_dir(root / "runs" / "brewclip_old", "brewclip",
+                  {**base, "model": {"channels": "pipeline", "prompt_mode": "fast"}})
     write_json(old / "results.json", {"s2i_R@1": 0.5, "i2s_R@1": 0.25, "epochs": 20})
-    run = root / "runs" / "brewclip"
-    run.mkdir(parents=True)
-    (run / "config.yaml").write_text(yaml.safe_dump(base))
+    run = run_dir(root / "runs" / "brewclip", "brewclip", base)
     write_json(run / "results.json", {"s2i_R@1": 1.0, "s2i_R@5": 1.0, "i2s_R@1": 0.75, "untrained_s2i_R@1": 0.125,
                                       "epochs": 20, "train_seconds": 8.7})
     png(run / "loss.png")
     png(run / "recall.png", (200, 60, 60))
     os.utime(old / "results.json", (time.time() - 3600, time.time() - 3600))
-    avsd = root / "runs" / "avsd"
-    avsd.mkdir(parents=True)
-    (avsd / "config.yaml").write_text(yaml.safe_dump({"seed": 0, "cues": {"top_k_frames": 3},
-                                                      "model": {"bart": "tiny"}}))
+    avsd = run_dir(root / "runs" / "avsd", "avsd", {"seed": 0, "cues": {"top_k_frames": 3}, "model": {"bart": "tiny"}})
     write_json(avsd / "results.json", {"BLEU_1": 0.31, "BLEU_4": 0.05, "METEOR": 0.12, "ROUGE_L": 0.3, "CIDEr": 0.2})
     (avsd / "dstc_scores.md").write_text("| metric | score |\n|---|---:|\n| BLEU_4 | 0.050 |\n| CIDEr | 0.200 |\n")
     png(avsd / "thumbs" / "item0.png", (10, 160, 10))
@@ -100,9 +100,7 @@ def outputs(tmp_path_factory) -> Path:
 
     # an ablation with a failed cell, as train/ablate.py lays it out (its cell runs live inside it)
     ablation = root / "ablate" / "brewclip"
-    cell_run = ablation / "full" / "seed0"
-    cell_run.mkdir(parents=True)
-    (cell_run / "config.yaml").write_text(yaml.safe_dump(base))
+    cell_run = run_dir(ablation / "full" / "seed0", "brewclip", base)
     write_json(cell_run / "results.json", {"s2i_R@1": 1.0})
     write_json(ablation / "ablation.json", {
         "grid": "brewclip", "recipe": "brewclip", "metrics": ["s2i_R@1", "i2s_R@1"], "best": "full",
@@ -230,7 +228,7 @@ def test_hostile_run_text_shows_as_written_and_no_file_outside_the_run_is_copied
 def test_empty_sources_say_what_would_produce_each_section(tmp_path):
     md = build_report(tmp_path / "out", [tmp_path / "empty"]).read_text()
     assert "is not a directory" in md
-    for target in ("make extract", "make index", "make eval-retrieval", "make train-retrieval", "make ablate",
+    for target in ("make extract", "make index", "make eval-retrieval", "make train RECIPE=", "make ablate",
                    "make bench", "make demo"):
         assert target in md, target
     assert figures_of(md) == []
@@ -245,16 +243,36 @@ def test_report_verb(outputs, tmp_path):
     assert (tmp_path / "r" / "report.html").is_file()
 
 
-@pytest.mark.parametrize("config", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.stem)
-def test_recipe_is_told_from_the_config_a_run_writes(config):
-    from avcache.pipeline.config import load_dataclass
+def test_a_run_is_shown_under_the_recipe_its_recipe_json_names_and_never_guessed(outputs, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(outputs, src)
+    brewclip_config = yaml.safe_load((src / "runs" / "brewclip" / "config.yaml").read_text())
+    told = run_dir(src / "runs" / "told_ser", "ser", brewclip_config)  # keys that look like BrewCLIP's
+    write_json(told / "results.json", {"ser_accuracy": 0.5, "untrained_ser_accuracy": 0.25})
+    older = run_dir(src / "runs" / "older", None, brewclip_config)
+    write_json(older / "results.json", {"s2i_R@1": 0.5})
+    damaged = run_dir(src / "runs" / "damaged", "brewclip", brewclip_config)
+    (damaged / "recipe.json").write_text('{"recipe": ')
+    write_json(damaged / "results.json", {"s2i_R@1": 0.5})
+    summary = json.loads((src / "summary.json").read_text())
+    summary["training"]["ser"] = {"status": "ok", "seconds": 2.0, "overrides": [], "run": str(told),
+                                  "metrics": {"ser_accuracy": 0.5, "untrained_ser_accuracy": 0.25,
+                                              "majority_class_accuracy": 0.375}}
+    write_json(src / "summary.json", summary)
 
-    recipe = config.stem.split("_")[0]
-    module = importlib.import_module(f"avcache.train.recipes.{recipe}")
-    cfg = module.load_recipe_config(config) if hasattr(module, "load_recipe_config") \
-        else load_dataclass(module.RecipeConfig, config, [])
-    written = yaml.safe_load(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))  # what RunDir writes
-    assert recipe_of(written) == recipe
+    md = build_report(tmp_path / "out", [src]).read_text()
+    ser = md.index("### Speech emotion recognition")
+    assert md.index(f"Latest run `{told}`") > ser and "No run of: Speech emotion recognition" not in md
+    assert "`older`" not in md[md.index("## Methods"):] and "`damaged`" not in md[md.index("## Methods"):]
+    warnings = md[md.index("warnings:**"):md.index("## What was extracted")]
+    unescaped = warnings.replace("\\", "").replace("&lt;", "<").replace("&gt;", ">")
+    assert (f"{older} has no recipe.json: it was written before run directories recorded their recipe; write "
+            f'{{"recipe": "<name>", "format": 1}} into {older / "recipe.json"}') in unescaped
+    assert "(recipes: brewclip, ser, bgtai, avsd); until then it is left out" in warnings
+    assert f"{damaged / 'recipe.json'} could not be read" in unescaped
+    # the demo's table: each recipe's HEADLINE, with the baselines its results hold
+    assert "ser_accuracy 0.500 (untrained 0.250, majority_class_accuracy 0.375)" in md.replace("\\", "")
+    assert "s2i_R@1 1.000, i2s_R@1 0.750" in md.replace("\\", "")
 
 
 # -- headless Chromium -----------------------------------------------------------------------------------------

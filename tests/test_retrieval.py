@@ -6,10 +6,10 @@ import json
 import numpy as np
 import pytest
 
-from avcache.eval.retrieval import (cross_modal_retrieval, evaluate_zeroshot, retrieval_markdown, retrieval_metrics,
-                                    run_eval_retrieval)
-from avcache.features.store import FeatureSetSpec, FeatureSetWriter
+from avcache.eval.retrieval import cross_modal_retrieval, retrieval_markdown, retrieval_metrics
+from avcache.features.store import FeatureSetSpec, FeatureSetWriter, FeatureStore, StoreError
 from avcache.pipeline.manifest import write_manifest
+from avcache.train.zeroshot import evaluate_zeroshot, run_eval_retrieval
 
 KEYS = ("R@1", "R@5", "R@10", "MRR", "median_rank", "mean_rank", "queries")
 
@@ -238,7 +238,7 @@ def store(tmp_path):
     c1 looks like A (e0), c2 failed. a2's image row is junk (e5): the gallery must take a1, the group's first item.
     """
     manifest = tmp_path / "manifest.arrow"
-    write_manifest([
+    items = write_manifest([
         row("f:a1", "A"), row("f:a2", "A"), row("f:b1", "B"), row("f:b2", "B"), row("f:c1", "C"), row("f:c2", "C"),
         row("f:d1", "D"),
         row("f:a3", "A", split="train"), row("f:x1", "X", audio=False), row("f:y1", "Y", image=False),
@@ -251,6 +251,7 @@ def store(tmp_path):
                                   "f:c2": e(2), "f:d1": e(3), "s:a1": e(4)})
     write_set(root, "clip_transcript", {"f:a1": e(0), "f:a2": e(0), "f:b1": e(1), "f:b2": e(1), "f:c1": e(0),
                                         "f:d1": e(3), "s:a1": e(4)})
+    FeatureStore(root).write_items(items)  # as extract does
     return root, manifest
 
 
@@ -310,7 +311,7 @@ def test_zeroshot_errors(store, tmp_path):
         evaluate_zeroshot(bare)
     write_set(bare, "clip_text", {"f:a1": e(0)})
     write_set(bare, "clip_transcript", {"f:zz": e(0)})
-    with pytest.raises(ValueError, match="records no manifest"):
+    with pytest.raises(StoreError, match=r"no items\.arrow: the store was written before stores carried their items"):
         evaluate_zeroshot(bare)
     with pytest.raises(ValueError, match="none of the 2 selected captions is in 'clip_transcript'"):
         evaluate_zeroshot(bare, manifest=manifest, dataset="flickr8k_audio")

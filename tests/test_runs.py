@@ -1,6 +1,7 @@
 """The resume state of a run directory runs no code when loaded: an old pickled last_state.pt is refused unread,
 last_state.safetensors brings back weights (tied ones too), optimiser state, RNG, epoch and best bit for bit, and a
-damaged file is a one-line RunStateError naming the file and what to do."""
+damaged file is a one-line RunStateError naming the file and what to do. The run directory records its recipe in
+recipe.json: a run of another recipe is refused, and one from before recipe.json resumes and gets one."""
 from __future__ import annotations
 
 import copy
@@ -15,9 +16,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from avcache.train.runs import RunDir, RunStateError
+from avcache.pipeline.config import ConfigError
+from avcache.train.runs import RunDir, RunRecipeError, RunStateError, read_recipe
 
 CONFIG = {"model": {"width": 4}, "train": {"epochs": 3, "lr": 0.01}}
+RECIPE = "toy"
 REMEDY = "delete it to start this run again at epoch 0 in the same directory, or train into a new RUN directory"
 OPTIMISERS = {
     "adam": lambda params: torch.optim.Adam(params, lr=0.01, betas=(0.8, 0.99)),
@@ -73,7 +76,7 @@ def no_unpickling(monkeypatch):
 
 
 def resume_into(run_path: pathlib.Path, model, optimiser) -> tuple[int, float]:
-    run = RunDir(run_path, CONFIG)
+    run = RunDir(run_path, CONFIG, RECIPE)
     return run.resume(run.start(), model, optimiser)
 
 
@@ -109,14 +112,14 @@ class WritesMarker:
 
 def test_an_old_pickled_state_is_refused_without_being_unpickled(tmp_path):
     run_path = tmp_path / "run"
-    RunDir(run_path, CONFIG).start()  # a matching config.yaml: the old code went on to torch.load the pickle
+    RunDir(run_path, CONFIG, RECIPE).start()  # a matching config.yaml: the old code went on to torch.load the pickle
     (run_path / "metrics.jsonl").write_text('{"step": 1}\n')
     marker = tmp_path / "payload_ran"
     torch.save({"epoch": 1, "model": WritesMarker(marker)}, run_path / "last_state.pt")
     config_before = (run_path / "config.yaml").read_bytes()
 
     with pytest.raises(RunStateError) as refused:
-        RunDir(run_path, CONFIG).start()
+        RunDir(run_path, CONFIG, RECIPE).start()
     assert str(refused.value) == (f"{run_path / 'last_state.pt'} is a resume state in the old pickle format, which "
                                   f"can execute code when loaded, so it is no longer read; {REMEDY}")
     assert isinstance(refused.value, ValueError)  # the CLI prints ValueErrors as one line, exit code 2
@@ -125,8 +128,67 @@ def test_an_old_pickled_state_is_refused_without_being_unpickled(tmp_path):
     assert (run_path / "metrics.jsonl").read_text() == '{"step": 1}\n'
 
     (run_path / "last_state.pt").unlink()  # what the message says to do: the run starts again at epoch 0
-    assert RunDir(run_path, CONFIG).start() is None
+    assert RunDir(run_path, CONFIG, RECIPE).start() is None
     assert not (run_path / "metrics.jsonl").exists()
+
+
+# -- the recipe ---------------------------------------------------------------------------------------------------
+
+
+def test_a_run_records_its_recipe_beside_its_config(tmp_path):
+    run_path = tmp_path / "run"
+    RunDir(run_path, CONFIG, RECIPE).start()
+    assert json.loads((run_path / "recipe.json").read_text()) == {"recipe": RECIPE, "format": 1}
+    assert read_recipe(run_path) == RECIPE
+    assert "recipe" not in (run_path / "config.yaml").read_text()  # resuming compares config.yaml key for key
+    with pytest.raises(TypeError, match="recipe=NAME"):  # a run that starts always says which recipe trains it
+        RunDir(tmp_path / "other", CONFIG).start()
+
+
+def test_a_run_of_another_recipe_is_refused_before_anything_is_touched(tmp_path):
+    model, optimiser = trained(OPTIMISERS["adam"])
+    run_path = tmp_path / "run"
+    run = RunDir(run_path, CONFIG, RECIPE)
+    run.start()
+    run.end_epoch(1, 0.5, -math.inf, model, optimiser)
+    before = {p.name: p.read_bytes() for p in run_path.iterdir() if p.is_file()}
+    for config in (CONFIG, {"seed": 1}):  # the same config or another: the recipe is said first
+        with pytest.raises(ConfigError) as refused:
+            RunDir(run_path, config, "other_recipe").start()
+        assert str(refused.value) == (f"{run_path} holds a run of the recipe 'toy', not 'other_recipe'; train "
+                                      f"other_recipe into a new RUN directory, or delete this one to start over")
+    assert {p.name: p.read_bytes() for p in run_path.iterdir() if p.is_file()} == before
+
+
+def test_a_run_from_before_recipe_json_resumes_and_gets_one(tmp_path, no_unpickling):
+    model, optimiser = trained(OPTIMISERS["adam"])
+    run_path = tmp_path / "run"
+    run = RunDir(run_path, CONFIG, RECIPE)
+    run.start()
+    run.end_epoch(1, 0.5, -math.inf, model, optimiser)
+    (run_path / "recipe.json").unlink()  # as an older avcache left it
+    with pytest.raises(RunRecipeError, match=r"has no recipe.json: it was written before run directories recorded "
+                                             r"their recipe; write \{\"recipe\": \"<name>\", \"format\": 1\} into "):
+        read_recipe(run_path)
+    model_b, optimiser_b = fresh(OPTIMISERS["adam"])
+    assert resume_into(run_path, model_b, optimiser_b) == (1, 0.5)
+    assert read_recipe(run_path) == RECIPE
+
+
+@pytest.mark.parametrize("text, words", [
+    ("{\"recipe\": ", "could not be read ("),
+    ("[\"toy\"]", 'is not {"recipe": "<name>", "format": 1}'),
+    ("{\"recipe\": \"\", \"format\": 1}", 'is not {"recipe": "<name>", "format": 1}'),
+    ("{\"recipe\": \"toy\", \"format\": 2}", "has format 2, unknown to this avcache, which reads format 1"),
+])
+def test_a_damaged_recipe_json_is_one_line_naming_the_file(tmp_path, text, words):
+    RunDir(tmp_path / "run", CONFIG, RECIPE).start()
+    (tmp_path / "run" / "recipe.json").write_text(text)
+    for read in (lambda: read_recipe(tmp_path / "run"), RunDir(tmp_path / "run", CONFIG, RECIPE).start):
+        with pytest.raises(RunRecipeError) as refused:
+            read()
+        assert str(refused.value).startswith(f"{tmp_path / 'run' / 'recipe.json'} ") and words in str(refused.value)
+        assert "\n" not in str(refused.value)
 
 
 # -- round trip ---------------------------------------------------------------------------------------------------
@@ -134,7 +196,7 @@ def test_an_old_pickled_state_is_refused_without_being_unpickled(tmp_path):
 
 def test_the_state_file_holds_each_tensor_once_and_everything_else_as_json(tmp_path):
     model, optimiser = trained(OPTIMISERS["adam"])
-    run = RunDir(tmp_path / "run", CONFIG)
+    run = RunDir(tmp_path / "run", CONFIG, RECIPE)
     run.start()
     run.end_epoch(2, -math.inf, -math.inf, model, optimiser)
 
@@ -155,7 +217,7 @@ def test_the_state_file_holds_each_tensor_once_and_everything_else_as_json(tmp_p
 def test_a_resumed_run_gets_back_the_weights_optimiser_rng_epoch_and_best_exactly(tmp_path, optimiser_name,
                                                                                    no_unpickling):
     model, optimiser = trained(OPTIMISERS[optimiser_name])
-    run = RunDir(tmp_path / "run", CONFIG)
+    run = RunDir(tmp_path / "run", CONFIG, RECIPE)
     run.start()
     assert run.end_epoch(2, -math.inf, -math.inf, model, optimiser) == -math.inf  # no score beat -inf yet
     saved_weights = copy.deepcopy(model.state_dict())
@@ -172,7 +234,7 @@ def test_a_resumed_run_gets_back_the_weights_optimiser_rng_epoch_and_best_exactl
 
 def test_a_resumed_run_takes_the_same_next_step_as_the_uninterrupted_one(tmp_path, no_unpickling):
     model, optimiser = trained(OPTIMISERS["adam"])
-    run = RunDir(tmp_path / "run", CONFIG)
+    run = RunDir(tmp_path / "run", CONFIG, RECIPE)
     run.start()
     assert run.end_epoch(1, 0.25, -math.inf, model, optimiser) == 0.25
     train_step(model, optimiser)  # uninterrupted: its dropout mask comes from the RNG state just saved
@@ -279,7 +341,7 @@ DAMAGED = {  # name: (damage, the reason the message gives, as a regular express
 @pytest.fixture
 def saved_run(tmp_path) -> pathlib.Path:
     model, optimiser = trained(OPTIMISERS["adam"])
-    run = RunDir(tmp_path / "run", CONFIG)
+    run = RunDir(tmp_path / "run", CONFIG, RECIPE)
     run.start()
     run.end_epoch(1, 0.5, -math.inf, model, optimiser)
     return tmp_path / "run"

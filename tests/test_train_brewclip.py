@@ -12,7 +12,7 @@ import torch
 
 from avcache.eval.train_bench import write_planted_store
 from avcache.pipeline.config import ConfigError
-from avcache.train.brewclip import BrewClipConfig
+from avcache.train.models.brewclip import BrewClipConfig
 from avcache.train.data import CachedPairs
 from avcache.train.recipes import brewclip as recipe
 

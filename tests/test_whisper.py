@@ -13,7 +13,7 @@ import pytest
 
 from avcache.features.checkpoints import sha256_file
 from avcache.features.whisper import (WhisperOutput, build_tiny_hf_whisper, bundled_models, create_whisper,
-                                      n_states)
+                                      n_states, whisper_options, whisper_spec)
 
 SR = 16000
 # faster-whisper's transcribe() with the settings the ctranslate2 backend mirrors
@@ -156,11 +156,59 @@ def test_backends_agree_on_the_same_weights(tiny_hf, tmp_path):
     ct2, _, ct2_spec = create_whisper(str(ct2_dir))
     hf, _, _ = create_whisper(str(tiny_hf), backend="transformers")
     assert ct2_spec["backend"] == "ctranslate2" and ct2_spec["dim"] == 64
+    assert whisper_spec(str(ct2_dir)) == ct2_spec  # a converted directory (float32 weights) reads the same
     # exactly 30 s: the per-clip (faster-whisper) and per-window (transformers) log-mel clamps then coincide
     audio = 0.1 * np.random.default_rng(1).standard_normal(30 * SR).astype(np.float32)
     ct2_out, = ct2.transcribe_and_encode([audio])
     hf_out, = hf.transcribe_and_encode([audio])
     np.testing.assert_allclose(ct2_out.states, hf_out.states, atol=1e-3)
+
+
+# --- the spec without the model ----------------------------------------------------------------------------
+
+def refuse_model_building(monkeypatch) -> None:
+    """From now on, building a Whisper (either backend) fails the test: a spec must come from the model's files."""
+    import ctranslate2
+    import faster_whisper
+    import transformers
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a Whisper model was built to read its spec")
+
+    monkeypatch.setattr(faster_whisper.WhisperModel, "__init__", refuse)
+    monkeypatch.setattr(ctranslate2.models, "Whisper", refuse)
+    monkeypatch.setattr(transformers.WhisperForConditionalGeneration, "from_pretrained", refuse)
+
+
+def test_spec_from_files_equals_the_built_model_spec(tiny_en, tiny_hf, tmp_path, monkeypatch):
+    """For the shipped profiles (tiny: ctranslate2 tiny.en; tiny-transformers: the seeded tiny-hf) and the
+    multilingual variant, whisper_spec reads what create_whisper reports, without building a model."""
+    multi = build_tiny_hf_whisper(tmp_path / "multi", seed=0, multilingual=True)
+    built = {"tiny.en": tiny_en.spec, "hf": create_whisper(str(tiny_hf), backend="transformers")[2],
+             "multi-de": create_whisper(str(multi), language="de")[2],
+             "beam": create_whisper("tiny.en", beam_size=3, language=None)[2]}
+    refuse_model_building(monkeypatch)
+    assert whisper_spec(**whisper_options({"whisper": {"backend": "ctranslate2", "model": "tiny.en"}})) == built["tiny.en"]
+    assert whisper_spec(str(tiny_hf), backend="transformers", device="cuda", batch_size=2) == built["hf"]
+    assert whisper_spec(str(multi), language="de") == built["multi-de"]
+    assert whisper_spec("tiny.en", beam_size=3, language=None) == built["beam"]
+
+
+def test_spec_from_files_refuses_what_the_model_would(tmp_path, monkeypatch):
+    multi = build_tiny_hf_whisper(tmp_path / "multi", multilingual=True)
+    refuse_model_building(monkeypatch)
+    with pytest.raises(ValueError, match="English-only"):
+        whisper_spec("tiny.en", language="fr")
+    with pytest.raises(ValueError, match="compute_type"):
+        whisper_spec("tiny.en", compute_type="float64")
+    with pytest.raises(ValueError, match=r"tiny\.en.*CTranslate2 model directory"):
+        whisper_spec("no-such-model")
+    with pytest.raises(ValueError, match="backend"):
+        whisper_spec("tiny.en", backend="onnx")
+    with pytest.raises(ValueError, match="not one of"):
+        whisper_spec(str(multi), language="xx")
+    with pytest.raises(ValueError, match="cannot load Whisper model"):
+        whisper_spec("no-such-org/no-such-whisper", backend="transformers")
 
 
 # --- errors ---------------------------------------------------------------------------------------------------

@@ -6,20 +6,19 @@ module expands it into runs, runs them (in this process, or as Ray tasks) and ha
     cell  x seeds                                            -> runs, each in OUT/cells/<cell>/seed<k>/
 
 A run directory is an ordinary recipe run directory (train/runs.py) plus `cell.log`. A run is skipped when its
-directory already holds `results.json` and a `config.yaml` equal to the config the run would resolve now; a
-config that only asks for more epochs resumes the run; any other difference, or a store extracted again since,
-moves the old run aside (`seed0.stale-<time>/`) and starts over.
+directory already holds `results.json`, a `recipe.json` naming the grid's recipe and a `config.yaml` equal to the
+config the run would resolve now; a config that only asks for more epochs resumes the run; any other difference
+(another recipe, a run directory from before recipe.json, a store extracted again since) moves the old run aside
+(`seed0.stale-<time>/`) and starts over.
 A failing run never stops the others: its traceback goes to `cell.log` and into the table.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib
 import itertools
 import json
 import math
-import os
 import re
 import time
 import traceback
@@ -29,13 +28,15 @@ from typing import Callable, Iterator
 
 import yaml
 
-from avcache.pipeline.config import ConfigError, load_dataclass, read_yaml_mapping
-from avcache.pipeline.runners import end_leftover_ray_processes
-from avcache.train.runs import config_differences  # the comparison RunDir.start makes before resuming
+from avcache.features.durable import sha256_of
+from avcache.features.store import ITEMS_NAME
+from avcache.pipeline.config import ConfigError, read_yaml_mapping
+from avcache.pipeline.runners import ray_attached, start_ray
+from avcache.train.recipes import RECIPES, recipe
+from avcache.train.runs import RunRecipeError, config_differences, read_recipe
 
 GRID_DIR = Path(__file__).resolve().parent / "grids"
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
 GRID_KEYS = ("description", "recipe", "config", "metrics", "best", "seeds", "variants", "axes", "set", "curves",
              "gpus_per_cell", "cpus_per_cell", "first_run_alone")
 VARIANT_KEYS = ("config", "set")
@@ -109,11 +110,10 @@ def load_grid(grid: str | Path, sets: list[str] = (), seeds: list[int] | None = 
     unknown = sorted(set(data) - set(GRID_KEYS))
     if unknown:
         fail(unknown[0], f"unknown key (known: {', '.join(GRID_KEYS)})")
-    recipe = data.get("recipe")
-    recipes = sorted(p.stem for p in RECIPE_DIR.glob("*.py") if not p.stem.startswith("_"))
-    if recipe not in recipes:
-        fail("recipe", f"unknown recipe {recipe!r} (known: {', '.join(recipes)})")
-    config = _config_path(data.get("config") or f"{recipe}.yaml", path, lambda m: fail("config", m))
+    recipe_name = data.get("recipe")
+    if not isinstance(recipe_name, str) or recipe_name not in RECIPES:
+        fail("recipe", f"unknown recipe {recipe_name!r} (known: {', '.join(RECIPES)})")
+    config = _config_path(data.get("config") or f"{recipe_name}.yaml", path, lambda m: fail("config", m))
     metrics = data.get("metrics")
     if not metrics or not isinstance(metrics, list) or not all(isinstance(m, str) for m in metrics):
         fail("metrics", "give a non-empty list of results.json keys (the first one picks the best cell)")
@@ -137,8 +137,9 @@ def load_grid(grid: str | Path, sets: list[str] = (), seeds: list[int] | None = 
             seen[name] = f"{variant} {chosen}" if chosen else variant
             axis_set = [f"{k}={yaml_value(v)}" for k, v in chosen.items()]
             cells.append(Cell(name, variant, variant_config, [*common, *variant_set, *axis_set, *sets], chosen))
-    return Grid(name=path.stem, path=path, recipe=recipe, config=config, metrics=metrics, cells=cells, seeds=seeds,
-                best=best, curves=list(data.get("curves") or []), description=str(data.get("description") or ""),
+    return Grid(name=path.stem, path=path, recipe=recipe_name, config=config, metrics=metrics, cells=cells,
+                seeds=seeds, best=best, curves=list(data.get("curves") or []),
+                description=str(data.get("description") or ""),
                 gpus_per_cell=float(data.get("gpus_per_cell", 0.0)),
                 cpus_per_cell=float(data.get("cpus_per_cell", 1.0)),
                 first_run_alone=bool(data.get("first_run_alone", False)))
@@ -226,14 +227,9 @@ def cell_name(variant: str, chosen: dict, axis_keys: list[str]) -> str:
 # -- resolution and the skip rule -----------------------------------------------------------------------------
 
 
-def resolve_config(recipe: str, config: Path, overrides: list[str], store) -> dict:
+def resolve_config(recipe_name: str, config: Path, overrides: list[str], store) -> dict:
     """The config a recipe's main() would write to RUN/config.yaml, as YAML reads it back."""
-    module = importlib.import_module(f"avcache.train.recipes.{recipe}")
-    overrides = [*overrides, f"store={Path(store).resolve()}"]
-    if hasattr(module, "load_recipe_config"):
-        cfg = module.load_recipe_config(config, overrides)
-    else:
-        cfg = load_dataclass(module.RecipeConfig, Path(config), overrides)
+    cfg = recipe(recipe_name).load_recipe_config(config, [*overrides, f"store={Path(store).resolve()}"])
     return yaml.safe_load(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
 
 
@@ -255,9 +251,9 @@ STORE_VERSION = "store_version.txt"    # in a run directory: the store's state t
 
 
 def store_version(store) -> str:
-    """The extracted feature sets as they are now (name, rows, shards, last update). Extracting the store again under
-    the same path changes it, so a run trained on the old features is not taken for finished. Sets a recipe derives
-    from the others (the AVSD cues, which a grid's first run writes) are left out."""
+    """The extracted feature sets as they are now (name, rows, shards, last update) and the items. Extracting the
+    store again under the same path changes it, so a run trained on the old features is not taken for finished.
+    Sets a recipe derives from the others (the AVSD cues, which a grid's first run writes) are left out."""
     from avcache.pipeline.extractors import EXTRACTORS
 
     state = []
@@ -269,15 +265,22 @@ def store_version(store) -> str:
         if meta.get("extractor") in EXTRACTORS:
             state.append([meta_path.parent.name, meta.get("rows"), meta.get("updated"),
                           [shard.get("arrow") for shard in meta.get("shards", [])]])
+    items = Path(store) / ITEMS_NAME  # a new manifest can move items between splits or relabel them
+    state.append(sha256_of(items) if items.is_file() else None)
     return hashlib.sha256(json.dumps(state).encode()).hexdigest()[:16]
 
 
-def previous(run_dir: Path, config: dict, version: str | None = None) -> str:
-    """What the run directory holds for this config (and, when `version` is given, this state of the store):
-    finished | resumable | stale | new."""
+def previous(run_dir: Path, recipe_name: str, config: dict, version: str | None = None) -> str:
+    """What the run directory holds for the recipe `recipe_name` with this config (and, when `version` is given, this
+    state of the store): finished | resumable | stale | new."""
     saved_path = Path(run_dir) / "config.yaml"
     if not saved_path.is_file():
         return "new"
+    try:
+        if read_recipe(run_dir) != recipe_name:
+            return "stale"
+    except RunRecipeError:  # written before run directories recorded their recipe, or damaged: not trusted
+        return "stale"
     if version is not None:
         recorded = Path(run_dir) / STORE_VERSION
         if not recorded.is_file() or recorded.read_text().strip() != version:
@@ -315,8 +318,7 @@ def execute(job: dict, echo: Callable[[str], None] | None = None) -> dict:
         try:
             if job.get("error"):  # the config did not resolve: nothing to run, but the cell is still in the table
                 raise GridError(job["error"])
-            recipe = importlib.import_module(f"avcache.train.recipes.{job['recipe']}")
-            recipe.main(job["store"], run_dir, job["config"], job["overrides"], log=log)
+            recipe(job["recipe"]).main(job["store"], run_dir, job["config"], job["overrides"], log=log)
             record["results"] = _read_results(run_dir)  # what is on disk (JSON numbers), not main()'s return
             record["status"] = DONE
         except Exception:  # noqa: BLE001 - any failure of one run is recorded, the grid goes on
@@ -339,14 +341,7 @@ def run_sequentially(jobs: list[dict], log) -> Iterator[dict]:
 def run_with_ray(jobs: list[dict], gpus: float, cpus: float, first_alone: bool, log=print) -> Iterator[dict]:
     """One Ray task per run with its own GPU share; records come back as tasks finish. A task that dies (its
     worker killed, out of memory) is recorded as failed like any other run."""
-    import ray
-
-    if not ray.is_initialized():
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init(address=os.environ["RAY_ADDRESS"])
-        else:
-            end_leftover_ray_processes(log)
-            ray.init(include_dashboard=False, configure_logging=False)
+    ray = start_ray(log=log)
     if gpus and not ray.cluster_resources().get("GPU"):  # a GPU request no node can meet would wait forever
         log(f"[ablate] the Ray cluster has no GPU: runs get none instead of {gpus}")
         gpus = 0
@@ -371,16 +366,6 @@ def run_with_ray(jobs: list[dict], gpus: float, cpus: float, first_alone: bool, 
         first_alone = False
 
 
-def ray_attached() -> bool:
-    if os.environ.get("RAY_ADDRESS"):
-        return True
-    try:
-        import ray
-    except ImportError:
-        return False
-    return ray.is_initialized()
-
-
 def run_grid(grid: str | Path, store, out, sets: list[str] = (), seeds: list[int] | None = None,
              use_ray: bool | None = None, gpus_per_cell: float | None = None, log=print) -> dict:
     """Expand, skip what is finished, run the rest, write the table and plots; -> the summary (ablation.json).
@@ -398,7 +383,7 @@ def run_grid(grid: str | Path, store, out, sets: list[str] = (), seeds: list[int
                "recipe": grid.recipe, "config": str(run.cell.config), "overrides": run.overrides,
                "store": str(Path(store).resolve()), "store_version": version, "run_dir": str(run.run_dir),
                "error": run.error}
-        state = previous(run.run_dir, run.config, version) if run.config is not None else "new"
+        state = previous(run.run_dir, grid.recipe, run.config, version) if run.config is not None else "new"
         if state == "finished":
             records.append({**job, "status": CACHED, "results": _read_results(run.run_dir), "seconds": 0.0,
                             "log": str(run.run_dir / "cell.log")})
@@ -406,8 +391,8 @@ def run_grid(grid: str | Path, store, out, sets: list[str] = (), seeds: list[int
             continue
         if state == "stale":  # kept aside, not deleted: it may be the only copy of an earlier result
             aside = run.run_dir.with_name(f"{run.run_dir.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
-            log(f"[ablate] {run.cell.name}/seed{run.seed}: holds a run of another config or store, moved to "
-                f"{aside.name}")
+            log(f"[ablate] {run.cell.name}/seed{run.seed}: holds a run of another recipe, config or store (or one "
+                f"from before run directories recorded their recipe), moved to {aside.name}")
             run.run_dir.rename(aside)
         jobs.append(job)
     use_ray = ray_attached() if use_ray is None else use_ray

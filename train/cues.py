@@ -29,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from avcache.eval.retrieval import extraction_manifest
 from avcache.features.store import FeatureSet, FeatureSetSpec, FeatureSetWriter, FeatureStore
+from avcache.train.items import READS, require_feature_sets, store_items
 
 CLIP_LOGIT_SCALE = 100.0  # CLIP's trained temperature: zero-shot probabilities as CLIP itself would give them
 
@@ -233,10 +233,7 @@ def cue_text(behaviour: list[str], auditory: list[str]) -> str:
 def compute_cues(store_root: str | Path, cfg: CueConfig = CueConfig(), manifest=None, log=print) -> FeatureSet:
     """Write (or complete) the cue feature set for every AVSD item with frames and dialogue embeddings."""
     store = FeatureStore(store_root)
-    missing = [n for n in ("clip_frames", "clip_text", "clip_vocab", "beats") if n not in store]
-    if missing:
-        raise ValueError(f"store {str(store_root)!r} lacks {missing}; extract them first "
-                         f"(avcache extract ... --feature-sets {','.join(missing)})")
+    require_feature_sets(store, READS["avsd cues"])
     if cfg.behaviour_head not in BEHAVIOUR_HEADS:
         raise ValueError(f"cues.behaviour_head must be one of {BEHAVIOUR_HEADS}, got {cfg.behaviour_head!r}")
     frames_fs, text_fs, vocab_fs, beats = (store[n] for n in ("clip_frames", "clip_text", "clip_vocab", "beats"))
@@ -248,7 +245,7 @@ def compute_cues(store_root: str | Path, cfg: CueConfig = CueConfig(), manifest=
     actions = [r["label"] for r in vocab_rows]
     prompts = vocab_fs.vectors("embedding", [r["item_id"] for r in vocab_rows])
     sound_names, sound_scores = auditory_scorer(beats, vocab_fs, cfg)
-    rows = [r for r in extraction_manifest(frames_fs, manifest).to_pylist()
+    rows = [r for r in store_items(store, manifest).to_pylist()
             if r["dataset"] == "avsd" and r["item_id"] in frames_fs and r["item_id"] in text_fs]
     d = frames_fs.spec.vectors["embedding"]
     spec = FeatureSetSpec(

@@ -14,10 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from avcache.eval.retrieval import NoItemsError, extraction_manifest, image_gallery, select_caption_items
 from avcache.features.store import FeatureSet, FeatureStore
-
-NEEDED = {"clip_image": "clip_image", "whisper": "whisper", "clip_transcript": "whisper,clip_transcript"}
+from avcache.train.items import (READS, NoItemsError, image_gallery, require_feature_sets, select_caption_items,
+                                 store_items)
 
 
 @dataclass
@@ -61,20 +60,16 @@ class CachedPairs(WhisperItems):
     def __init__(self, store_root: str | Path, split: str, manifest=None, dataset: str | None = None,
                  max_frames: int = 1500, preload: bool = False):
         store = FeatureStore(store_root)
-        missing = [name for name in NEEDED if name not in store]
-        if missing:
-            what = ",".join(dict.fromkeys(x for n in missing for x in NEEDED[n].split(",")))
-            raise ValueError(f"store {str(store_root)!r} lacks {missing}; extract them first "
-                             f"(avcache extract ... --feature-sets {what})")
+        require_feature_sets(store, READS["caption pairs"])
         clip_image, transcript = store["clip_image"], store["clip_transcript"]
         self.whisper: FeatureSet = store["whisper"]
-        rows = select_caption_items(extraction_manifest(clip_image, manifest), split, dataset)
+        rows = select_caption_items(store_items(store, manifest), split, dataset)
         key_of_image, images, _ = image_gallery(rows, clip_image)
         kept = [r for r in rows if (r["dataset"], r["group_id"]) in key_of_image
                 and r["item_id"] in transcript and r["item_id"] in self.whisper]
         if not kept:
             raise NoItemsError(f"split {split!r}: no caption item has whisper, clip_transcript and an image in the "
-                               f"store ({len(rows)} in the manifest)")
+                               f"store ({len(rows)} among the items)")
         self.item_ids = [r["item_id"] for r in kept]
         self.groups = torch.tensor([key_of_image[(r["dataset"], r["group_id"])] for r in kept])      # (N,)
         self.images = torch.from_numpy(np.asarray(images, np.float32))                               # (Ni, D)
@@ -132,13 +127,11 @@ class LabelledStates(WhisperItems):
                  dataset: str | None = None, label_column: str = "label", max_frames: int = 1500,
                  preload: bool = False):
         store = FeatureStore(store_root)
-        if "whisper" not in store:
-            raise ValueError(f"store {str(store_root)!r} has no whisper feature set; extract it first "
-                             f"(avcache extract ... --feature-sets whisper)")
+        require_feature_sets(store, READS["labelled audio"])
         self.whisper: FeatureSet = store["whisper"]
-        table = extraction_manifest(self.whisper, manifest)
+        table = store_items(store, manifest)
         if label_column not in table.column_names:
-            raise ValueError(f"the manifest has no column {label_column!r}; columns: {table.column_names}")
+            raise ValueError(f"the items have no column {label_column!r}; columns: {table.column_names}")
         rows = [r for r in table.select(["item_id", "dataset", "split", label_column]).to_pylist()
                 if r["split"] == split and r[label_column] not in (None, "")
                 and (dataset is None or r["dataset"] == dataset)]
@@ -148,7 +141,7 @@ class LabelledStates(WhisperItems):
         kept = [r for r in labelled if str(r[label_column]) in index]
         if not kept:
             raise NoItemsError(f"split {split!r}: no labelled item ({label_column!r}) with Whisper states in the store "
-                               f"({len(rows)} labelled rows in the manifest)")
+                               f"({len(rows)} labelled items)")
         self.item_ids = [r["item_id"] for r in kept]
         self.labels = torch.tensor([index[str(r[label_column])] for r in kept])                    # (N,)
         self.dropped = len(rows) - len(kept)
@@ -172,17 +165,13 @@ class GlossItems(WhisperItems):
 
     def __init__(self, store_root: str | Path, split: str, source: str = "audio", vocabularies=None, manifest=None,
                  max_frames: int = 1500, max_gloss: int = 24, max_words: int = 48):
-        from avcache.train.langue2gloss import Vocabulary
+        from avcache.train.models.langue2gloss import Vocabulary
 
         store = FeatureStore(store_root)
-        needed = ["gloss_alignment", "clip_frames"] + (["whisper"] if source == "audio" else [])
-        missing = [n for n in needed if n not in store]
-        if missing:
-            raise ValueError(f"store {str(store_root)!r} lacks {missing}; extract them first "
-                             f"(avcache extract ... --feature-sets {','.join(missing)})")
+        require_feature_sets(store, READS["aligned glosses"] + (("whisper",) if source == "audio" else ()))
         aligned, frames = store["gloss_alignment"], store["clip_frames"]
         self.whisper = store["whisper"] if source == "audio" else None
-        table = extraction_manifest(aligned, manifest).select(["item_id", "split"]).to_pylist()
+        table = store_items(store, manifest).select(["item_id", "split"]).to_pylist()
         in_split = {r["item_id"] for r in table if r["split"] == split}
         info = {r["item_id"]: r for r in aligned.table(["item_id", "gloss", "text", "aligned"]).to_pylist()}
         self.item_ids = [i for i in aligned.item_ids if i in in_split and info[i]["aligned"] and i in frames
@@ -220,7 +209,7 @@ class GlossItems(WhisperItems):
 
 def collate_gloss(items: list[dict]) -> dict:
     """Pad every sequence of a GlossItems batch: sources (ids or states), gloss ids, frames, alignments."""
-    from avcache.train.langue2gloss import PAD
+    from avcache.train.models.langue2gloss import PAD
 
     def pad(key, value):
         return pad_sequences([item[key] for item in items], value)

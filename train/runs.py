@@ -1,5 +1,8 @@
-"""A run directory: resolved config, metrics (JSON lines + TensorBoard), checkpoints (safetensors), plots.
+"""A run directory: its recipe, resolved config, metrics (JSON lines + TensorBoard), checkpoints (safetensors),
+plots.
 
+    RUN/recipe.json        {"recipe": <name in avcache.train.recipes>, "format": 1}: which recipe trained it. Its own
+                           file, not a config key: resuming and the ablation skip rule compare config.yaml key for key
     RUN/config.yaml        the resolved config (what a resumed run must match)
     RUN/metrics.jsonl      one JSON object per evaluation (epoch, losses, validation metrics)
     RUN/tensorboard/       the same scalars for TensorBoard
@@ -9,7 +12,7 @@
                            best score and optimiser settings as JSON in its metadata. No pickle: loading it runs no
                            code (an old RUN/last_state.pt, a pickle, is refused unread)
     RUN/best.safetensors   weights of the best validation epoch
-    RUN/results.json       final test metrics, flat name -> number
+    RUN/results.json       final test metrics, flat name -> number (a recipe's HEADLINE names the ones that matter)
     RUN/*.png              curves
 """
 from __future__ import annotations
@@ -19,6 +22,7 @@ import json
 import math
 import random
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -26,6 +30,7 @@ import yaml
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_file, save_model
 
+from avcache.features.differences import nested_differences
 from avcache.features.durable import fsync_file, replace_atomically, write_json_atomic
 from avcache.pipeline.config import ConfigError
 
@@ -35,10 +40,24 @@ STATE_FORMAT_KEY = "avcache_run_state"  # metadata key holding the format versio
 STATE_FORMAT = "1"
 STATE_KEYS = ("epoch", "best", "model", "optimiser", "torch_rng")
 _REMEDY = "delete it to start this run again at epoch 0 in the same directory, or train into a new RUN directory"
+RECIPE_FILE = "recipe.json"
+RECIPE_FORMAT = 1
 
 
 class RunStateError(ConfigError):
     """A resume state this code refuses to load; the message names the file and says what to do."""
+
+
+class RunRecipeError(ConfigError):
+    """A run directory whose recipe.json is missing or unreadable; the message says how to mend it."""
+
+
+class Headline(NamedTuple):
+    """A headline metric of RUN/results.json with the keys of its baselines there: the untrained model's and a
+    trivial predictor's (majority class, chance), each None where the recipe computes none."""
+    metric: str
+    untrained: str | None
+    trivial: str | None
 
 
 def seed_everything(seed: int) -> None:
@@ -67,18 +86,24 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 class RunDir:
-    def __init__(self, path: str | Path, config) -> None:
+    def __init__(self, path: str | Path, config, recipe: str | None = None) -> None:
+        """`recipe`: the name of the recipe training here, which `start` records; None only to read or plot."""
         self.path = Path(path)
         self.config = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
+        self.recipe = recipe
         self._tensorboard = None
 
-    # -- config and resumption ----------------------------------------------------------------------------
+    # -- recipe, config and resumption --------------------------------------------------------------------
 
     def start(self, resumable_keys: tuple[str, ...] = ("train.epochs",)) -> dict | None:
-        """Write the config; return the saved training state when this directory holds a run of the same config
-        (keys in `resumable_keys` may differ: more epochs continue a run). A different config is refused, and so is
-        an old pickled state (RunStateError), which is never loaded."""
+        """Record the recipe and write the config; return the saved training state when this directory holds a run
+        of the same config (keys in `resumable_keys` may differ: more epochs continue a run). A run of another
+        recipe or config is refused, and so is an old pickled state (RunStateError), which is never loaded. A run
+        directory from before recipe.json resumes like any other and gets one."""
+        if not self.recipe:
+            raise TypeError("RunDir.start() records the recipe: create it as RunDir(path, config, recipe=NAME)")
         refuse_pickled_state(self.path / PICKLED_STATE_FILE)  # before anything here is deleted or rewritten
+        self._refuse_another_recipe()
         self.path.mkdir(parents=True, exist_ok=True)
         saved_path = self.path / "config.yaml"
         state = None
@@ -92,8 +117,18 @@ class RunDir:
         else:  # nothing to resume: what an earlier, unfinished first epoch left behind would mislead
             for name in ("metrics.jsonl", "best.safetensors", "last.safetensors", "results.json", STATE_FILE):
                 (self.path / name).unlink(missing_ok=True)
+        # the recipe before the config: a config.yaml this code wrote always has its recipe.json beside it
+        write_json_atomic(self.path / RECIPE_FILE, {"recipe": self.recipe, "format": RECIPE_FORMAT})
         replace_atomically(saved_path, lambda tmp: tmp.write_text(yaml.safe_dump(self.config, sort_keys=False)))
         return state
+
+    def _refuse_another_recipe(self) -> None:
+        if not (self.path / RECIPE_FILE).exists():
+            return
+        recorded = read_recipe(self.path)
+        if recorded != self.recipe:
+            raise ConfigError(f"{self.path} holds a run of the recipe {recorded!r}, not {self.recipe!r}; train "
+                              f"{self.recipe} into a new RUN directory, or delete this one to start over")
 
     # -- metrics ------------------------------------------------------------------------------------------
 
@@ -376,6 +411,27 @@ def check_optimiser_state_shapes(optimiser: torch.optim.Optimizer) -> None:
                                      f"has {tuple(param.shape)}")
 
 
+def read_recipe(run: str | Path) -> str:
+    """The recipe RUN/recipe.json records; a RunRecipeError (missing, damaged) says how to mend the directory."""
+    path = Path(run) / RECIPE_FILE
+    wanted = f'{{"recipe": "<name>", "format": {RECIPE_FORMAT}}}'
+    if not path.is_file():
+        raise RunRecipeError(f"{run} has no {RECIPE_FILE}: it was written before run directories recorded their "
+                             f"recipe; write {wanted} into {path}, <name> being the recipe that trained it, or train "
+                             f"it again")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
+        raise RunRecipeError(f"{path} could not be read ({one_line(exc)}); write it as {wanted}, <name> being the "
+                             f"recipe that trained the run, or train it again") from None
+    if not isinstance(data, dict) or not isinstance(data.get("recipe"), str) or not data["recipe"]:
+        raise RunRecipeError(f"{path} is not {wanted}; write it so, <name> being the recipe that trained the run")
+    if data.get("format") != RECIPE_FORMAT:
+        raise RunRecipeError(f"{path} has format {data.get('format')!r}, unknown to this avcache, which reads format "
+                             f"{RECIPE_FORMAT} (a newer avcache may have written it)")
+    return data["recipe"]
+
+
 def refuse_pickled_state(path: Path) -> None:
     if path.is_file():
         raise RunStateError(f"{path} is a resume state in the old pickle format, which can execute code when "
@@ -398,12 +454,6 @@ def _plain(value):
     return value
 
 
-def config_differences(saved, current, ignore=(), prefix="") -> list[str]:
-    if isinstance(saved, dict) and isinstance(current, dict):
-        out = []
-        for key in sorted(set(saved) | set(current)):
-            name = f"{prefix}.{key}" if prefix else str(key)
-            if name not in ignore:
-                out += config_differences(saved.get(key), current.get(key), ignore, name)
-        return out
-    return [] if saved == current else [f"{prefix}: {saved!r} -> {current!r}"]
+def config_differences(saved: dict, current: dict, ignore=()) -> list[str]:
+    """Each setting where a saved config and this one differ, as "key: saved -> current" (`ignore`: dotted keys)."""
+    return [f"{key}: {a!r} -> {b!r}" for key, a, b in nested_differences(saved, current, tuple(ignore))]

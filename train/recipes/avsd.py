@@ -24,13 +24,16 @@ import numpy as np
 import torch
 
 from avcache.eval import dstc
-from avcache.eval.retrieval import extraction_manifest
 from avcache.features.store import FeatureStore
-from avcache.pipeline.adapters import UNDISCLOSED
 from avcache.pipeline.config import ConfigError, load_dataclass
+from avcache.pipeline.datasets.avsd import UNDISCLOSED
 from avcache.train.cues import CueConfig, compute_cues, manifest_extra
-from avcache.train.runs import RunDir, pick_device, seed_everything, to_device
+from avcache.train.items import store_items
+from avcache.train.runs import Headline, RunDir, pick_device, seed_everything, to_device
 
+NAME = "avsd"
+# baselines: none computed yet (neither the untrained generator nor a trivial answer such as the most frequent one)
+HEADLINE = tuple(Headline(metric, untrained=None, trivial=None) for metric in ("BLEU_4", "METEOR", "ROUGE_L", "CIDEr"))
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "avsd.yaml"
 CUE_USES = ("both", "behaviour", "auditory", "none")
 
@@ -70,6 +73,13 @@ class RecipeConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     store: str = ""
+
+
+def load_recipe_config(path: str | Path | None = None, overrides=()) -> RecipeConfig:
+    cfg = load_dataclass(RecipeConfig, Path(path) if path else DEFAULT_CONFIG, overrides)
+    if cfg.data.cues not in CUE_USES:
+        raise ConfigError(f"data.cues must be one of {CUE_USES}, got {cfg.data.cues!r}")
+    return cfg
 
 
 @dataclass
@@ -145,15 +155,13 @@ def setup(store: str | Path, cfg: RecipeConfig, log=print) -> Setup:
     profile training its tokenizer on the training dialogues and the cue texts)."""
     from avcache.features.bart import create_bart
     from avcache.features.tiny import ensure_tiny_bart
-    from avcache.train.generator import AnswerGenerator
+    from avcache.train.models.generator import AnswerGenerator
 
-    if cfg.data.cues not in CUE_USES:
-        raise ConfigError(f"data.cues must be one of {CUE_USES}, got {cfg.data.cues!r}")
     device = pick_device(cfg.train.device)
     seed_everything(cfg.seed)
     cues = compute_cues(store, cfg.cues, cfg.data.manifest, log=log)
     frames = FeatureStore(store)["clip_frames"]
-    rows = extraction_manifest(cues, cfg.data.manifest).to_pylist()
+    rows = store_items(FeatureStore(store), cfg.data.manifest).to_pylist()
     splits = {s: [e for e in dialogues(rows, s) if e.item_id in cues] for s in ("train", "val", "test")}
     if not splits["train"] or not splits["test"]:
         raise ValueError(f"store {store}: no AVSD dialogues with cues in the train and test splits")
@@ -169,7 +177,7 @@ def setup(store: str | Path, cfg: RecipeConfig, log=print) -> Setup:
 
 
 def batch_of(s: Setup, examples: list[Example], with_answers: bool) -> dict:
-    from avcache.train.generator import build_inputs, collate
+    from avcache.train.models.generator import build_inputs, collate
 
     cfg = s.cfg
     inputs = [build_inputs(s.tokenizer, cue_text_for(s.cue_rows[e.item_id], cfg.data.cues), e.history, e.question,
@@ -214,7 +222,7 @@ def generate(s: Setup, examples: list[Example]) -> list[str]:
 
 def load_run(run: str | Path, store: str | Path | None = None, log=print) -> Setup:
     """A finished run's setup with its best weights, to answer other questions (`generate`)."""
-    cfg = load_dataclass(RecipeConfig, Path(run) / "config.yaml", [f"store={Path(store).resolve()}"] if store else [])
+    cfg = load_recipe_config(Path(run) / "config.yaml", [f"store={Path(store).resolve()}"] if store else [])
     s = setup(cfg.store, cfg, log)
     RunDir(run, cfg).load_weights("best", s.model)
     return s
@@ -222,8 +230,7 @@ def load_run(run: str | Path, store: str | Path | None = None, log=print) -> Set
 
 def main(store: str | Path, run: str | Path, config=None, overrides=(), log=print) -> dict:
     # ---- setup ----------------------------------------------------------------------------------------------
-    cfg = load_dataclass(RecipeConfig, Path(config) if config else DEFAULT_CONFIG,
-                         [*overrides, f"store={Path(store).resolve()}"])
+    cfg = load_recipe_config(config, [*overrides, f"store={Path(store).resolve()}"])
     s = setup(store, cfg, log)
     model, splits = s.model, s.splits
 
@@ -233,7 +240,7 @@ def main(store: str | Path, run: str | Path, config=None, overrides=(), log=prin
         losses = [model(**batch_of(s, chunk, True)).loss.item() for chunk in batches(splits["val"], cfg.train.batch_size)]
         return float(np.mean(losses)) if losses else float("nan")
 
-    run_dir = RunDir(run, cfg)  # only once the data loaded: a bad store leaves no half-made run behind
+    run_dir = RunDir(run, cfg, NAME)  # only once the data loaded: a bad store leaves no half-made run behind
     state = run_dir.start()
     optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr,
                                   weight_decay=cfg.train.weight_decay)

@@ -31,15 +31,21 @@ import numpy as np
 import torch
 
 from avcache.eval.probe import linear_probe_accuracy, zero_shot_accuracy
-from avcache.eval.retrieval import NoItemsError, cross_modal_retrieval
+from avcache.eval.retrieval import cross_modal_retrieval
 from avcache.features.gloss import gloss_bleu
 from avcache.features.store import FeatureStore
 from avcache.pipeline.config import ConfigError, load_dataclass
-from avcache.train.alignment import alignment_accuracy, mean_index_error, monotonic_decode
-from avcache.train.bgtai import Bgtai, BgtaiConfig, LossWeights, bgtai_loss, strip_specials
+from avcache.train.models.alignment import alignment_accuracy, mean_index_error, monotonic_decode
+from avcache.train.models.bgtai import Bgtai, BgtaiConfig, LossWeights, bgtai_loss, strip_specials
 from avcache.train.data import GlossItems, LabelledStates, collate, collate_gloss, loader
-from avcache.train.runs import RunDir, pick_device, seed_everything, to_device
+from avcache.train.items import NoItemsError
+from avcache.train.runs import Headline, RunDir, pick_device, seed_everything, to_device
 
+NAME = "bgtai"
+# baselines: the untrained model; no trivial predictor (the uniform diagonal alignment, chance recall) is computed
+# yet. With data.source=text the retrieval keys are t2i_*, so a text run shows alignment only.
+HEADLINE = (Headline("alignment_accuracy", untrained="untrained_alignment_accuracy", trivial=None),
+            Headline("a2i_R@1", untrained="untrained_a2i_R@1", trivial=None))
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "bgtai.yaml"
 STATES_PER_SECOND = 50  # Whisper encoder states
 
@@ -208,7 +214,7 @@ def main(store: str | Path, run: str | Path, config=None, overrides=(), log=prin
                 raise
     log(f"[bgtai] {d.source} -> gloss ({len(train.gloss_vocab)} tokens) -> video; "
         + ", ".join(f"{k} {len(v)}" for k, v in splits.items()))
-    run_dir = RunDir(run, cfg)  # only once the data loaded: a bad store leaves no half-made run behind
+    run_dir = RunDir(run, cfg, NAME)  # only once the data loaded: a bad store leaves no half-made run behind
     state = run_dir.start()
     model = build_model(cfg, train).to(device)
     optimiser = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)

@@ -16,12 +16,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from avcache.eval.retrieval import NoItemsError, cross_modal_retrieval
+from avcache.eval.retrieval import cross_modal_retrieval
 from avcache.pipeline.config import ConfigError, load_dataclass
-from avcache.train.brewclip import BrewClip, BrewClipConfig, PromptedTextTower, brewclip_loss
+from avcache.train.models.brewclip import BrewClip, BrewClipConfig, PromptedTextTower, brewclip_loss
 from avcache.train.data import CachedPairs, loader
-from avcache.train.runs import RunDir, pick_device, seed_everything, to_device
+from avcache.train.items import NoItemsError
+from avcache.train.runs import Headline, RunDir, pick_device, seed_everything, to_device
 
+NAME = "brewclip"
+# baselines: the untrained model on the same test split; no trivial predictor (chance recall) is computed yet
+HEADLINE = (Headline("s2i_R@1", untrained="untrained_s2i_R@1", trivial=None),
+            Headline("i2s_R@1", untrained="untrained_i2s_R@1", trivial=None))
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "brewclip.yaml"
 
@@ -29,7 +34,7 @@ DEFAULT_CONFIG = CONFIG_DIR / "brewclip.yaml"
 @dataclass
 class DataConfig:
     dataset: str | None = None      # only caption items of this dataset (None: every item with audio and image)
-    manifest: str | None = None     # default: the manifest the store was extracted from
+    manifest: str | None = None     # default: the items the store carries (items.arrow)
     max_frames: int = 1500          # Whisper states per caption (50 per second); longer captions are cut
     preload: bool = False           # hold every Whisper state in memory instead of reading HDF5 per batch
     num_workers: int = 0            # DataLoader processes reading the store while the model trains
@@ -69,7 +74,7 @@ def build_model(cfg: RecipeConfig, clip_dim: int, whisper_dim: int, store_root) 
     if model_cfg.prompt_mode == "full" and model_cfg.channels != "e2e":
         # The full mode runs the frozen CLIP text tower that made the store's transcript embeddings.
         from avcache.features.store import FeatureStore
-        from avcache.pipeline.search import clip_of
+        from avcache.features.clip import clip_of
 
         text_tower = PromptedTextTower(clip_of(FeatureStore(store_root)["clip_transcript"]).model)
     return BrewClip(model_cfg, text_tower)
@@ -105,7 +110,7 @@ def main(store: str | Path, run: str | Path, config: str | Path | None = None, o
     for pairs in splits.values():
         log(f"[brewclip] {pairs.info.split}: {pairs.info.pairs} captions of {pairs.info.images} images"
             + (f" ({pairs.info.dropped} without features, skipped)" if pairs.info.dropped else ""))
-    run_dir = RunDir(run, cfg)  # only once the data loaded: a bad store leaves no half-made run behind
+    run_dir = RunDir(run, cfg, NAME)  # only once the data loaded: a bad store leaves no half-made run behind
     state = run_dir.start()
     model = build_model(cfg, train_pairs.clip_dim, train_pairs.whisper_dim, store).to(device)
     optimiser = torch.optim.AdamW(model.trainable_parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)

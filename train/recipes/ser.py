@@ -17,12 +17,14 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from avcache.eval.retrieval import NoItemsError
 from avcache.pipeline.config import ConfigError, load_dataclass
-from avcache.train.brewclip import AcousticChannel, BrewClipConfig, SerHead, freeze_for_ser
+from avcache.train.models.brewclip import AcousticChannel, BrewClipConfig, SerHead, freeze_for_ser
 from avcache.train.data import LabelledStates, loader
-from avcache.train.runs import RunDir, pick_device, seed_everything, to_device
+from avcache.train.items import NoItemsError
+from avcache.train.runs import Headline, RunDir, pick_device, seed_everything, to_device
 
+NAME = "ser"
+HEADLINE = (Headline("ser_accuracy", untrained="untrained_ser_accuracy", trivial="majority_class_accuracy"),)
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "ser.yaml"
 FINETUNE = ("prompts_and_layer", "all")
 
@@ -30,7 +32,7 @@ FINETUNE = ("prompts_and_layer", "all")
 @dataclass
 class DataConfig:
     dataset: str | None = None      # e.g. ravdess; None: every labelled item with Whisper states
-    manifest: str | None = None     # default: the manifest the store was extracted from
+    manifest: str | None = None     # default: the items the store carries (items.arrow)
     label_column: str = "label"
     max_frames: int = 1500
     preload: bool = True
@@ -55,6 +57,13 @@ class RecipeConfig:
     model: dict = field(default_factory=dict)   # BrewClipConfig fields, used when init_from is None
     train: TrainConfig = field(default_factory=TrainConfig)
     store: str = ""
+
+
+def load_recipe_config(path: str | Path | None = None, overrides=()) -> RecipeConfig:
+    cfg = load_dataclass(RecipeConfig, Path(path) if path else DEFAULT_CONFIG, overrides)
+    if cfg.train.finetune not in FINETUNE:
+        raise ConfigError(f"train.finetune must be one of {FINETUNE}, got {cfg.train.finetune!r}")
+    return cfg
 
 
 def build_acoustic(cfg: RecipeConfig, whisper_dim: int) -> AcousticChannel:
@@ -99,10 +108,7 @@ def evaluate(head: SerHead, data: LabelledStates, batch_size: int) -> dict:
 
 def main(store: str | Path, run: str | Path, config: str | Path | None = None, overrides=(), log=print) -> dict:
     # ---- setup ----------------------------------------------------------------------------------------------
-    cfg = load_dataclass(RecipeConfig, Path(config) if config else DEFAULT_CONFIG,
-                         [*overrides, f"store={Path(store).resolve()}"])
-    if cfg.train.finetune not in FINETUNE:
-        raise ConfigError(f"train.finetune must be one of {FINETUNE}, got {cfg.train.finetune!r}")
+    cfg = load_recipe_config(config, [*overrides, f"store={Path(store).resolve()}"])
     device = pick_device(cfg.train.device)
     seed_everything(cfg.seed)
     d = cfg.data
@@ -116,7 +122,7 @@ def main(store: str | Path, run: str | Path, config: str | Path | None = None, o
             if split == "test":
                 raise
     log(f"[ser] classes {train_data.classes}; " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()))
-    run_dir = RunDir(run, cfg)  # only once the data loaded: a bad store leaves no half-made run behind
+    run_dir = RunDir(run, cfg, NAME)  # only once the data loaded: a bad store leaves no half-made run behind
     state = run_dir.start()
     head = SerHead(build_acoustic(cfg, train_data.whisper_dim), len(train_data.classes)).to(device)
     trainable = freeze_for_ser(head) if cfg.train.finetune == "prompts_and_layer" else list(head.parameters())

@@ -17,10 +17,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from avcache.train.alignment import (DSNet, DSNetConfig, ResultFilter, alignment_ce, monotonic_decode, select,
+from avcache.train.models.alignment import (DSNet, DSNetConfig, ResultFilter, alignment_ce, monotonic_decode, select,
                                      selection_matrix, soft_alignment, sp_loss)
-from avcache.train.brewclip import symmetric_nce
-from avcache.train.langue2gloss import BOS, EOS, PAD, Langue2Gloss, Langue2GlossConfig, pad_batch
+from avcache.train.models.brewclip import symmetric_nce
+from avcache.train.models.langue2gloss import BOS, EOS, PAD, Langue2Gloss, Langue2GlossConfig, pad_batch
 
 
 @dataclass
