@@ -17,12 +17,15 @@ is an error.
     answers_from_submission(path)                    -> {image_id: answer}
     references_from_multiref(path)                   -> {image_id: [reference, ...]}
     evaluate(hypotheses, references)                 -> (scores, per_question), one pass of Java
+    evaluate_systems({name: hypotheses}, references) -> {name: (scores, per_question)}, still one pass of Java
+    most_frequent_answer(answers)                    -> the answer a copy-the-most-frequent baseline gives
     score(hypotheses, references)                    -> {"BLEU_1", ..., "BLEU_4", "METEOR", "ROUGE_L", "CIDEr"}
     per_question(hypotheses, references)             -> [{"image_id", "hypothesis", "references", metrics...}]
-    write_scores(scores, per_question, out_dir)      -> (dstc_scores.md, dstc_per_question.json)
+    write_scores(scores, per_question, out_dir, baselines) -> (dstc_scores.md, dstc_per_question.json)
 
 Java runs twice per evaluation: one PTBTokenizer process for every hypothesis and reference, one METEOR process
-(about 10 s of it is METEOR loading its paraphrase table). BLEU, ROUGE-L and CIDEr are pure Python.
+(about 10 s of it is METEOR loading its paraphrase table). BLEU, ROUGE-L and CIDEr are pure Python. Baselines
+scored beside a model (`evaluate_systems`) share both processes.
 """
 from __future__ import annotations
 
@@ -30,8 +33,10 @@ import copy
 import json
 import math
 import os
+import re
 import shutil
 import threading
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -214,31 +219,37 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
-def _tokenize(hyps: dict[str, str], refs: dict[str, list[str]]) -> tuple[dict, dict]:
-    """PTB-tokenize all hypotheses and references in one Java call -> (gts, res) as pycocoevalcap scorers take."""
+def _tokenize(systems: dict[str, dict[str, str]], refs: dict[str, list[str]]) -> tuple[dict, dict[str, dict]]:
+    """PTB-tokenize every system's hypotheses and the references in one Java call -> (gts, {system: res}) as
+    pycocoevalcap scorers take them."""
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-    captions: dict[tuple[str, str], list[dict]] = {}
+    captions: dict[tuple[str, ...], list[dict]] = {}
     for image_id in refs:
-        captions[("res", image_id)] = [{"caption": _one_line(hyps[image_id])}]
         captions[("gts", image_id)] = [{"caption": _one_line(r)} for r in refs[image_id]]
+        for name, hyps in systems.items():
+            captions[("res", name, image_id)] = [{"caption": _one_line(hyps[image_id])}]
     tokens = PTBTokenizer().tokenize(captions)
     if {k: len(v) for k, v in tokens.items()} != {k: len(v) for k, v in captions.items()}:
         raise RuntimeError("PTBTokenizer returned a different number of sentences than it was given (did the "
                            "java process fail? run `java -version`)")
     gts = {image_id: tokens[("gts", image_id)] for image_id in refs}
-    res = {image_id: tokens[("res", image_id)] for image_id in refs}
+    res = {name: {image_id: tokens[("res", name, image_id)] for image_id in refs} for name in systems}
     return gts, res
 
 
-def _meteor(gts: dict, res: dict) -> tuple[float, list[float]]:
-    """Corpus and per-item METEOR from one METEOR 1.5 process, which is always ended afterwards."""
+def _meteor(gts: dict, res: dict[str, dict]) -> dict[str, tuple[float, list[float]]]:
+    """Corpus and per-item METEOR of each system from one METEOR 1.5 process (each EVAL line aggregates only the
+    statistics sent with it), which is always ended afterwards."""
     from pycocoevalcap.meteor.meteor import Meteor
 
     meteor = Meteor()
     process = meteor.meteor_p
     try:
-        total, per_item = meteor.compute_score(gts, res)
+        out = {}
+        for name, system in res.items():
+            total, per_item = meteor.compute_score(gts, system)
+            out[name] = float(total), [float(x) for x in per_item]
     except (ValueError, OSError) as exc:  # the jar died: empty reply lines, or a broken pipe
         process.kill()
         stderr = process.stderr.read().decode(errors="replace").strip()[-2000:] if process.stderr else ""
@@ -250,7 +261,67 @@ def _meteor(gts: dict, res: dict) -> tuple[float, list[float]]:
         # Meteor.compute_score leaves its lock held when it raises and Meteor.__del__ takes that lock: a fresh one
         # keeps garbage collection from hanging.
         meteor.lock = threading.Lock()
-    return float(total), [float(s) for s in per_item]
+    return out
+
+
+def _checked(hypotheses: dict[str, str], refs: dict[str, list[str]], what: str) -> dict[str, str]:
+    hyps = _by_image_id(hypotheses, what)
+    missing, extra = set(refs) - set(hyps), set(hyps) - set(refs)
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"no hypothesis for {_ids(missing)}")
+        if extra:
+            parts.append(f"no references for {_ids(extra)}")
+        raise ValueError(f"evaluate: {what} and references name different dialogs: " + "; ".join(parts))
+    bad = [i for i in refs if not isinstance(hyps[i], str)]
+    if bad:
+        raise ValueError(f"evaluate: {what} must be strings: {_ids(set(bad))}")
+    return hyps
+
+
+def evaluate_systems(systems: dict[str, dict[str, str]], references: dict[str, list[str]]
+                     ) -> dict[str, tuple[dict, list[dict]]]:
+    """`evaluate` for several systems answering the same questions (a model and its baselines): {name: (scores,
+    per_question)}, from one tokenizer and one METEOR run, each system's scores the same as `evaluate` alone gives.
+    """
+    refs = _by_image_id(references, "references")
+    if not refs:
+        raise ValueError("evaluate: no references")
+    if not systems:
+        raise ValueError("evaluate: no systems to score")
+    bad = [i for i, r in refs.items() if not isinstance(r, list) or not r or not all(isinstance(x, str) for x in r)]
+    if bad:
+        raise ValueError(f"evaluate: hypotheses must be strings and references non-empty lists of strings: "
+                         f"{_ids(set(bad))}")
+    hyps = {name: _checked(h, refs, f"hypotheses of {name!r}" if name else "hypotheses")
+            for name, h in systems.items()}
+    check_toolkit()
+
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    gts, res = _tokenize(hyps, refs)
+    meteor = _meteor(gts, res)
+    out = {}
+    for name, system in res.items():
+        bleu, bleu_items = Bleu(4).compute_score(gts, system, verbose=0)
+        rouge, rouge_items = Rouge().compute_score(gts, system)
+        cider, cider_items = Cider().compute_score(gts, system)
+        meteor_total, meteor_items = meteor[name]
+        scores = {f"BLEU_{n + 1}": float(bleu[n]) for n in range(4)}
+        scores.update(METEOR=meteor_total, ROUGE_L=float(rouge), CIDEr=float(cider))
+        rows = []
+        for index, image_id in enumerate(refs):
+            row: dict[str, Any] = {"image_id": image_id, "item_id": ITEM_PREFIX + image_id,
+                                   "hypothesis": hyps[name][image_id], "references": list(refs[image_id])}
+            row.update({f"BLEU_{n + 1}": float(bleu_items[n][index]) for n in range(4)})
+            row.update(METEOR=meteor_items[index], ROUGE_L=float(rouge_items[index]),
+                       CIDEr=float(cider_items[index]))
+            rows.append(row)
+        out[name] = scores, rows
+    return out
 
 
 def evaluate(hypotheses: dict[str, str], references: dict[str, list[str]]) -> tuple[dict, list[dict]]:
@@ -259,45 +330,7 @@ def evaluate(hypotheses: dict[str, str], references: dict[str, list[str]]) -> tu
     Keys of both dicts are image_ids or manifest item ids ("avsd:<image_id>") and must name the same dialogs.
     Hypotheses may be empty strings (they score 0). Per-question rows follow the order of `references`.
     """
-    hyps = _by_image_id(hypotheses, "hypotheses")
-    refs = _by_image_id(references, "references")
-    if not refs:
-        raise ValueError("evaluate: no references")
-    missing, extra = set(refs) - set(hyps), set(hyps) - set(refs)
-    if missing or extra:
-        parts = []
-        if missing:
-            parts.append(f"no hypothesis for {_ids(missing)}")
-        if extra:
-            parts.append(f"no references for {_ids(extra)}")
-        raise ValueError("evaluate: hypotheses and references name different dialogs: " + "; ".join(parts))
-    bad = [i for i in refs if not isinstance(hyps[i], str)]
-    bad += [i for i, r in refs.items() if not isinstance(r, list) or not r or not all(isinstance(x, str) for x in r)]
-    if bad:
-        raise ValueError(f"evaluate: hypotheses must be strings and references non-empty lists of strings: "
-                         f"{_ids(set(bad))}")
-    check_toolkit()
-
-    from pycocoevalcap.bleu.bleu import Bleu
-    from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.rouge.rouge import Rouge
-
-    gts, res = _tokenize(hyps, refs)
-    bleu, bleu_items = Bleu(4).compute_score(gts, res, verbose=0)
-    meteor, meteor_items = _meteor(gts, res)
-    rouge, rouge_items = Rouge().compute_score(gts, res)
-    cider, cider_items = Cider().compute_score(gts, res)
-
-    scores = {f"BLEU_{n + 1}": float(bleu[n]) for n in range(4)}
-    scores.update(METEOR=meteor, ROUGE_L=float(rouge), CIDEr=float(cider))
-    rows = []
-    for index, image_id in enumerate(refs):
-        row: dict[str, Any] = {"image_id": image_id, "item_id": ITEM_PREFIX + image_id,
-                               "hypothesis": hyps[image_id], "references": list(refs[image_id])}
-        row.update({f"BLEU_{n + 1}": float(bleu_items[n][index]) for n in range(4)})
-        row.update(METEOR=meteor_items[index], ROUGE_L=float(rouge_items[index]), CIDEr=float(cider_items[index]))
-        rows.append(row)
-    return scores, rows
+    return evaluate_systems({"": hypotheses}, references)[""]
 
 
 def score(hypotheses: dict[str, str], references: dict[str, list[str]]) -> dict[str, float]:
@@ -320,19 +353,52 @@ def per_question(hypotheses: dict[str, str], references: dict[str, list[str]]) -
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# the trivial baseline: the same answer to every question
+
+
+def answer_key(text: str) -> str:
+    """An answer as the scorer sees it, near enough to count repeats: its lower-cased word characters, so "Yes, he
+    does." and "yes he does" are one answer. The PTB tokenizer the scorer runs lower-cases and drops punctuation
+    too; where it splits a clitic ("doesn't" -> "does n't") this splits at the apostrophe ("doesn t"): another
+    spelling of the key, but the same answers share it."""
+    return " ".join(re.findall(r"\w+", str(text).lower()))
+
+
+def most_frequent_answer(answers) -> str:
+    """The answer a copy-the-most-frequent baseline gives: the most frequent `answer_key` among `answers` (e.g.
+    every answer of the training dialogues), written as its most frequent spelling there. Ties go to the one seen
+    first, so the same answers in the same order always give the same baseline."""
+    counts: Counter = Counter()
+    spellings: dict[str, Counter] = {}
+    for answer in answers:
+        key = answer_key(answer)
+        if key:
+            counts[key] += 1
+            spellings.setdefault(key, Counter())[_one_line(answer)] += 1
+    if not counts:
+        raise ValueError("most_frequent_answer: no answer with a word in it")
+    return spellings[counts.most_common(1)[0][0]].most_common(1)[0][0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # report
 
 
-def write_scores(scores: dict[str, float], per_question: list[dict], out_dir: Path) -> tuple[Path, Path]:
-    """Write `dstc_scores.md` (a metric table) and `dstc_per_question.json` ({"scores", "questions"}) to out_dir."""
+def write_scores(scores: dict[str, float], per_question: list[dict], out_dir: Path,
+                 baselines: dict[str, dict[str, float]] | None = None) -> tuple[Path, Path]:
+    """Write `dstc_scores.md` (a metric table: the model's row, then a row per baseline, e.g. {"untrained model":
+    scores, "most frequent training answer": scores}) and `dstc_per_question.json` ({"scores", "questions"}, the
+    model's) to out_dir."""
     out_dir = Path(out_dir)
     names = [m for m in METRICS if m in scores] + [m for m in scores if m not in METRICS]
+    rows = {"model": scores, **(baselines or {})}
     lines = ["# DSTC AVSD answer generation", "",
              f"{len(per_question)} questions; COCO caption toolkit (pycocoevalcap): PTB tokenization, corpus BLEU, "
              "METEOR 1.5, ROUGE-L, CIDEr-D.", "",
-             "| " + " | ".join(names) + " |",
-             "|" + "|".join("---:" for _ in names) + "|",
-             "| " + " | ".join(_fmt(scores[m]) for m in names) + " |", ""]
+             "| system | " + " | ".join(names) + " |",
+             "|---|" + "|".join("---:" for _ in names) + "|",
+             *("| " + " | ".join([system, *(_fmt(row.get(m, "")) for m in names)]) + " |"
+               for system, row in rows.items()), ""]
     md_path = out_dir / SCORES_MD
 
     def write_md(tmp: Path) -> None:

@@ -115,6 +115,21 @@ def _headline_text(headline: Headline, metrics: dict) -> str:
     return f"{shown} ({', '.join(baselines)})" if baselines else shown
 
 
+def trivial_key(recipe: str, metric: str, results: dict) -> str | None:
+    """The key of `metric`'s trivial baseline: the one the recipe's HEADLINE names, else the same naming applied to
+    it (HEADLINE's `random_s2i_R@1` for s2i_R@1 gives `random_s2i_R@5` for s2i_R@5), where the results hold it."""
+    headlines = _headline(recipe, results)
+    for headline in headlines:
+        if headline.metric == metric and headline.trivial:
+            return headline.trivial
+    for headline in headlines:
+        if headline.trivial and headline.trivial.endswith(headline.metric):
+            candidate = headline.trivial[: -len(headline.metric)] + metric
+            if candidate in results:
+                return candidate
+    return None
+
+
 def _key_metrics(recipe: str, results: dict) -> list:
     keys = [k for k in METHODS.get(recipe, ("", []))[1] if k in results]
     if len(keys) < 3:  # unknown recipe or renamed metrics: the numbers the run wrote, in its order
@@ -127,7 +142,7 @@ def _latest_run(page: Page, ctx: Context, recipe: str, run: Path, config: dict, 
     extra = [f"{k} {number_text(results[k])}" for k in ("epochs", "train_seconds", "test_items", "test_questions")
              if k in results]
     page.para(f"Latest run `{ctx.rel(run)}` ({when}" + (", " + ", ".join(extra) if extra else "") + "):")
-    metrics_table(page, results, _key_metrics(recipe, results))
+    metrics_table(page, results, _key_metrics(recipe, results), lambda key: trivial_key(recipe, key, results))
     rest = len([k for k in results if not k.startswith("untrained_")]) - len(_key_metrics(recipe, results))
     if rest > 0:
         page.para(f"{rest} more values in `{ctx.rel(run / 'results.json')}`.")
@@ -163,12 +178,14 @@ def _efficiency_block(page: Page, ctx: Context, directory: Path) -> None:
             if "/" in key:
                 variant, metric = key.split("/", 1)
                 variants.setdefault(variant, {})[metric] = value
-        metrics = [k for k in ("alignment_accuracy", "alignment_accuracy_tol1", "a2i_R@1", "a2i_MRR", "i2a_R@1",
+        metrics = [k for k in ("alignment_accuracy", "trivial_alignment_accuracy", "a2i_R@1", "a2i_MRR", "i2a_R@1",
+                               "linear_probe_accuracy", "zeroshot_accuracy", "majority_class_accuracy",
                                "train_seconds")
                    if any(k in v for v in variants.values())]
         page.table(["variant", *metrics], [[name, *[v.get(m, "-") for m in metrics]] for name, v in variants.items()])
     for png in sorted(directory.glob("efficiency*.png")):
-        page.figure(png, f"efficiency study: {png.stem.replace('efficiency_', '').replace('_', ' ')} per epoch")
+        measure = png.stem.removeprefix("efficiency").strip("_").replace("_", " ")  # efficiency.png: ESC-50 accuracy
+        page.figure(png, f"efficiency study: {measure or 'audio classification accuracy'} per epoch")
 
 
 def _ablation_block(page: Page, ctx: Context, directory: Path, data: dict, level: int) -> None:

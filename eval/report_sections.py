@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from avcache.eval.page import Figure, Page, is_number, page_text
+from avcache.eval.page import Figure, Page, is_number, number_text, page_text
 from avcache.eval.report_artifacts import Found, compact, manifest_counts, read_failures, read_json, short
 from avcache.features.store import outside_problem
 
@@ -242,20 +242,24 @@ def section_retrieval(page: Page, ctx: Context) -> None:
         page.para("Older evaluations: " + ", ".join(f"`{ctx.rel(p)}`" for p in ctx.found.retrievals[1:]))
 
 
-def metric_pairs(results: dict, keys: list) -> list[list]:
+def metric_pairs(results: dict, keys: list, trivial=lambda key: None) -> list[list]:
+    """[metric, trained, untrained, trivial baseline] rows; a baseline the results lack is ""."""
     rows = []
     for k in keys:
         if k in results and not k.startswith("untrained_"):
-            rows.append([k, results[k], results.get(f"untrained_{k}", "")])
+            baseline = trivial(k)
+            rows.append([k, results[k], results.get(f"untrained_{k}", ""),
+                         f"{number_text(results[baseline])} ({baseline})" if baseline in results else ""])
     return rows
 
 
-def metrics_table(page: Page, results: dict, keys: list) -> None:
-    rows = metric_pairs(results, keys)
-    if any(r[2] != "" for r in rows):
-        page.table(["metric", "trained", "untrained"], rows)
-    else:
-        page.table(["metric", "value"], [r[:2] for r in rows])
+def metrics_table(page: Page, results: dict, keys: list, trivial=lambda key: None) -> None:
+    """The metrics, with the columns of the baselines the results hold (`trivial`: a metric's trivial key)."""
+    rows = metric_pairs(results, keys, trivial)
+    columns = [i for i in (2, 3) if any(r[i] != "" for r in rows)]
+    header = {2: "untrained", 3: "trivial baseline"}
+    page.table(["metric", "trained" if columns else "value", *(header[i] for i in columns)],
+               [[r[0], r[1], *(r[i] for i in columns)] for r in rows])
 
 
 # -- performance ------------------------------------------------------------------------------------------------

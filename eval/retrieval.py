@@ -1,8 +1,11 @@
-"""Caption<->image retrieval metrics (Recall@K, MRR, ranks) and their report (markdown table, bar plot).
+"""Caption<->image retrieval metrics (Recall@K, MRR, ranks), their chance level under a random ranking, and their
+report (markdown table, bar plot).
 
 Pure functions of embeddings and results: the zero-shot evaluation that reads a store is train/zeroshot.py."""
 from __future__ import annotations
 
+from fractions import Fraction
+from math import comb
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +15,7 @@ KS = (1, 5, 10)
 SYSTEMS = {
     "zeroshot": "pipeline (Whisper → CLIP text)",
     "textupper": "text upper bound (ground-truth captions)",
+    "random": "random ranking (chance)",
 }
 
 
@@ -142,6 +146,83 @@ def cross_modal_retrieval(captions, images, caption_image, *, prefix=("s2i", "i2
     queried = np.unique(own)  # (Ni',) images with at least one caption
     i2c = _ranks(img[queried], cap, queried, own, chunk_size)
     return {**_summary(c2i, prefix[0]), **_summary(i2c, prefix[1])}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# chance: the same metrics under a uniformly random ranking of the gallery
+#
+# A query with c correct rows among N is ranked at the position of its first correct row, r in 1..N-c+1 (the tie
+# rule above never matters: a random ranking has no ties). The first r positions hold none of the c correct rows
+# with probability S(r) = C(N-r, c) / C(N, c) = prod_{i<c} (N-r-i) / (N-i), so
+#   R@K = 1 - S(K)                            (c = 1: min(K, N) / N)
+#   MRR = sum_r (S(r-1) - S(r)) / r           (c = 1: H_N / N, H_N the N-th harmonic number)
+#   mean rank = sum_{r>=0} S(r) = (N+1)/(c+1) (the hockey-stick identity; c = 1: (N+1)/2)
+# Every metric but the median is a mean over queries, so its expectation is the mean of these per-query values:
+# exact for any number of queries. The median rank is the median of the pooled rank distribution (the mean of
+# the queries' distributions): the value a large set of queries' median tends to, and the midpoint of the two
+# ranks where that distribution's CDF is exactly 1/2 (c = 1: (N+1)/2, which by symmetry is also the expected
+# median of any number of queries).
+
+
+def _survival(gallery_size: int, correct: int) -> np.ndarray:
+    """S(r) for r = 0..N: the chance that a random ranking puts none of `correct` rows in its first r."""
+    free = gallery_size - np.arange(gallery_size + 1, dtype=np.float64)  # (N+1,) N-r
+    out = np.ones(gallery_size + 1)
+    for i in range(correct):
+        out *= np.clip(free - i, 0, None) / (gallery_size - i)
+    return out
+
+
+def random_ranking_metrics(gallery_size: int, correct_per_query, *, prefix: str = "") -> dict:
+    """The expected retrieval metrics of a uniformly random ranking: the chance level of `retrieval_metrics`.
+
+    gallery_size N: rows in the gallery; correct_per_query (Nq,) int: how many of them are correct for each query
+    (1 for one correct row; 1..N). Returns the keys of `retrieval_metrics` (R@1/5/10, MRR, median_rank,
+    mean_rank, queries) under the same prefix rule; see the derivation above.
+    """
+    if isinstance(gallery_size, bool) or not isinstance(gallery_size, (int, np.integer)) or gallery_size < 1:
+        raise ValueError(f"gallery_size must be a positive int, got {gallery_size!r}")
+    correct = np.asarray(correct_per_query)
+    if correct.ndim != 1 or len(correct) == 0 or correct.dtype.kind not in "iu":
+        raise ValueError(f"correct_per_query must be a non-empty 1-D integer array, got shape {correct.shape} "
+                         f"and dtype {correct.dtype}")
+    if correct.min() < 1 or correct.max() > gallery_size:
+        raise ValueError(f"correct_per_query must lie in [1, {gallery_size}] (the gallery's rows), got "
+                         f"{int(correct.min())}..{int(correct.max())}")
+    n = int(gallery_size)
+    counts, weights = np.unique(correct, return_counts=True)
+    survival = sum(w * _survival(n, int(c)) for c, w in zip(counts, weights)) / len(correct)  # (N+1,) pooled S(r)
+    p = f"{prefix}_" if prefix else ""
+    # R@K and the mean rank in exact fractions (comb is an exact int): random R@1 is 1/N to the last bit
+    share = {int(c): Fraction(int(w), len(correct)) for c, w in zip(counts, weights)}
+    out = {f"{p}R@{k}": float(sum(q * (1 - Fraction(comb(n - min(k, n), c), comb(n, c))) for c, q in share.items()))
+           for k in KS}
+    out[f"{p}MRR"] = float(np.sum((survival[:-1] - survival[1:]) / np.arange(1, n + 1)))
+    cdf = 1 - survival[1:]  # (N,) P(rank <= r) for r = 1..N
+    median = int(np.argmax(cdf >= 0.5 - 1e-12))  # index of the first rank whose CDF reaches 1/2
+    out[f"{p}median_rank"] = median + 1.5 if abs(cdf[median] - 0.5) <= 1e-12 else float(median + 1)
+    out[f"{p}mean_rank"] = float(sum(q * Fraction(n + 1, c + 1) for c, q in share.items()))
+    out[f"{p}queries"] = int(len(correct))
+    return out
+
+
+def random_cross_modal(caption_image, images: int, *, prefix=("random_s2i", "random_i2s")) -> dict:
+    """`cross_modal_retrieval`'s chance level: its keys for a random ranking of the same gallery.
+
+    caption_image (Nc,) int: index of each caption's own image among `images` (Ni, the image gallery's size).
+    caption->image: Ni candidates, one correct. image->caption: each image with captions is a query against the
+    Nc captions, its own captions all correct (5 per image in Flickr8k: R@1 = 5/Nc, not 1/Nc).
+    """
+    if isinstance(images, bool) or not isinstance(images, (int, np.integer)) or images < 1:
+        raise ValueError(f"images must be a positive int (the gallery's size), got {images!r}")
+    own = _as_index(caption_image, images, len(np.asarray(caption_image)), "caption_image", "images")
+    if len(own) == 0:
+        raise ValueError("caption_image is empty: no caption queries")
+    if isinstance(prefix, str) or len(prefix) != 2:
+        raise ValueError(f"prefix must be two names (caption->image, image->caption), got {prefix!r}")
+    _, captions_per_image = np.unique(own, return_counts=True)  # (Ni',) images with at least one caption
+    return {**random_ranking_metrics(images, np.ones(len(own), np.int64), prefix=prefix[0]),
+            **random_ranking_metrics(len(own), captions_per_image, prefix=prefix[1])}
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -21,20 +21,24 @@ index itself names outside (`../..`, absolute) is refused by build_manifest unle
 
 `build_manifest(dataset, data_dir, out_path)` runs an adapter, turns rows the manifest cannot store (see
 manifest.row_problem), rows with media outside data_dir and repeated item ids into failure rows, and writes the
-manifest plus its failures file.
+manifest plus its failures file. With `classes` (a class list, `read_class_list`) it keeps only the items whose
+label is listed, for any dataset with labels: a subset such as VGGSound's 50 classes is a filter here, not an
+option of one adapter. An adapter that knows the label of an item it could not read passes it to
+`AdapterResult.fail`, so that the missing clips of classes left out are not reported as failures.
 """
 
 from __future__ import annotations
 
 import codecs
 import csv
+import difflib
 import hashlib
 import importlib
 import json
 import os
 import pkgutil
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,23 +64,30 @@ class AdapterResult:
 
     `as_written` maps a media path in the rows to the value the index wrote for it, so that refusing the path can
     quote the dataset's own words. `outside` counts the rows build_manifest kept although their media lie outside
-    the dataset folder (only with allow_outside_data).
+    the dataset folder (only with allow_outside_data). `failed_labels` maps the item id of a failure to the label
+    the item would have had, where the adapter knew it; `excluded` counts the items (rows and such failures) a
+    class list left out.
     """
 
     rows: list[dict] = field(default_factory=list)
     failures: list[dict] = field(default_factory=list)
     as_written: dict[str, str] = field(default_factory=dict)
     outside: int = 0
+    failed_labels: dict[str, str] = field(default_factory=dict)
+    excluded: int = 0
 
-    def fail(self, reason: str, path: Any = None, item_id: Any = None) -> None:
+    def fail(self, reason: str, path: Any = None, item_id: Any = None, label: str | None = None) -> None:
         # Readable text: a file name that is not UTF-8 must not make the failures file or the CLI's output fail too.
         self.failures.append({"item_id": readable_or_none(item_id), "path": readable_or_none(path), "stage": STAGE,
                               "reason": readable(reason)})
+        if item_id is not None and label is not None:
+            self.failed_labels[self.failures[-1]["item_id"]] = label
 
     def extend(self, other: AdapterResult) -> None:
         self.rows.extend(other.rows)
         self.failures.extend(other.failures)
         self.as_written.update(other.as_written)
+        self.failed_labels.update(other.failed_labels)
 
 
 Adapter = Callable[[Path], AdapterResult]
@@ -142,15 +153,17 @@ def register_adapter(name: str, looks_for: tuple[str, ...] = ()) -> Callable[[Ad
 
 
 def build_manifest(dataset: str, data_dir: str | os.PathLike, out_path: str | os.PathLike,
-                   allow_outside_data: bool = False) -> AdapterResult:
+                   allow_outside_data: bool = False, classes: Collection[str] | None = None) -> AdapterResult:
     """Run adapter `dataset` on `data_dir`, write `out_path` and `<stem>.failures.arrow` beside it.
 
     Rows the manifest cannot store, rows naming media outside data_dir and repeated item ids become failure rows.
-    With `allow_outside_data` outside media are kept and counted in the result's `outside`. The failures file is
-    always written (empty when nothing failed) so a stale one never lingers. Raises ManifestError for an unknown
-    dataset, an out_path that is a directory, a missing data_dir, a missing index file, or no items; an OSError
-    writing either file propagates naming that file. A build that fails at writing leaves no manifest of an
-    earlier build beside its failures (the error says what was removed).
+    With `allow_outside_data` outside media are kept and counted in the result's `outside`. With `classes`, only
+    items labelled with one of them are kept (rows, and failures whose label the adapter knew), the others are
+    counted in `excluded`; a listed class no item carries is a ManifestError (a typo must not quietly give a
+    smaller subset). The failures file is always written (empty when nothing failed) so a stale one never
+    lingers. Raises ManifestError for an unknown dataset, an out_path that is a directory, a missing data_dir, a
+    missing index file, or no items; an OSError writing either file propagates naming that file. A build that
+    fails at writing leaves no manifest of an earlier build beside its failures (the error says what was removed).
     """
     adapter = ADAPTERS.get(dataset)
     if adapter is None:
@@ -162,6 +175,8 @@ def build_manifest(dataset: str, data_dir: str | os.PathLike, out_path: str | os
     if not root.is_dir():
         raise ManifestError(f"{dataset}: data directory does not exist: {root}")
     result = adapter(root)
+    if classes is not None:
+        _keep_classes(result, classes, dataset, root)
     _drop_unstorable_rows(result)
     _drop_outside_rows(result, root, allow_outside_data)
     _drop_duplicate_ids(result)
@@ -176,6 +191,51 @@ def build_manifest(dataset: str, data_dir: str | os.PathLike, out_path: str | os
         raise ManifestError(f"{dataset}: no items found under {root} (looked for {looked_for}).{hint}{removed}")
     _write_or_remove_previous(lambda: write_manifest(result.rows, out), out, {"manifest": out})
     return result
+
+
+def read_class_list(path: str | os.PathLike) -> list[str]:
+    """The labels of a class-list file: one per line, surrounding whitespace stripped, blank lines skipped."""
+    path = Path(path)
+    try:
+        text = path.read_bytes().removeprefix(codecs.BOM_UTF8).decode("utf-8")
+    except OSError as exc:
+        raise ManifestError(f"cannot read the class list {path}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        line = exc.object[: exc.start].count(b"\n") + 1
+        raise ManifestError(f"class list {path} line {line}: not UTF-8 ({exc.reason})") from exc
+    labels = [line.strip() for line in text.splitlines() if line.strip()]
+    if not labels:
+        raise ManifestError(f"class list {path} names no class (one label per line)")
+    return labels
+
+
+def _keep_classes(result: AdapterResult, classes: Collection[str], dataset: str, root: Path) -> None:
+    """Keep the rows labelled with one of `classes` and the failures of those classes (or of no known label: a
+    damaged line is the file's problem whatever the subset); count what is left out in `excluded`."""
+    wanted = set(classes)
+    seen = {_label(row) for row in result.rows} | set(result.failed_labels.values())
+    unknown = sorted(wanted - seen)
+    if unknown:
+        labels = sorted(label for label in seen if isinstance(label, str))
+        if not labels:
+            raise ManifestError(f"{dataset}: a class list needs labelled items, and no item under {root} has a label")
+        named = ", ".join(f"{label!r}{_close_to(label, labels)}" for label in unknown[:10])
+        more = f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""
+        raise ManifestError(f"{dataset}: the class list names {len(unknown)} label(s) no item under {root} carries: "
+                            f"{named}{more} ({len(labels)} labels there)")
+    kept = [row for row in result.rows if _label(row) in wanted]
+    failures = [f for f in result.failures if result.failed_labels.get(f["item_id"]) in wanted | {None}]
+    result.excluded += len(result.rows) - len(kept) + len(result.failures) - len(failures)
+    result.rows, result.failures = kept, failures
+
+
+def _label(row: Any) -> Any:
+    return row.get("label") if isinstance(row, dict) else None  # a row that is no dict fails later, on its own
+
+
+def _close_to(label: str, labels: list[str]) -> str:
+    close = difflib.get_close_matches(label, labels, n=2)
+    return f" (closest: {', '.join(repr(c) for c in close)})" if close else ""
 
 
 def _drop_unstorable_rows(result: AdapterResult) -> None:
@@ -396,6 +456,25 @@ def read_csv(path: Path, result: AdapterResult, dataset: str) -> Iterator[tuple[
             continue
         if not lines.damaged and not _blank(fields):
             yield lines.first, fields
+
+
+def read_csv_records(path: Path, result: AdapterResult, dataset: str, required: tuple[str, ...],
+                     columns: tuple[str, ...]) -> Iterator[tuple[str, dict[str, str]]]:
+    """("<file> line N", {column: field}) for each record of a CSV file with a header row (names stripped).
+    A header lacking a `required` column is an error naming the published `columns`; a record with another
+    field count than the header is a failure row, and reading goes on."""
+    records = read_csv(path, result, dataset)
+    _, header = next(records, (0, []))
+    header = [name.strip() for name in header]
+    missing = [c for c in required if c not in header]
+    if missing:
+        raise ManifestError(f"{dataset}: {path} header lacks {missing}; expected {','.join(columns)}")
+    for number, fields in records:
+        where = f"{path.name} line {number}"
+        if len(fields) != len(header):
+            result.fail(f"{where}: expected {len(header)} fields, got {len(fields)}", path)
+            continue
+        yield where, dict(zip(header, fields))
 
 
 class _DecodedLines:

@@ -16,18 +16,22 @@ EXIT_ITEMS_FAILED = 3  # the job finished, but some items are listed in failures
 def cmd_synth(args) -> int:
     from avcache.pipeline.synth import write_synthetic
 
-    summary = write_synthetic(args.data, items=args.items, seed=args.seed, speech=args.speech)
+    summary = write_synthetic(args.data, items=args.items, seed=args.seed, speech=args.speech,
+                              vggsound=args.vggsound)
     print(json.dumps(summary, indent=2, default=str))
     return 0
 
 
 def cmd_manifest(args) -> int:
-    from avcache.pipeline.adapters import build_manifest
+    from avcache.pipeline.adapters import build_manifest, read_class_list
 
-    result = build_manifest(args.dataset, args.data, args.manifest, allow_outside_data=args.allow_outside_data)
+    classes = read_class_list(args.classes) if args.classes else None
+    result = build_manifest(args.dataset, args.data, args.manifest, allow_outside_data=args.allow_outside_data,
+                            classes=classes)
     # Said only when allowed: then it is the user's to check that those media are the ones meant.
     outside = f" ({result.outside} with media outside {args.data})" if args.allow_outside_data else ""
-    print(f"manifest: {args.manifest}: {len(result.rows)} items{outside}, {len(result.failures)} failures")
+    subset = f" of {len(set(classes))} classes ({result.excluded} of other classes left out)" if classes else ""
+    print(f"manifest: {args.manifest}: {len(result.rows)} items{subset}{outside}, {len(result.failures)} failures")
     for failure in result.failures[:10]:
         print(f"  failed {failure['item_id'] or '-'}: {failure['reason']}")
     return 0
@@ -176,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--items", type=int, default=24, help="number of scenes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--speech", choices=["auto", "on", "off"], default="auto", help="spoken captions with espeak-ng")
+    p.add_argument("--vggsound", action="store_true",
+                   help="also write the VGGSound layout (vggsound/: the scenes' videos under clip names); off by "
+                        "default: it doubles the video items an extraction of the whole set computes")
     p.set_defaults(run=cmd_synth)
 
     p = verbs.add_parser("manifest", help="read a dataset in its official layout into a manifest (Arrow)")
@@ -185,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-outside-data", action="store_true",
                    help="accept media paths the dataset's index names outside --data ('..' or absolute); "
                         "by default each such item is a failure")
+    p.add_argument("--classes", type=Path, default=None, metavar="FILE",
+                   help="keep only items whose label is listed in FILE, one label per line (e.g. VGGSound's "
+                        "50-class subset); a label no item carries is an error")
     p.set_defaults(run=cmd_manifest)
 
     p = verbs.add_parser("extract", help="run the frozen encoders over a manifest into the feature store")

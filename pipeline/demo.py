@@ -161,8 +161,8 @@ def _summary_markdown(out: Path, built, report, readback: dict, timings: dict, i
         *[f"| {i['feature_set']}/{i['column']} | {i['factory']} | {i['count']} | {i['dim']} | {i['recall']['value']} "
           f"| {i['build_seconds']} |" for i in indexes], "",
         f"## Zero-shot speech -> image retrieval (split test; `{out / 'retrieval'}`)", "",
-        "Tiny CLIP weights are random, so these numbers sit near chance; with `profile: real` they are the "
-        "BrewCLIP pipeline baseline.", "", retrieval_markdown(retrieval),
+        "Tiny CLIP weights are random, so these numbers sit near the random-ranking row; with `profile: real` they "
+        "are the BrewCLIP pipeline baseline.", "", retrieval_markdown(retrieval),
         f"## Methods trained on the store (`{out / 'runs'}`)", "",
         "Each with its default config (`train/configs/<recipe>.yaml`) and the overrides listed.", "",
         "| recipe | status | seconds | overrides | key results |", "|---|---|---:|---|---|",

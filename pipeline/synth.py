@@ -1,7 +1,8 @@
 """A small synthetic audio-visual dataset whose answers are known, written in the official on-disk layouts.
 
 `write_synthetic(out_dir)` writes scenes of a few classes (dog, car, bird, ...). Every scene appears in three
-datasets, each laid out exactly like the published one so that the real adapters read it unchanged:
+datasets (four with vggsound=True), each laid out exactly like the published one so that the real adapters read
+it unchanged:
 
     out_dir/
       avsd/Charades_v1_480/<ID>.mp4                 H.264 video + AAC 16 kHz mono audio (the class sound)
@@ -13,6 +14,9 @@ datasets, each laid out exactly like the published one so that the real adapters
       flickr8k_audio/Flickr8k_text/Flickr8k.token.txt, Flickr_8k.{train,dev,test}Images.txt
       flickr8k_audio/flickr_audio/wavs/<stem>_<n>.wav, flickr_audio/wav2capt.txt
       esc50/meta/esc50.csv, esc50/audio/<fold>-<src>-<take>-<target>.wav   (5 s, 44.1 kHz like ESC-50)
+      vggsound/vggsound.csv                         no header: youtube_id,start_seconds,label,split (train/test)
+      vggsound/video/<youtube_id>_<start:06d>.mp4   each scene's AVSD video again, under a VGGSound clip name
+                                                    (only with vggsound=True: see write_synthetic)
       classes.json                                  ground truth: class of every item, planted frames, ...
 
 The class signal is deliberately strong and low-level (background colour, big shapes, tone bands and rhythms),
@@ -39,6 +43,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from . import tts
+from .datasets.vggsound import clip_name as vggsound_clip_name
+from .datasets.vggsound import vggsound_split
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +89,7 @@ class ClassSpec:
     band_hz: tuple[float, float]    # holds the class sound's dominant frequency, pitch jitter included;
                                     # the bands of different classes are disjoint
     sound: str                      # sound description ("a dog barking")
+    vggsound: str                   # the VGGSound class this sound stands for (its label in vggsound.csv)
     action: str                     # what a person does in the scene
     charades: str                   # the same action as a Charades class name ("Walking a dog")
     # speakable caption templates ({bg} = background colour), worded so that Whisper tiny.en transcribes
@@ -92,27 +99,27 @@ class ClassSpec:
 
 CLASSES: tuple[ClassSpec, ...] = (
     ClassSpec("dog", (200, 40, 40), "red", (245, 245, 245), "white", "circle", (270, 330),
-              "a dog barking", "a person walks a dog", "Walking a dog",
+              "a dog barking", "dog barking", "a person walks a dog", "Walking a dog",
               ("A dog is barking in a {bg} room .", "A small dog runs to the {bg} door .",
                "The dog plays with a ball on a {bg} rug .")),
     ClassSpec("car", (40, 70, 200), "blue", (245, 215, 40), "yellow", "box", (80, 100),
-              "a car engine running", "a person drives a car", "Driving a car",
+              "a car engine running", "car engine idling", "a person drives a car", "Driving a car",
               ("A car drives on a {bg} road .", "A man starts the car in a {bg} garage .",
                "The old car is parked by a {bg} wall .")),
     ClassSpec("bird", (40, 160, 60), "green", (250, 140, 20), "orange", "triangle", (2850, 4400),
-              "a bird singing", "a person feeds a bird", "Feeding a bird",
+              "a bird singing", "bird chirping, tweeting", "a person feeds a bird", "Feeding a bird",
               ("Many birds sing in the {bg} trees .", "Two birds are flying over the {bg} grass .",
                "The birds are singing in the {bg} park .")),
     ClassSpec("rain", (35, 35, 50), "black", (150, 200, 255), "light blue", "streaks", (4800, 7300),
-              "rain falling", "a person opens an umbrella in the rain", "Opening an umbrella",
+              "rain falling", "raining", "a person opens an umbrella in the rain", "Opening an umbrella",
               ("Rain is falling on a {bg} roof .", "Heavy rain falls on the {bg} road .",
                "It is raining on the dark street .")),
     ClassSpec("bell", (230, 200, 40), "yellow", (110, 30, 150), "purple", "diamond", (1150, 1250),
-              "a bell ringing", "a person rings a bell", "Ringing a bell",
+              "a bell ringing", "church bell ringing", "a person rings a bell", "Ringing a bell",
               ("The church bell rings in the {bg} town .", "Church bells are ringing over the {bg} houses .",
                "A church bell rings in a {bg} tower .")),
     ClassSpec("siren", (190, 50, 170), "purple", (60, 225, 230), "cyan", "cross", (560, 950),
-              "a siren wailing", "a person drives an ambulance", "Driving an ambulance",
+              "a siren wailing", "ambulance siren", "a person drives an ambulance", "Driving an ambulance",
               ("A loud siren is heard on a {bg} road .", "The fire truck siren is very loud .",
                "An ambulance siren sounds near a {bg} house .")),
 )
@@ -253,7 +260,7 @@ def _rng(seed: int, *stream: int) -> np.random.Generator:
     return np.random.default_rng([seed, *stream])
 
 
-_STREAM_PLAN, _STREAM_VIDEO, _STREAM_IMAGE, _STREAM_DIALOG, _STREAM_CAPTION, _STREAM_ESC = range(6)
+_STREAM_PLAN, _STREAM_VIDEO, _STREAM_IMAGE, _STREAM_DIALOG, _STREAM_CAPTION, _STREAM_ESC, _STREAM_VGGSOUND = range(7)
 
 
 def _plan(items: int, n_classes: int, seed: int) -> list[Scene]:
@@ -556,6 +563,53 @@ def _write_esc50(root: Path, scenes: list[Scene], classes: list[ClassSpec], seed
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# VGGSound
+# ----------------------------------------------------------------------------------------------------------------
+
+_YOUTUBE_ALPHABET = list("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+
+
+def _youtube_ids(scenes: list[Scene], rng: np.random.Generator) -> list[str]:
+    """A distinct 11-character YouTube-like id per scene, drawn until the adapter's hash split of the training
+    rows (vggsound_split) puts it in the scene's own split: the VGGSound part keeps the scenes' train/val/test, so
+    it never holds as training data a video another part holds out."""
+    ids: list[str] = []
+    taken: set[str] = set()
+    for scene in scenes:
+        csv_split = "test" if scene.split == "test" else "train"
+        while True:
+            candidate = "".join(rng.choice(_YOUTUBE_ALPHABET, 11))
+            if candidate not in taken and vggsound_split(candidate, csv_split) == scene.split:
+                ids.append(candidate)
+                taken.add(candidate)
+                break
+    return ids
+
+
+def _write_vggsound(root: Path, scenes: list[Scene], classes: list[ClassSpec], seed: int) -> tuple[dict, dict]:
+    """vggsound.csv as published (no header, `youtube_id,start_seconds,label,split`, a label holding a comma
+    quoted) and each scene's AVSD video copied under its clip name `<youtube_id>_<start:06d>.mp4` in `video/`:
+    a VGGSound clip is a video with its sound, which the scene's video already is."""
+    base = root / "vggsound"
+    video_dir = base / "video"
+    video_dir.mkdir(parents=True, exist_ok=True)
+    rng = _rng(seed, _STREAM_VGGSOUND)
+    records, truth = [], {}
+    for scene, youtube_id in zip(scenes, _youtube_ids(scenes, rng)):
+        spec = classes[scene.cls]
+        start = int(rng.integers(0, 300))  # where the clip was cut from the YouTube video (seconds)
+        name = vggsound_clip_name(youtube_id, start)
+        shutil.copyfile(root / "avsd" / "Charades_v1_480" / f"{scene.video_id}.mp4", video_dir / name)
+        records.append((youtube_id, start, spec.vggsound, "test" if scene.split == "test" else "train"))
+        truth[f"vggsound:{Path(name).stem}"] = {"class": spec.name, "label": spec.vggsound, "split": scene.split,
+                                                "video": f"avsd:{scene.video_id}"}
+    records.sort()  # the published csv is sorted by YouTube id
+    with open(base / "vggsound.csv", "w", newline="", encoding="utf-8") as fh:
+        csv.writer(fh, lineterminator="\n").writerows(records)
+    return {split: sum(1 for s in scenes if s.split == split) for split in SPLITS}, truth
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Small deterministic writers
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -581,10 +635,10 @@ def _write_lines(path: Path, lines: list[str]) -> None:
 # Entry point
 # ----------------------------------------------------------------------------------------------------------------
 
-_OUTPUTS = ("avsd", "flickr8k_audio", "esc50", "classes.json")
+_OUTPUTS = ("avsd", "flickr8k_audio", "esc50", "vggsound", "classes.json")
 
 
-def _validate(items, n_classes, seed, speech, captions_per_image, esc50_per_scene) -> None:
+def _validate(items, n_classes, seed, speech, captions_per_image, esc50_per_scene, vggsound) -> None:
     def is_int(v):
         return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
@@ -601,6 +655,8 @@ def _validate(items, n_classes, seed, speech, captions_per_image, esc50_per_scen
         raise ValueError(f"captions_per_image must be 1..5 (Flickr8k has 5), got {captions_per_image!r}")
     if not is_int(esc50_per_scene) or not 1 <= esc50_per_scene <= 10:
         raise ValueError(f"esc50_per_scene must be 1..10, got {esc50_per_scene!r}")
+    if not isinstance(vggsound, bool):
+        raise ValueError(f"vggsound must be true or false, got {vggsound!r}")
 
 
 def _resolve_speech(speech: str) -> bool:
@@ -635,7 +691,7 @@ def _prepare_out_dir(root: Path) -> None:
 
 
 def write_synthetic(out_dir, items: int = 24, seed: int = 0, speech: str = "auto", *, n_classes: int = 4,
-                    captions_per_image: int = 2, esc50_per_scene: int = 1) -> dict:
+                    captions_per_image: int = 2, esc50_per_scene: int = 1, vggsound: bool = False) -> dict:
     """Write the synthetic dataset under `out_dir` and return a summary.
 
     items: number of scenes; each gives one AVSD video + dialog, one Flickr8k image with `captions_per_image`
@@ -644,10 +700,15 @@ def write_synthetic(out_dir, items: int = 24, seed: int = 0, speech: str = "auto
     speech: "auto" speaks captions with espeak-ng when it loads (else warns and writes class sounds only),
         "on" requires it, "off" never uses it.
     n_classes: how many of CLASSES to use (the first n).
+    vggsound: also write the VGGSound layout (`vggsound/`: each scene's video under a clip name, its class's
+        VGGSound label, the scene's split). Writing it takes no time, but the synthetic adapter reads every part
+        present: its videos double the video items (clip_frames) and add a quarter to the audio items (Whisper,
+        BEATs) of every extraction of the whole set, and its labels join the `labels` vocabulary, so off by
+        default the demo and the tests' sets stay as they were.
     Returns {"out_dir", "classes", "items", "seed", "speech", "counts": {...}, "seconds"}.
     """
     started = time.perf_counter()
-    _validate(items, n_classes, seed, speech, captions_per_image, esc50_per_scene)
+    _validate(items, n_classes, seed, speech, captions_per_image, esc50_per_scene, vggsound)
     speak = _resolve_speech(speech)
     root = Path(out_dir)
     _prepare_out_dir(root)
@@ -657,6 +718,10 @@ def write_synthetic(out_dir, items: int = 24, seed: int = 0, speech: str = "auto
     avsd_counts = _write_avsd(root, scenes, classes, seed)
     flickr_counts, flickr_truth = _write_flickr(root, scenes, classes, seed, captions_per_image, speak)
     esc_counts, esc_truth = _write_esc50(root, scenes, classes, seed, esc50_per_scene)
+    counts = {"avsd": avsd_counts, "flickr8k_audio": flickr_counts, "esc50": esc_counts}
+    vggsound_truth: dict = {}
+    if vggsound:
+        counts["vggsound"], vggsound_truth = _write_vggsound(root, scenes, classes, seed)
 
     truth = {f"avsd:{s.video_id}": {"class": classes[s.cls].name, "split": s.split,
                                     "own_frames": [f for f in range(N_FRAMES) if f not in s.planted],
@@ -665,9 +730,11 @@ def write_synthetic(out_dir, items: int = 24, seed: int = 0, speech: str = "auto
              for s in scenes}
     truth.update(flickr_truth)
     truth.update(esc_truth)
+    truth.update(vggsound_truth)
     _write_json(root / "classes.json", {
         "classes": [c.name for c in classes],
         "sounds": {c.name: c.sound for c in classes},
+        **({"vggsound": {c.name: c.vggsound for c in classes}} if vggsound else {}),
         "actions": {c.name: c.action for c in classes},
         "visual": {c.name: _visual(c) for c in classes},
         "seed": int(seed),
@@ -676,7 +743,7 @@ def write_synthetic(out_dir, items: int = 24, seed: int = 0, speech: str = "auto
     })
     summary = {"out_dir": str(root), "classes": [c.name for c in classes], "items": int(items), "seed": int(seed),
                "speech": speak,
-               "counts": {"avsd": avsd_counts, "flickr8k_audio": flickr_counts, "esc50": esc_counts},
+               "counts": counts,
                "seconds": round(time.perf_counter() - started, 3)}
     log.info("synthetic dataset: %s", summary)
     return summary

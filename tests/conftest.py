@@ -9,7 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-# Tiny checkpoints go to a per-run cache so tests never depend on (or write into) ~/.cache.
+# Tiny checkpoints go to a per-run cache so tests never depend on (or write into) ~/.cache; removed at the end
+# unless the caller named it.
+_OWN_CACHE = "AVCACHE_CACHE" not in os.environ
 os.environ.setdefault("AVCACHE_CACHE", str(Path(os.environ.get("PYTEST_TMPDIR", "/tmp")) / f"avcache-test-cache-{os.getpid()}"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
@@ -195,3 +197,8 @@ def tmpfs(tmp_path):
     for point in reversed(mounted):
         if run("umount", str(point)).returncode != 0:
             run("umount", "-l", str(point))  # something still holds a file open: detach it anyway
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _OWN_CACHE:
+        shutil.rmtree(os.environ["AVCACHE_CACHE"], ignore_errors=True)

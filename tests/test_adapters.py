@@ -21,7 +21,14 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
-from avcache.pipeline.adapters import ADAPTERS, DATASETS_PACKAGE, AdapterResult, build_manifest, register_adapter
+from avcache.pipeline.adapters import (
+    ADAPTERS,
+    DATASETS_PACKAGE,
+    AdapterResult,
+    build_manifest,
+    read_class_list,
+    register_adapter,
+)
 from avcache.pipeline.cli import main
 from avcache.pipeline.manifest import (
     MANIFEST_SCHEMA,
@@ -40,6 +47,18 @@ FLICKR_IMAGES = ["1000268201_693b08cb0e", "1001773457_577c3a7d70", "1002674143_1
                  "1003163366_44323f5815", "1007129816_e794419615"]
 ESC50_FILES = ["1-100032-A-0.wav", "1-100038-A-14.wav", "2-102414-A-17.wav", "3-102583-A-34.wav",
                "4-181286-A-10.wav", "5-9032-A-0.wav"]
+# The clips of tests/fixtures/vggsound/vggsound.csv: its line 8 (-9GHt0fvbcs) has none, and line 9 is malformed
+# (a label with a comma, unquoted). One clip is named as mirrors name them, one lies in a deeper folder.
+VGGSOUND_CLIPS = {"---g-f_I2yQ_000001": "video/test/---g-f_I2yQ_000001.mp4",
+                  "--0PQM4-hqg_000030": "video/--0PQM4-hqg_000030.mp4",
+                  "--56QUhyDQM_000185": "video/--56QUhyDQM_000185.mp4",
+                  "-0BIyqJj9ZU_000030": "video/-0BIyqJj9ZU_000030.mp4",
+                  "-1CEDSgp-Bo_000020": "video/-1CEDSgp-Bo_000020.mp4",
+                  "-5nIxq3a3pw_000040": "video/-5nIxq3a3pw_000040.mp4",
+                  "-5nIxq3a3pw_000120": "video/-5nIxq3a3pw_120_130.mp4"}
+# The audio of tests/fixtures/urbansound8k: every slice in its fold folder but one (fold 3's siren).
+URBANSOUND8K_FILES = {"100032-3-0-0.wav": 5, "100263-2-0-117.wav": 5, "100648-1-0-0.wav": 10,
+                      "101729-0-0-1.wav": 9, "102305-6-0-0.wav": 1}
 
 
 # ---------------------------------------------------------------------------------------------- media helpers
@@ -99,6 +118,20 @@ def make_esc50(root: Path, skip: tuple[str, ...] = ()) -> Path:
     for name in ESC50_FILES:
         if name not in skip:
             write_wav(root / "audio" / name)
+    return root
+
+
+def make_vggsound(root: Path) -> Path:
+    copy_fixture("vggsound", root)
+    for path in VGGSOUND_CLIPS.values():
+        write_mp4(root / path)
+    return root
+
+
+def make_urbansound8k(root: Path) -> Path:
+    copy_fixture("urbansound8k", root)
+    for name, fold in URBANSOUND8K_FILES.items():
+        write_wav(root / "audio" / f"fold{fold}" / name)
     return root
 
 
@@ -329,6 +362,173 @@ def test_esc50_missing_csv_is_an_error(tmp_path):
         build_manifest("esc50", root, tmp_path / "m.arrow")
 
 
+# ---------------------------------------------------------------------------------------------- UrbanSound8K
+
+
+def test_urbansound8k_items_labels_and_fold_splits(tmp_path):
+    root = make_urbansound8k(tmp_path / "UrbanSound8K")
+    result = ADAPTERS["urbansound8k"](root)
+    rows = by_id(result)
+    assert sorted(rows) == sorted(f"urbansound8k:{Path(name).stem}" for name in URBANSOUND8K_FILES)
+    row = rows["urbansound8k:100648-1-0-0"]
+    assert (row["label"], row["label_id"], row["split"]) == ("car_horn", 1, "test")
+    assert row["audio_path"] == str(root / "audio" / "fold10" / "100648-1-0-0.wav")
+    assert row["extra"] == {"fold": 10, "fsID": 100648, "start": 4.823402, "end": 5.471927, "salience": 2}
+    assert {i: r["split"] for i, r in rows.items()} == {
+        "urbansound8k:100032-3-0-0": "train", "urbansound8k:100263-2-0-117": "train",
+        "urbansound8k:100648-1-0-0": "test", "urbansound8k:101729-0-0-1": "val", "urbansound8k:102305-6-0-0": "train"}
+    assert result.failures == [{"item_id": "urbansound8k:102871-8-0-5", "stage": "manifest",
+                                "path": str(root / "audio" / "fold3" / "102871-8-0-5.wav"),
+                                "reason": "UrbanSound8K.csv line 7: audio fold3/102871-8-0-5.wav not found"}]
+
+
+def test_urbansound8k_flat_folder_and_build_manifest(tmp_path):
+    root = tmp_path / "flat"  # the csv and the slices in one folder
+    root.mkdir()
+    shutil.copy(FIXTURES / "urbansound8k" / "metadata" / "UrbanSound8K.csv", root / "UrbanSound8K.csv")
+    for name in URBANSOUND8K_FILES:
+        write_wav(root / name)
+    result = build_manifest("urbansound8k", root, tmp_path / "m.arrow")
+    table = read_manifest(tmp_path / "m.arrow")
+    assert table.num_rows == len(URBANSOUND8K_FILES) == len(result.rows)
+    assert set(table["dataset"].to_pylist()) == {"urbansound8k"}
+    assert by_id(result)["urbansound8k:101729-0-0-1"]["audio_path"] == str(root / "101729-0-0-1.wav")
+
+
+def test_urbansound8k_missing_csv_is_an_error(tmp_path):
+    root = make_urbansound8k(tmp_path / "us8k")
+    (root / "metadata" / "UrbanSound8K.csv").unlink()
+    with pytest.raises(ManifestError, match=r"UrbanSound8K.csv not found .*metadata/UrbanSound8K.csv"):
+        build_manifest("urbansound8k", root, tmp_path / "m.arrow")
+
+
+# ---------------------------------------------------------------------------------------------- VGGSound
+
+
+def test_vggsound_items_labels_splits_and_failures(tmp_path):
+    root = make_vggsound(tmp_path / "VGGSound")
+    result = ADAPTERS["vggsound"](root)
+    rows = by_id(result)
+    assert sorted(rows) == sorted(f"vggsound:{stem}" for stem in VGGSOUND_CLIPS)
+    bird = rows["vggsound:-0BIyqJj9ZU_000030"]
+    assert bird["label"] == "bird chirping, tweeting"  # the quoted label, comma and all
+    assert bird["video_path"] == bird["audio_path"] == str(root / "video" / "-0BIyqJj9ZU_000030.mp4")
+    assert bird["extra"] == {"youtube_id": "-0BIyqJj9ZU", "start_seconds": 30, "csv_split": "train"}
+    # label ids: the csv's labels sorted, the malformed line's left out
+    assert {r["label"]: r["label_id"] for r in rows.values()} == {
+        "bird chirping, tweeting": 0, "dog barking": 1, "people marching": 2, "playing tennis": 3,
+        "waterfall burbling": 4}
+    # test stays test; the training videos in the hash's val bucket are val, clips of one video together
+    assert {i.removeprefix("vggsound:"): r["split"] for i, r in rows.items()} == {
+        "---g-f_I2yQ_000001": "test", "--0PQM4-hqg_000030": "train", "--56QUhyDQM_000185": "val",
+        "-0BIyqJj9ZU_000030": "val", "-1CEDSgp-Bo_000020": "test", "-5nIxq3a3pw_000040": "train",
+        "-5nIxq3a3pw_000120": "train"}
+    assert rows["vggsound:-5nIxq3a3pw_000040"]["group_id"] == rows["vggsound:-5nIxq3a3pw_000120"]["group_id"]
+    assert rows["vggsound:-5nIxq3a3pw_000120"]["video_path"] == str(root / "video" / "-5nIxq3a3pw_120_130.mp4")
+    assert rows["vggsound:---g-f_I2yQ_000001"]["video_path"] == str(root / "video" / "test" /
+                                                                  "---g-f_I2yQ_000001.mp4")
+    assert result.failures == [
+        {"item_id": None, "path": str(root / "vggsound.csv"), "stage": "manifest",
+         "reason": "vggsound.csv line 9: expected 4 fields (youtube_id,start_seconds,label,split), got 5 "
+                   "(a label holding a comma must be quoted)"},
+        {"item_id": "vggsound:-9GHt0fvbcs_000000", "path": str(root / "video" / "-9GHt0fvbcs_000000.mp4"),
+         "stage": "manifest",
+         "reason": "vggsound.csv line 8: clip -9GHt0fvbcs_000000.mp4 not found (nor -9GHt0fvbcs_0_<end>.mp4)"},
+    ]
+
+
+def test_vggsound_build_manifest_round_trip(tmp_path):
+    root = make_vggsound(tmp_path / "VGGSound")
+    out = tmp_path / "m.arrow"
+    result = build_manifest("vggsound", root, out)
+    table = read_manifest(out)
+    assert table["item_id"].to_pylist() == [r["item_id"] for r in result.rows] and table.num_rows == 7
+    assert read_failures(failures_path_for(out))["item_id"].to_pylist() == [None, "vggsound:-9GHt0fvbcs_000000"]
+
+
+def test_vggsound_missing_csv_is_an_error(tmp_path):
+    root = make_vggsound(tmp_path / "VGGSound")
+    (root / "vggsound.csv").unlink()
+    with pytest.raises(ManifestError, match=r"vggsound: required index file vggsound.csv not found"):
+        build_manifest("vggsound", root, tmp_path / "m.arrow")
+
+
+# ---------------------------------------------------------------------------------------------- class lists
+
+
+def write_classes(path: Path, *labels: str) -> Path:
+    path.write_text("".join(f"{label}\n" for label in labels), encoding="utf-8")
+    return path
+
+
+def test_class_list_keeps_the_listed_labels_and_their_failures(tmp_path):
+    root = make_vggsound(tmp_path / "VGGSound")
+    classes = read_class_list(write_classes(tmp_path / "classes.txt", "dog barking", "", "  bird chirping, tweeting "))
+    assert classes == ["dog barking", "bird chirping, tweeting"]
+    result = build_manifest("vggsound", root, tmp_path / "m.arrow", classes=classes)
+    assert sorted(by_id(result)) == ["vggsound:-0BIyqJj9ZU_000030", "vggsound:-1CEDSgp-Bo_000020",
+                                     "vggsound:-5nIxq3a3pw_000040", "vggsound:-5nIxq3a3pw_000120"]
+    assert set(read_manifest(tmp_path / "m.arrow")["label"].to_pylist()) == set(classes)
+    # the missing dog clip is still a failure; the malformed line has no label and is reported whatever the list
+    assert [f["item_id"] for f in result.failures] == [None, "vggsound:-9GHt0fvbcs_000000"]
+    assert result.excluded == 3
+
+
+def test_class_list_drops_the_failures_of_classes_left_out(tmp_path):
+    root = make_vggsound(tmp_path / "VGGSound")
+    result = build_manifest("vggsound", root, tmp_path / "m.arrow", classes=["people marching"])
+    assert [r["item_id"] for r in result.rows] == ["vggsound:---g-f_I2yQ_000001"]
+    assert [f["item_id"] for f in result.failures] == [None]  # not the missing clip of "dog barking"
+    assert result.excluded == 6 + 1
+
+
+def test_class_list_serves_every_labelled_dataset(tmp_path):
+    root = make_esc50(tmp_path / "esc")
+    result = build_manifest("esc50", root, tmp_path / "m.arrow", classes=["dog", "rain"])
+    assert sorted(by_id(result)) == ["esc50:1-100032-A-0", "esc50:4-181286-A-10", "esc50:5-9032-A-0"]
+    us8k = make_urbansound8k(tmp_path / "us8k")
+    result = build_manifest("urbansound8k", us8k, tmp_path / "u.arrow", classes=["siren", "gun_shot"])
+    assert [r["item_id"] for r in result.rows] == ["urbansound8k:102305-6-0-0"]
+    assert [f["item_id"] for f in result.failures] == ["urbansound8k:102871-8-0-5"]  # the missing siren slice
+
+
+def test_class_list_naming_a_label_no_item_carries_is_an_error(tmp_path):
+    root = make_vggsound(tmp_path / "VGGSound")
+    out = tmp_path / "m.arrow"
+    with pytest.raises(ManifestError, match=r"^vggsound: the class list names 1 label\(s\) no item under .* carries: "
+                                            r"'dog barkng' \(closest: 'dog barking'\) \(5 labels there\)$"):
+        build_manifest("vggsound", root, out, classes=["dog barking", "dog barkng"])
+    assert not out.exists()
+    flickr = make_flickr(tmp_path / "flickr")
+    with pytest.raises(ManifestError, match="a class list needs labelled items, and no item under .* has a label"):
+        build_manifest("flickr8k_audio", flickr, out, classes=["dog"])
+
+
+def test_class_list_file_errors(tmp_path):
+    with pytest.raises(ManifestError, match="cannot read the class list .*nope.txt"):
+        read_class_list(tmp_path / "nope.txt")
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    with pytest.raises(ManifestError, match="names no class"):
+        read_class_list(tmp_path / "blank.txt")
+    (tmp_path / "latin1.txt").write_bytes(b"dog barking\ncaf\xe9\n")
+    with pytest.raises(ManifestError, match=r"latin1.txt line 2: not UTF-8"):
+        read_class_list(tmp_path / "latin1.txt")
+
+
+def test_cli_manifest_classes_says_how_many_items_were_left_out(tmp_path, capsys):
+    root = make_vggsound(tmp_path / "VGGSound")
+    out = tmp_path / "m.arrow"
+    classes = write_classes(tmp_path / "vggsound50.txt", "dog barking", "playing tennis")
+    assert main(["manifest", "--dataset", "vggsound", "--data", str(root), "--manifest", str(out),
+                 "--classes", str(classes)]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == (
+        f"manifest: {out}: 3 items of 2 classes (4 of other classes left out), 2 failures")
+    write_classes(classes, "dog barking", "tennis")
+    assert main(["manifest", "--dataset", "vggsound", "--data", str(root), "--manifest", str(out),
+                 "--classes", str(classes)]) == 2
+    assert "the class list names 1 label(s) no item under" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------------- RAVDESS
 
 # Real RAVDESS names (MM-VV-EE-II-SS-RR-AA), in the layout of the Zenodo zips: Actor_XX/<name>.
@@ -528,6 +728,16 @@ def test_synthetic_adapter_concatenates_official_layouts(tmp_path):
     assert json.loads((data / "classes.json").read_text()) == {"classes": ["dog", "rain"]}
 
 
+def test_synthetic_adapter_reads_the_vggsound_part_when_present(tmp_path):
+    data = tmp_path / "DATA"
+    make_esc50(data / "esc50")
+    make_vggsound(data / "vggsound")
+    result = build_manifest("synthetic", data, tmp_path / "manifest.arrow")
+    datasets = read_manifest(tmp_path / "manifest.arrow")["dataset"].to_pylist()
+    assert {d: datasets.count(d) for d in set(datasets)} == {"esc50": 6, "vggsound": 7}
+    assert len(result.failures) == 2  # the fixture's malformed line and missing clip
+
+
 def test_synthetic_without_parts_is_an_error(tmp_path):
     (tmp_path / "DATA").mkdir()
     with pytest.raises(ManifestError, match="avsd"):
@@ -596,7 +806,8 @@ def test_every_module_of_the_datasets_package_registers_the_adapters_it_holds():
     package = importlib.import_module(DATASETS_PACKAGE)
     modules = {f"{DATASETS_PACKAGE}.{module.name}" for module in pkgutil.iter_modules(package.__path__)}
     assert {adapter.__module__ for adapter in ADAPTERS.values()} == modules
-    assert {"avsd", "flickr8k_audio", "spokencoco", "esc50", "ravdess", "folder", "synthetic"} <= set(ADAPTERS)
+    assert {"avsd", "flickr8k_audio", "spokencoco", "esc50", "urbansound8k", "vggsound", "ravdess", "folder",
+            "synthetic"} <= set(ADAPTERS)
 
 
 # A dataset module as someone adding a dataset would write it, using only the registry's shared helpers.
@@ -630,7 +841,7 @@ def test_a_new_module_in_the_datasets_package_is_a_new_dataset(tmp_path, monkeyp
     assert main(["manifest", "--dataset", "tones", "--data", str(tmp_path / "data"),
                  "--manifest", str(tmp_path / "m.arrow")]) == 0, capsys.readouterr().err
     assert read_manifest(tmp_path / "m.arrow")["item_id"].to_pylist() == ["tones:a440"]
-    with pytest.raises(ManifestError, match=r"known datasets: .*ravdess, spokencoco, synthetic, tones$"):
+    with pytest.raises(ManifestError, match=r"known datasets: .*ravdess, spokencoco, synthetic, tones, urbansound8k"):
         build_manifest("kinetics", tmp_path / "data", tmp_path / "k.arrow")
 
 

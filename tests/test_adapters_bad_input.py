@@ -24,13 +24,18 @@ from test_adapters import (
     ESC50_FILES,
     RAVDESS_SONG,
     RAVDESS_SPEECH,
+    URBANSOUND8K_FILES,
+    VGGSOUND_CLIPS,
     by_id,
     make_avsd,
     make_esc50,
     make_flickr,
     make_ravdess,
     make_spokencoco,
+    make_urbansound8k,
+    make_vggsound,
     write_jpg,
+    write_mp4,
     write_wav,
 )
 
@@ -329,6 +334,71 @@ def test_charades_multiline_field_and_short_record(tmp_path):
         "Charades_v1_train.csv line 5 (video 46GP8): action 'c999 1.00 2.00': class c999 is not in "
         "Charades_v1_classes.txt",
     ]
+
+
+def test_vggsound_damaged_records_cost_one_row_each(tmp_path):
+    root = make_vggsound(tmp_path / "vgg")
+    csv_path = root / "vggsound.csv"
+    for name in ("x1_000010.mp4", "x2_000010.mp4", "x3_000010.mp4"):
+        write_mp4(root / "video" / name)
+    csv_path.write_bytes(csv_path.read_bytes()
+                         + b"x1,1O,dog barking,train\n"             # line 10: start is not a number
+                         + b"x2,10,dog barking,validation\n"        # line 11: VGGSound has train and test only
+                         + b"../../x3,10,,train\n"                  # line 12: no path in an id, an empty label
+                         + b"x3,10,caf\xe9 ambience,train\n"       # line 13: Latin-1
+                         + b'x3,10,"dog barking,train\n')           # line 14: a quote left open
+    result = ADAPTERS["vggsound"](root)
+    assert sorted(by_id(result)) == sorted(f"vggsound:{stem}" for stem in VGGSOUND_CLIPS)
+    assert sorted(f["reason"] for f in result.failures if int(f["reason"].split()[2].rstrip(":")) >= 10) == [
+        "vggsound.csv line 10: start_seconds '1O' is not a whole number of seconds",
+        "vggsound.csv line 11: split 'validation' is not train or test",
+        "vggsound.csv line 12: youtube_id '../../x3' is not a YouTube id; the label is empty",
+        "vggsound.csv line 13: not UTF-8 (byte 9: invalid continuation byte)",
+        "vggsound.csv line 14: not a valid CSV record: unexpected end of data",
+    ]
+
+
+def test_vggsound_header_line_is_skipped_and_repeated_records_are_failures(tmp_path):
+    root = make_vggsound(tmp_path / "vgg")
+    csv_path = root / "vggsound.csv"
+    lines = csv_path.read_text().splitlines()
+    csv_path.write_text("\n".join(["# YouTube ID,start seconds,label,train/test split", *lines, lines[1]]) + "\n")
+    out = tmp_path / "m.arrow"
+    result = build_manifest("vggsound", root, out)
+    assert read_manifest(out).num_rows == len(VGGSOUND_CLIPS)
+    assert [f["reason"] for f in failures_of(out)] == [
+        "vggsound.csv line 10: expected 4 fields (youtube_id,start_seconds,label,split), got 5 "
+        "(a label holding a comma must be quoted)",
+        "vggsound.csv line 9: clip -9GHt0fvbcs_000000.mp4 not found (nor -9GHt0fvbcs_0_<end>.mp4)",
+        "duplicate item id vggsound:--0PQM4-hqg_000030; kept the first",
+    ]
+    assert result.failures[-1]["item_id"] == "vggsound:--0PQM4-hqg_000030"
+
+
+def test_urbansound8k_damaged_records_cost_one_row_each(tmp_path):
+    root = make_urbansound8k(tmp_path / "us8k")
+    write_wav(root / "audio" / "fold2" / "1-2-0-0.wav")
+    for line in ("1-2-0-0.wav,1,0.0,4.0,1,11,2,children_playing",   # line 8: there are ten folds
+                 "1-2-0-0.wav,1,0.0,4.0,1,2,two,children_playing",  # line 9
+                 "1-2-0-0.wav,1,nan,4.0,x,2,2,children_playing",    # line 10
+                 "1-2-0-0.wav,1,0.0,4.0,1,2,2"):                    # line 11: cut short
+        append_line(root / "metadata" / "UrbanSound8K.csv", line)
+    result = ADAPTERS["urbansound8k"](root)
+    assert len(result.rows) == len(URBANSOUND8K_FILES) and "urbansound8k:1-2-0-0" not in by_id(result)
+    assert [f["reason"] for f in result.failures if "fold3" not in f["reason"]] == [
+        "UrbanSound8K.csv line 8: fold 11 is not one of 1-10",
+        "UrbanSound8K.csv line 9: not numbers: classID='two'",
+        "UrbanSound8K.csv line 10: not numbers: salience='x', start='nan'",
+        "UrbanSound8K.csv line 11: expected 8 fields, got 7",
+    ]
+
+
+def test_urbansound8k_header_lacking_columns_is_an_error(tmp_path):
+    root = make_urbansound8k(tmp_path / "us8k")
+    csv_path = root / "metadata" / "UrbanSound8K.csv"
+    csv_path.write_text(csv_path.read_text().replace("classID,class", "class_id,label", 1))
+    with pytest.raises(ManifestError, match=r"header lacks \['classID', 'class'\]; expected slice_file_name,fsID"):
+        build_manifest("urbansound8k", root, tmp_path / "m.arrow")
 
 
 def test_spokencoco_text_or_uttid_of_the_wrong_type_is_a_failure(tmp_path):

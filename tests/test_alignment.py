@@ -1,5 +1,6 @@
-"""BGTAI alignment: DTW against dtw-python, monotonic decoding against brute force, selection, losses, metrics, and a
-tiny DS-Net that learns DTW targets on a toy stretch problem."""
+"""BGTAI alignment: DTW against dtw-python, monotonic decoding against brute force, selection, losses, metrics, the
+input-free baselines (diagonal guess, per-position prior), BGTAI's straight-through DS-Net selection, and a tiny DS-Net
+that learns DTW targets on a toy stretch problem."""
 from __future__ import annotations
 
 import itertools
@@ -10,9 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from avcache.pipeline.dtw import IGNORE, dtw_alignment, dtw_path, path_to_alignment
-from avcache.train.models.alignment import (DSNet, DSNetConfig, ResultFilter, alignment_accuracy, alignment_ce, dtw_targets,
-                                     interpolate, mean_index_error, monotonic_decode, select, selection_matrix,
-                                     soft_alignment, sp_loss)
+from avcache.train.models.alignment import (DSNet, DSNetConfig, PositionPrior, ResultFilter, alignment_accuracy,
+                                            alignment_ce, diagonal_alignment, dtw_targets, interpolate, mean_index_error,
+                                            monotonic_decode, select, selection_matrix, soft_alignment, sp_loss)
+from avcache.train.models.bgtai import Bgtai, BgtaiConfig
 
 dtw_lib = pytest.importorskip("dtw", reason="dtw-python is the DTW reference (pip install -e '.[test]')")
 
@@ -350,6 +352,55 @@ def test_metrics():
     assert np.isnan(alignment_accuracy(pred, target, torch.zeros_like(tgt_mask)))
     with pytest.raises(ValueError):
         mean_index_error(pred, target, tgt_mask, normalised=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# input-free baselines
+
+
+def test_the_diagonal_guess_runs_corner_to_corner_on_lengths_alone():
+    mask = torch.tensor([[True] * 8, [True] * 6 + [False] * 2, [True] + [False] * 7])
+    guess = diagonal_alignment(mask, torch.tensor([5, 6, 3]))
+    assert guess.tolist() == [[0, 1, 1, 2, 2, 3, 3, 4],           # q * 4/7 rounded
+                              [0, 1, 2, 3, 4, 5, IGNORE, IGNORE],  # Q = L: the identity
+                              [0] + [IGNORE] * 7]                  # one frame: the first gloss
+    assert diagonal_alignment(mask[:1], torch.tensor([1])).tolist() == [[0] * 8]
+
+
+def test_the_position_prior_predicts_the_most_frequent_relative_target_per_position():
+    train = [torch.tensor([0, 0, 1, 2])] * 2 + [torch.tensor([0, 1, 1, 2]), torch.tensor([0, IGNORE, 1, 2])]
+    prior = PositionPrior.fit(train, [3, 3, 3, 3], bins=4)
+    assert prior.modes.tolist() == [0.0, 0.0, 0.5, 1.0]  # position 1: 0 twice, 1/2 once (IGNORE never counts)
+    mask = torch.ones(3, 4, dtype=torch.bool)
+    mask[2, 3] = False
+    assert prior.predict(mask, torch.tensor([3, 5, 3])).tolist() == [[0, 0, 1, 2], [0, 0, 2, 4],
+                                                                     [0, 1, 2, IGNORE]]  # 3 frames: bins 0, 2, 3
+    # a position bin no training frame fell into predicts the diagonal
+    ends = PositionPrior.fit([torch.tensor([0, 4])], [5], bins=5)
+    assert ends.modes.tolist() == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert ends.predict(torch.ones(1, 5, dtype=torch.bool), torch.tensor([5])).tolist() == [[0, 1, 2, 3, 4]]
+    with pytest.raises(ValueError, match="bins"):
+        PositionPrior.fit(train, [3] * 4, bins=1)
+
+
+def test_bgtai_selects_the_hard_path_in_training_too_and_ds_net_still_gets_gradients():
+    """Training and evaluation feed the Result Filter the same Y_hat (the hard monotonic path); DS-Net learns
+    through the softmax's gradient (straight-through)."""
+    torch.manual_seed(0)
+    model = Bgtai(BgtaiConfig(gloss_vocab=12, clip_dim=8, source="text", text_vocab=20, width=16, align_width=8,
+                              dropout=0.0))
+    o = torch.randn(2, 7, 16, requires_grad=True)                                     # (B, N, W)
+    src_mask = torch.tensor([[True] * 7, [True] * 5 + [False] * 2])
+    tokens = torch.tensor([[4, 5, 6], [7, 8, 0]])                                     # (B, G), 0 = PAD
+    gloss_mask = tokens != 0
+    y_hat, scores = model.train().selected(o, src_mask, tokens, gloss_mask)
+    hard = selection_matrix(monotonic_decode(scores, src_mask, gloss_mask), 7)
+    torch.testing.assert_close(y_hat, select(o, hard), rtol=0, atol=1e-6)
+    y_hat.square().sum().backward()
+    assert model.ds_net.query.weight.grad is not None and model.ds_net.query.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        evaluated, _ = model.eval().selected(o, src_mask, tokens, gloss_mask)
+    torch.testing.assert_close(evaluated, y_hat.detach())
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -164,6 +164,24 @@ def test_write_scores(tmp_path):
     assert "1 questions" in text
     assert json.loads(js.read_text()) == {"scores": scores, "questions": rows}
 
+    baseline = {**scores, "BLEU_4": 0.0, "CIDEr": 0.5}
+    md, js = dstc.write_scores(scores, rows, tmp_path / "report", {"most frequent training answer": baseline})
+    lines = md.read_text().splitlines()
+    assert "| model | 0.5000 | 0.2500 | 0.1250 | 0.0625 | 0.2000 | 0.4000 | 1.2346 |" in lines
+    assert "| most frequent training answer | 0.5000 | 0.2500 | 0.1250 | 0.0000 | 0.2000 | 0.4000 | 0.5000 |" in lines
+    assert json.loads(js.read_text()) == {"scores": scores, "questions": rows}  # per question: the model's only
+
+
+def test_most_frequent_answer_counts_answers_as_the_scorer_sees_them():
+    # "no" x4 once case and punctuation go (the PTB tokenizer drops them too), against "yes" x2 and "yes it is" x2
+    answers = ["yes", "No.", "yes it is", "no", "Yes!", "yes, it is", "NO", "no"]
+    assert dstc.answer_key("Yes, it IS.") == "yes it is"
+    assert dstc.most_frequent_answer(answers) == "no"  # its most frequent spelling: "no" x2 over "No." and "NO"
+    assert dstc.most_frequent_answer(["b .", "a", "A", "B"]) == "b ."  # a tie: the first seen wins
+    assert dstc.most_frequent_answer(iter(["  a   man\n", "b"])) == "a man"  # one line, as the scorer reads it
+    with pytest.raises(ValueError, match="no answer with a word"):
+        dstc.most_frequent_answer(["", " . ", "?"])
+
 
 # ---------------------------------------------------------------------------------------------- metrics
 
@@ -282,3 +300,23 @@ def test_score_and_per_question_accept_item_ids(hand_files):
     assert [r["image_id"] for r in rows] == ["AAAAA", "DDDDD"]
     assert rows[0]["BLEU_4"] == pytest.approx(1.0) and rows[0]["ROUGE_L"] == pytest.approx(1.0)
     assert rows[1]["BLEU_1"] < 1e-8 and rows[1]["METEOR"] == 0.0 and rows[1]["CIDEr"] == 0.0
+
+
+@requires_java
+def test_a_model_and_its_frequent_answer_baseline_score_in_one_pass_as_each_alone(hand_files, hand_scores):
+    """evaluate_systems: the model's scores are evaluate's; the baseline's are the constant answer scored alone,
+    and its corpus BLEU-1 is checked by hand."""
+    submission, multiref = hand_files
+    refs = dstc.references_from_multiref(multiref)
+    training_answers = ["A man.", "yes", "a man", "no", "a MAN !", "yes"]  # "a man" x3 (spelt 3 ways), "yes" x2
+    frequent = dstc.most_frequent_answer(training_answers)
+    assert frequent == "A man."
+    constant = {image_id: frequent for image_id in refs}
+    both = dstc.evaluate_systems({"": dstc.answers_from_submission(submission), "frequent_answer": constant}, refs)
+    assert both[""][0] == pytest.approx(hand_scores[0], rel=1e-12) and both[""][1] == hand_scores[1]
+    alone = dstc.evaluate(constant, refs)
+    assert both["frequent_answer"][0] == pytest.approx(alone[0], rel=1e-12)
+    assert [r["hypothesis"] for r in both["frequent_answer"][1]] == ["A man."] * 4
+    # "a man" (2 tokens) against A, B, C, D: clipped unigram matches 2 + 2 + 1 + 0 of 8; closest reference lengths
+    # 4 + 4 + 6 + 3 = 17 > 8, so the brevity penalty is exp(1 - 17/8)
+    assert both["frequent_answer"][0]["BLEU_1"] == pytest.approx(5 / 8 * math.exp(1 - 17 / 8), rel=1e-8)

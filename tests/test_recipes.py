@@ -40,6 +40,7 @@ def test_every_recipe_has_the_same_interface(name):
         assert isinstance(headline, Headline) and isinstance(headline.metric, str)
         assert all(key is None or isinstance(key, str) and key != headline.metric
                    for key in (headline.untrained, headline.trivial))
+        assert headline.trivial, f"{name}: {headline.metric} stands beside no trivial predictor"
 
 
 @pytest.mark.parametrize("config", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.stem)

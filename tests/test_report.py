@@ -86,7 +86,8 @@ def outputs(tmp_path_factory) -> Path:
     write_json(old / "results.json", {"s2i_R@1": 0.5, "i2s_R@1": 0.25, "epochs": 20})
     run = run_dir(root / "runs" / "brewclip", "brewclip", base)
     write_json(run / "results.json", {"s2i_R@1": 1.0, "s2i_R@5": 1.0, "i2s_R@1": 0.75, "untrained_s2i_R@1": 0.125,
-                                      "epochs": 20, "train_seconds": 8.7})
+                                      "random_s2i_R@1": 0.25, "random_s2i_R@5": 1.0, "epochs": 20,
+                                      "train_seconds": 8.7})
     png(run / "loss.png")
     png(run / "recall.png", (200, 60, 60))
     os.utime(old / "results.json", (time.time() - 3600, time.time() - 3600))
@@ -148,6 +149,10 @@ def test_report_builds_from_fixture_outputs(outputs, tmp_path):
     brewclip = md.index("### BrewCLIP")
     assert md.index(f"Latest run `{outputs / 'runs' / 'brewclip'}`") > brewclip
     assert "Earlier runs (1)" in md and "model.channels=pipeline" in md
+    # each metric beside its trivial baseline: the one HEADLINE names, and the same naming for the others
+    assert "| metric | trained | untrained | trivial baseline |" in md
+    assert "| s2i_R@1 | 1.000 | 0.125 | 0.250 (random_s2i_R@1) |" in md
+    assert "| s2i_R@5 | 1.000 |  | 1.000 (random_s2i_R@5) |" in md
     assert "### AVSD answer generation" in md and "cooking" in md and "BLEU_4" in md
     assert "Ablation `brewclip`" in md and md.index("Ablation `brewclip`") > brewclip
     assert "e2e_only` failed: RuntimeError: out of memory" in md

@@ -1,12 +1,16 @@
-"""Retrieval metrics against a brute-force reference, the pessimistic tie rule, and the zero-shot eval on a store."""
+"""Retrieval metrics against a brute-force reference, the pessimistic tie rule, their random-ranking chance level
+against an enumeration of every ranking and a seeded simulation, and the zero-shot eval on a store."""
 from __future__ import annotations
 
+import itertools
 import json
+from fractions import Fraction
 
 import numpy as np
 import pytest
 
-from avcache.eval.retrieval import cross_modal_retrieval, retrieval_markdown, retrieval_metrics
+from avcache.eval.retrieval import (cross_modal_retrieval, random_cross_modal, random_ranking_metrics,
+                                    retrieval_markdown, retrieval_metrics)
 from avcache.features.store import FeatureSetSpec, FeatureSetWriter, FeatureStore, StoreError
 from avcache.pipeline.manifest import write_manifest
 from avcache.train.zeroshot import evaluate_zeroshot, run_eval_retrieval
@@ -203,6 +207,73 @@ def test_bad_chunk_and_prefix():
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# chance level: a uniformly random ranking
+
+
+def enumerated_ranks(gallery_size, correct):
+    """The rank of a query with `correct` correct rows in every ordering of the gallery: 1 + the position of its
+    first correct row, one entry per permutation."""
+    return [1 + min(order.index(i) for i in range(correct))
+            for order in itertools.permutations(range(gallery_size))]
+
+
+@pytest.mark.parametrize("gallery_size,correct_per_query", [(1, [1]), (4, [1, 1]), (5, [2]), (6, [1, 2, 3]),
+                                                           (6, [3, 3, 1, 2]), (6, [6]), (7, [2, 5])])
+def test_random_ranking_equals_an_enumeration_of_every_ranking(gallery_size, correct_per_query):
+    # Every query sees all N! orderings, so pooling them weighs the queries equally: the pooled mean of each
+    # metric is its exact expectation, and the pooled median is the median of the queries' mixed distribution.
+    ranks = np.array([r for c in correct_per_query for r in enumerated_ranks(gallery_size, c)], np.float64)
+    expected = {f"R@{k}": float(np.mean(ranks <= k)) for k in (1, 5, 10)}
+    expected.update(MRR=float(np.mean(1 / ranks)), median_rank=float(np.median(ranks)), mean_rank=float(np.mean(ranks)),
+                    queries=len(correct_per_query))
+    got = random_ranking_metrics(gallery_size, correct_per_query)
+    assert list(got) == list(KEYS)
+    assert got == pytest.approx(expected, rel=1e-12, abs=1e-12)
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 10, 1000])
+def test_one_correct_row_gives_the_closed_forms(n):
+    got = random_ranking_metrics(n, np.ones(3, np.int64), prefix="random_s2i")
+    for k in (1, 5, 10):
+        assert got[f"random_s2i_R@{k}"] == min(k, n) / n  # exactly: the fractions are exact
+    assert got["random_s2i_MRR"] == pytest.approx(sum(Fraction(1, i) for i in range(1, n + 1)) / n, rel=1e-12)
+    assert got["random_s2i_mean_rank"] == got["random_s2i_median_rank"] == (n + 1) / 2
+    assert got["random_s2i_queries"] == 3
+
+
+def test_random_cross_modal_equals_a_seeded_simulation_of_the_metrics():
+    """Embeddings drawn i.i.d. at random rank every gallery uniformly at random; averaged over many draws, the
+    metrics `cross_modal_retrieval` computes converge to `random_cross_modal`'s expectations. Image 4 has no caption
+    (a distractor in the speech->image gallery), the others 1 to 3 (image->speech: several correct rows)."""
+    caption_image = np.array([0, 0, 1, 2, 2, 2, 3])
+    expected = random_cross_modal(caption_image, 5, prefix=("s2i", "i2s"))
+    rng = np.random.default_rng(0)
+    draws = [cross_modal_retrieval(rng.standard_normal((7, 8)), rng.standard_normal((5, 8)), caption_image)
+             for _ in range(3000)]
+    for key, value in expected.items():
+        if key.endswith("median_rank"):  # a median of 7 (or 4) ranks does not average to the distribution's median
+            continue
+        mean = float(np.mean([d[key] for d in draws]))
+        assert mean == pytest.approx(value, abs=0.1 if key.endswith("mean_rank") else 0.02), key
+    # several correct rows: image->speech R@1 is the mean of c/Nc over the images with captions, not 1/Nc
+    assert expected["i2s_R@1"] == pytest.approx((2 / 7 + 1 / 7 + 3 / 7 + 1 / 7) / 4)
+    assert expected["s2i_R@1"] == 1 / 5 and expected["s2i_queries"] == 7 and expected["i2s_queries"] == 4
+
+
+def test_random_ranking_bad_input():
+    with pytest.raises(ValueError, match="gallery_size must be a positive int"):
+        random_ranking_metrics(0, [1])
+    with pytest.raises(ValueError, match=r"correct_per_query must lie in \[1, 3\]"):
+        random_ranking_metrics(3, [1, 4])
+    with pytest.raises(ValueError, match="non-empty 1-D integer array"):
+        random_ranking_metrics(3, [0.5])
+    with pytest.raises(ValueError, match="images must be a positive int"):
+        random_cross_modal(np.array([0]), 0)
+    with pytest.raises(ValueError, match="outside"):
+        random_cross_modal(np.array([0, 3]), 2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # zero-shot evaluation on a hand-built store
 
 
@@ -273,6 +344,11 @@ def test_evaluate_zeroshot_exact(store):
     assert r["zeroshot_i2s_R@1"] == pytest.approx(1 / 3) and r["zeroshot_i2s_R@5"] == 1.0
     assert r["zeroshot_i2s_MRR"] == pytest.approx((1 / 2 + 1 + 1 / 5) / 3)
     assert r["zeroshot_i2s_median_rank"] == 2.0
+    # chance: 3 images, 6 captions (2 per image; as selected, c2's missing transcript notwithstanding)
+    assert r["random_s2i_R@1"] == 1 / 3 and r["random_s2i_R@5"] == 1.0 and r["random_s2i_queries"] == 6
+    assert r["random_s2i_MRR"] == pytest.approx((1 + 1 / 2 + 1 / 3) / 3) and r["random_s2i_mean_rank"] == 2.0
+    assert r["random_i2s_R@1"] == pytest.approx(1 - 10 / 15)  # no own caption first: C(5, 2) / C(6, 2)
+    assert r["random_i2s_mean_rank"] == pytest.approx(7 / 3) and r["random_i2s_queries"] == 3
 
 
 def test_evaluate_zeroshot_all_datasets_keys_images_by_dataset(store):
@@ -293,6 +369,7 @@ def test_run_eval_retrieval_writes_report(store, tmp_path, capsys):
     md = (out / "results.md").read_text()
     assert md == retrieval_markdown(r) and md in capsys.readouterr().out
     assert "pipeline (Whisper → CLIP text)" in md and "text upper bound (ground-truth captions)" in md
+    assert "| random ranking (chance) | 6 / 3 | 33.3 | 100.0 | 100.0 | 33.3 | 100.0 | 100.0 |" in md
     assert "| 80.0 |" in md
     assert (out / "retrieval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

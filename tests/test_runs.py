@@ -1,7 +1,9 @@
 """The resume state of a run directory runs no code when loaded: an old pickled last_state.pt is refused unread,
 last_state.safetensors brings back weights (tied ones too), optimiser state, RNG, epoch and best bit for bit, and a
 damaged file is a one-line RunStateError naming the file and what to do. The run directory records its recipe in
-recipe.json: a run of another recipe is refused, and one from before recipe.json resumes and gets one."""
+recipe.json: a run of another recipe is refused, and one from before recipe.json resumes and gets one. Checkpoint
+selection keeps the higher score and, between equal scores, the lower loss; a state whose best is a bare score
+(written before) still resumes."""
 from __future__ import annotations
 
 import copy
@@ -17,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from avcache.pipeline.config import ConfigError
-from avcache.train.runs import RunDir, RunRecipeError, RunStateError, read_recipe
+from avcache.train.runs import Best, RunDir, RunRecipeError, RunStateError, read_recipe
 
 CONFIG = {"model": {"width": 4}, "train": {"epochs": 3, "lr": 0.01}}
 RECIPE = "toy"
@@ -171,7 +173,7 @@ def test_a_run_from_before_recipe_json_resumes_and_gets_one(tmp_path, no_unpickl
                                              r"their recipe; write \{\"recipe\": \"<name>\", \"format\": 1\} into "):
         read_recipe(run_path)
     model_b, optimiser_b = fresh(OPTIMISERS["adam"])
-    assert resume_into(run_path, model_b, optimiser_b) == (1, 0.5)
+    assert resume_into(run_path, model_b, optimiser_b) == (1, Best(0.5))
     assert read_recipe(run_path) == RECIPE
 
 
@@ -208,7 +210,7 @@ def test_the_state_file_holds_each_tensor_once_and_everything_else_as_json(tmp_p
     assert sorted(metadata) == ["avcache_run_state", "state"] and metadata["avcache_run_state"] == "1"
     state = json.loads(metadata["state"])
     assert list(state) == ["epoch", "best", "model", "optimiser", "torch_rng"]
-    assert (state["epoch"], state["best"]) == (2, {"float": "-inf"})
+    assert (state["epoch"], state["best"]) == (2, {"tuple": [{"float": "-inf"}, {"float": "inf"}]})
     # the tied output weight is the input embedding's entry, not a second copy
     assert state["model"]["dict"][-1] == ["unembed.weight", {"tensor": "model/embed.weight"}]
 
@@ -219,13 +221,13 @@ def test_a_resumed_run_gets_back_the_weights_optimiser_rng_epoch_and_best_exactl
     model, optimiser = trained(OPTIMISERS[optimiser_name])
     run = RunDir(tmp_path / "run", CONFIG, RECIPE)
     run.start()
-    assert run.end_epoch(2, -math.inf, -math.inf, model, optimiser) == -math.inf  # no score beat -inf yet
+    assert run.end_epoch(2, -math.inf, Best(), model, optimiser) == Best()  # no score beat -inf yet
     saved_weights = copy.deepcopy(model.state_dict())
     saved_optimiser = copy.deepcopy(optimiser.state_dict())
     next_draws = torch.rand(5)  # what the uninterrupted run would draw next
 
     model_b, optimiser_b = fresh(OPTIMISERS[optimiser_name])
-    assert resume_into(tmp_path / "run", model_b, optimiser_b) == (2, -math.inf)
+    assert resume_into(tmp_path / "run", model_b, optimiser_b) == (2, Best())
     assert torch.equal(torch.rand(5), next_draws)
     assert_identical(model_b.state_dict(), saved_weights)
     assert model_b.unembed.weight is model_b.embed.weight
@@ -236,14 +238,56 @@ def test_a_resumed_run_takes_the_same_next_step_as_the_uninterrupted_one(tmp_pat
     model, optimiser = trained(OPTIMISERS["adam"])
     run = RunDir(tmp_path / "run", CONFIG, RECIPE)
     run.start()
-    assert run.end_epoch(1, 0.25, -math.inf, model, optimiser) == 0.25
+    assert run.end_epoch(1, 0.25, Best(), model, optimiser, loss=0.5) == Best(0.25, 0.5)
     train_step(model, optimiser)  # uninterrupted: its dropout mask comes from the RNG state just saved
 
     model_b, optimiser_b = fresh(OPTIMISERS["adam"])
-    assert resume_into(tmp_path / "run", model_b, optimiser_b) == (1, 0.25)
+    assert resume_into(tmp_path / "run", model_b, optimiser_b) == (1, Best(0.25, 0.5))
     train_step(model_b, optimiser_b)
     assert_identical(model_b.state_dict(), model.state_dict())
     assert_identical(optimiser_b.state_dict(), optimiser.state_dict())
+
+
+# -- checkpoint selection -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("score, loss, replaces", [
+    (0.5, 0.9, True),            # a higher score wins whatever its loss
+    (0.25, 0.1, True),           # the same score at a lower loss: the saturated-metric case
+    (0.25, 0.2, False),          # the same score and loss: the earlier epoch stays
+    (0.25, 0.3, False),          # the same score at a higher loss
+    (0.125, 0.0, False),         # a lower score, even at a lower loss
+    (math.nan, 0.0, False),      # no score at all
+])
+def test_selection_keeps_the_higher_score_then_the_lower_loss(score, loss, replaces):
+    assert Best(0.25, 0.2).beaten_by(score, loss) is replaces
+    assert Best().beaten_by(0.0)  # anything beats where a run starts
+
+
+def test_the_best_checkpoint_moves_to_a_later_epoch_of_the_same_score_and_a_lower_loss(tmp_path):
+    model, optimiser = trained(OPTIMISERS["adam"])
+    run = RunDir(tmp_path / "run", CONFIG, RECIPE)
+    run.start()
+    best = Best()
+    for epoch, score, loss in [(1, 0.5, 0.9), (2, 1.0, 0.8), (3, 1.0, 0.6), (4, 1.0, 0.7), (5, 0.75, 0.1)]:
+        best = run.end_epoch(epoch, score, best, model, optimiser, loss=loss)
+    assert best == Best(1.0, 0.6)
+    assert run.load_best(model) == 3  # the epoch best.safetensors says it holds
+    with safe_open(str(tmp_path / "run" / "best.safetensors"), framework="pt") as fh:
+        assert {k: fh.metadata()[k] for k in ("epoch", "score", "loss")} == {"epoch": "3", "score": "1.0",
+                                                                             "loss": "0.6"}
+
+
+def test_a_state_whose_best_is_a_bare_score_resumes_with_an_unknown_loss(tmp_path, no_unpickling):
+    model, optimiser = trained(OPTIMISERS["adam"])
+    run = RunDir(tmp_path / "run", CONFIG, RECIPE)
+    run.start()
+    run.save_state({"epoch": 1, "best": 0.5, "model": model.state_dict(), "optimiser": optimiser.state_dict(),
+                    "torch_rng": torch.get_rng_state()})  # as end_epoch wrote it before selection had a loss
+    model_b, optimiser_b = fresh(OPTIMISERS["adam"])
+    epoch, best = resume_into(tmp_path / "run", model_b, optimiser_b)
+    assert (epoch, best) == (1, Best(0.5, math.inf))
+    assert run.end_epoch(2, 0.5, best, model_b, optimiser_b, loss=2.0) == Best(0.5, 2.0)  # any loss beats unknown
 
 
 # -- damaged files ------------------------------------------------------------------------------------------------
@@ -313,7 +357,11 @@ DAMAGED = {  # name: (damage, the reason the message gives, as a regular express
     "epoch_not_a_number": (with_state(lambda state: state.update(epoch="one")),
                            re.escape("its epoch 'one' is not a whole number >= 0")),
     "best_not_a_number": (with_state(lambda state: state.update(best="high")),
-                          re.escape("its best score 'high' is not a number")),
+                          re.escape("its best 'high' is neither a (score, loss) pair of numbers nor a number (the "
+                                    "score alone, as states written before held it)")),
+    "best_pair_of_three": (with_state(lambda state: state.update(best={"tuple": [1, 2, 3]})),
+                           re.escape("its best (1, 2, 3) is neither a (score, loss) pair of numbers nor a number "
+                                     "(the score alone, as states written before held it)")),
     "unknown_tag": (with_state(lambda state: state.update(best={"number": 1})),
                     re.escape("its 'state' metadata holds an unknown tag 'number'")),
     "malformed_tag": (with_state(lambda state: param_groups(state)[0]["dict"][1].__setitem__(1, {"tuple": 5})),

@@ -204,6 +204,42 @@ def test_esc50_layout(ds):
     assert sr == 44100 and len(x) == 5 * 44100
 
 
+def test_vggsound_layout_is_read_by_the_vggsound_adapter(tmp_path):
+    """Opt-in: each scene's video under a published clip name, its class's VGGSound label, the scene's split."""
+    from avcache.pipeline.adapters import build_manifest
+    from avcache.pipeline.datasets.vggsound import clip_name
+    from avcache.pipeline.manifest import read_manifest
+
+    root = tmp_path / "data"
+    summary = write_synthetic(root, items=ITEMS, seed=0, speech="off", n_classes=N_CLASSES, vggsound=True)
+    truth = _truth(root)
+    assert truth["vggsound"] == {name: SPEC[name].vggsound for name in truth["classes"]}
+    text = _lines(root / "vggsound" / "vggsound.csv")
+    records = list(csv.reader(text))
+    assert len(records) == ITEMS and all(len(r) == 4 for r in records), "no header, four fields"
+    assert '"bird chirping, tweeting"' in "\n".join(text), "a label with a comma is quoted"
+    assert [r[0] for r in records] == sorted(r[0] for r in records)
+    assert {r[3] for r in records} == {"train", "test"}
+    assert sorted(p.name for p in (root / "vggsound" / "video").iterdir()) == sorted(
+        clip_name(r[0], int(r[1])) for r in records)
+    assert sum(summary["counts"]["vggsound"].values()) == ITEMS
+
+    build_manifest("vggsound", root / "vggsound", tmp_path / "vggsound.arrow")
+    rows = read_manifest(tmp_path / "vggsound.arrow").to_pylist()
+    assert len(rows) == ITEMS
+    for row in rows:
+        item = truth["items"][row["item_id"]]
+        assert (row["label"], row["split"]) == (SPEC[item["class"]].vggsound, item["split"])
+        video = root / "avsd" / "Charades_v1_480" / f"{item['video'].removeprefix('avsd:')}.mp4"
+        assert Path(row["video_path"]).read_bytes() == video.read_bytes()
+        assert truth["items"][item["video"]]["split"] == item["split"], "the scene's split in both parts"
+    for split in synth.SPLITS:  # as the other parts: with 3 scenes per class every class is in every split
+        assert {r["label"] for r in rows if r["split"] == split} == set(truth["vggsound"].values())
+    datasets = read_manifest(tmp_path / "vggsound.arrow")["dataset"].to_pylist()
+    assert set(datasets) == {"vggsound"}
+    assert len(build_manifest("synthetic", root, tmp_path / "all.arrow").rows) == ITEMS * (3 + CAPTIONS)
+
+
 def test_videos_decode_with_decord(ds):
     decord = pytest.importorskip("decord")
     root, _ = ds
@@ -374,6 +410,7 @@ def test_other_seed_differs(ds, tmp_path):
     (dict(items=8, speech="yes"), "speech"),
     (dict(items=8, captions_per_image=0), "captions_per_image"),
     (dict(items=8, esc50_per_scene=11), "esc50_per_scene"),
+    (dict(items=8, vggsound="yes"), "vggsound"),
 ])
 def test_invalid_arguments(tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -398,6 +435,15 @@ def test_rewrite_replaces_a_previous_synthetic_dataset(tmp_path):
     assert sum(summary["counts"]["esc50"].values()) == 8
     assert len(list((tmp_path / "esc50" / "audio").iterdir())) == 8
     assert len(list((tmp_path / "flickr8k_audio" / "flickr_audio" / "wavs").iterdir())) == 4
+
+
+def test_rewrite_without_vggsound_removes_the_previous_vggsound_part(tmp_path):
+    write_synthetic(tmp_path / "a", items=4, seed=0, speech="off", vggsound=True)
+    write_synthetic(tmp_path / "b", items=4, seed=0, speech="off", vggsound=True)
+    assert _all_files(tmp_path / "a") == _all_files(tmp_path / "b"), "the VGGSound part is deterministic too"
+    write_synthetic(tmp_path / "a", items=4, seed=0, speech="off")
+    assert not (tmp_path / "a" / "vggsound").exists(), "the synthetic adapter would read a stale part"
+    assert "vggsound" not in _truth(tmp_path / "a")
 
 
 def test_speech_off_writes_class_sounds_only(tmp_path):

@@ -12,7 +12,9 @@ import pytest
 from PIL import Image
 
 from avcache.eval import dstc
+from avcache.features.store import FeatureStore
 from avcache.pipeline.manifest import read_manifest
+from avcache.train.items import store_items
 from avcache.train.recipes import avsd
 
 CONFIGS = sorted((Path(avsd.__file__).resolve().parent.parent / "configs").glob("avsd*.yaml"))
@@ -53,7 +55,21 @@ def test_a_short_fine_tune_scores_and_writes_a_submission(dialogue_store, tmp_pa
     results = avsd.main(dialogue_store / "store", tmp_path / "run", overrides=["train.epochs=2", "model.use_prefix=true"],
                         log=lambda *a: None)
     for key in ("BLEU_1", "BLEU_4", "METEOR", "ROUGE_L", "CIDEr"):
-        assert 0 <= results[key] <= 10, key
+        for baseline in ("", "untrained_", "frequent_answer_"):
+            assert 0 <= results[baseline + key] <= 10, baseline + key
+    for headline in avsd.HEADLINE:
+        assert {key for key in headline if key} <= set(results), headline
+
+    # the trivial baseline: the most frequent training answer for every test question, scored by the DSTC scorer
+    store_rows = store_items(FeatureStore(dialogue_store / "store")).to_pylist()
+    train, test = avsd.dialogues(store_rows, "train"), avsd.dialogues(store_rows, "test")
+    frequent = dstc.most_frequent_answer(e.answer for e in train if e.answer)
+    references = {e.item_id: e.references for e in test if e.references}
+    by_hand = dstc.score({k: frequent for k in references}, references)
+    assert {k: results[f"frequent_answer_{k}"] for k in by_hand} == pytest.approx(by_hand, rel=1e-12)
+    table = (tmp_path / "run" / "dstc_scores.md").read_text()
+    assert "| untrained model |" in table and f"| most frequent training answer `{frequent}` |" in table
+
     submission = next((tmp_path / "run").glob("submission_*.json"))
     answers = dstc.answers_from_submission(submission)
     per_question = json.loads((tmp_path / "run" / "dstc_per_question.json").read_text())["questions"]

@@ -51,6 +51,10 @@ def test_the_full_model_learns_speech_to_image_retrieval_on_the_synthetic_set(sp
     results = recipe.main(spoken_caption_store / "store", tmp_path / "run", **quiet)
     images = results["s2i_queries"] / 2  # two spoken captions per image
     chance = 1 / images
+    # the random ranking's chance level of this gallery, exactly: one correct image of `images`; two correct
+    # captions of the s2i_queries captions for each image query
+    assert results["random_s2i_R@1"] == chance and results["random_s2i_mean_rank"] == (images + 1) / 2
+    assert results["random_i2s_R@1"] == pytest.approx(2 / results["s2i_queries"], rel=1e-12)
     assert results["s2i_R@1"] >= chance + 0.25, results
     assert results["s2i_R@1"] >= results["untrained_s2i_R@1"] + 0.2, results
     assert results["i2s_R@1"] > results["untrained_i2s_R@1"], results
@@ -77,7 +81,12 @@ def test_a_saved_checkpoint_reloads_to_identical_scores(planted, tmp_path):
 
     model.load_state_dict(load_file(str(tmp_path / "run" / "best.safetensors")))
     again = recipe.evaluate(model, test, batch_size=7)  # another batching: padding must not matter either
+    assert again.pop("loss") == pytest.approx(results["loss"], rel=1e-5)  # one split-wide loss, summed in float32
     assert {k: again[k] for k in again} == {k: results[k] for k in again}
+    # the checkpoint is the best validation R@1, ties to the lowest validation loss: never the first saturated epoch
+    history = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    chosen = max(history, key=lambda r: (r["val_s2i_R@1"], -r["val_loss"]))
+    assert results["best_epoch"] == chosen["epoch"]
 
 
 def test_an_interrupted_run_resumes_to_the_uninterrupted_result(planted, tmp_path):

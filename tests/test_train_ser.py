@@ -33,6 +33,18 @@ def test_a_classifier_trained_from_scratch_beats_the_majority_class(planted, tmp
     assert results["classes"] == 3 and (tmp_path / "ser" / "accuracy.png").is_file()
 
 
+def test_the_majority_class_is_the_training_splits_scored_on_the_test_items(tmp_path):
+    """5 classes over 20 images: the training split's most frequent class (0, tied with 1: the first wins) is
+    never a test label, while the test split's own majority (3 or 4) would score 0.5: a baseline that peeks."""
+    store = write_planted_store(tmp_path / "store", images=20, classes=5, clip_dim=16, whisper_dim=16, signal=0.1)
+    train, test = LabelledStates(store, "train"), LabelledStates(store, "test", LabelledStates(store, "train").classes)
+    assert torch.bincount(train.labels, minlength=5).tolist() == [8, 8, 4, 4, 4]  # images 0-6, 10-16; 2 captions
+    assert torch.bincount(test.labels, minlength=5).tolist() == [0, 0, 0, 4, 4]   # images 8, 9, 18, 19
+    results = ser.main(store, tmp_path / "ser", overrides=["train.epochs=1", "model.width=16", "model.ffn=32",
+                                                           "model.heads=2"], **quiet)
+    assert results["majority_class_accuracy"] == 0.0 and results["ser_test_items"] == 8
+
+
 def test_fine_tuning_a_brewclip_run_trains_only_prompts_layer_and_classifier(planted, tmp_path):
     brewclip.main(planted, tmp_path / "retrieval", overrides=["train.epochs=2"], **quiet)
     results = ser.main(planted, tmp_path / "ser", overrides=[f"init_from={tmp_path / 'retrieval'}",

@@ -9,9 +9,10 @@ plots.
     RUN/last.safetensors   weights after the last finished epoch
     RUN/last_state.safetensors
                            what resuming needs: weights, optimiser state and torch CPU RNG state as tensors; epoch,
-                           best score and optimiser settings as JSON in its metadata. No pickle: loading it runs no
-                           code (an old RUN/last_state.pt, a pickle, is refused unread)
-    RUN/best.safetensors   weights of the best validation epoch
+                           best (score, loss) and optimiser settings as JSON in its metadata. No pickle: loading it
+                           runs no code (an old RUN/last_state.pt, a pickle, is refused unread)
+    RUN/best.safetensors   weights of the best validation epoch (`Best`: highest score, ties to the lower loss); its
+                           metadata says which epoch, its score and loss
     RUN/results.json       final test metrics, flat name -> number (a recipe's HEADLINE names the ones that matter)
     RUN/*.png              curves
 """
@@ -58,6 +59,32 @@ class Headline(NamedTuple):
     metric: str
     untrained: str | None
     trivial: str | None
+
+
+class Best(NamedTuple):
+    """Where checkpoint selection stands: the best epoch's validation score (higher wins) and, between equal scores,
+    its validation loss (lower wins). A score that saturates (R@1 = 1.0 over a handful of validation items) then
+    still lets a later epoch of the same score and a lower loss replace the checkpoint, where a strict `>` on the
+    score alone kept the first epoch that reached it. A recipe with no loss to break ties leaves it at inf."""
+    score: float = -math.inf
+    loss: float = math.inf
+
+    def beaten_by(self, score: float, loss: float = math.inf) -> bool:
+        if math.isnan(score):
+            return False
+        loss = math.inf if math.isnan(loss) else loss
+        return score > self.score or (score == self.score and loss < self.loss)
+
+
+def as_best(value) -> Best:
+    """A `Best` from what a resume state holds: a (score, loss) pair, or a bare score (states written before
+    selection broke ties on the loss; its loss is unknown, so any finite loss at the same score replaces it)."""
+    if isinstance(value, Best):
+        return value
+    if isinstance(value, (tuple, list)):
+        score, loss = value
+        return Best(float(score), float(loss))
+    return Best(float(value))
 
 
 def seed_everything(seed: int) -> None:
@@ -173,10 +200,10 @@ class RunDir:
         replace_atomically(path, lambda tmp: save_model(model, str(tmp), metadata=meta, force_contiguous=True))
         return path
 
-    def resume(self, state: dict | None, model: torch.nn.Module, optimiser: torch.optim.Optimizer) -> tuple[int, float]:
-        """Load what `start()` returned into the model and optimiser; -> (last finished epoch, best score)."""
+    def resume(self, state: dict | None, model: torch.nn.Module, optimiser: torch.optim.Optimizer) -> tuple[int, Best]:
+        """Load what `start()` returned into the model and optimiser; -> (last finished epoch, best so far)."""
         if state is None:
-            return 0, -float("inf")
+            return 0, Best()
         try:  # a state of another model or optimiser fails here, in torch's words: say which file and what to do
             model.load_state_dict(state["model"])
             optimiser.load_state_dict(state["optimiser"])
@@ -186,17 +213,19 @@ class RunDir:
             reason = f"it does not fit this model and optimiser: {one_line(exc)}"
             raise RunStateError(cannot_resume(self.path / STATE_FILE, reason)) from None
         self.truncate_history(state["epoch"])
-        return state["epoch"], state["best"]
+        return state["epoch"], as_best(state["best"])
 
-    def end_epoch(self, epoch: int, score: float, best: float, model: torch.nn.Module,
-                  optimiser: torch.optim.Optimizer) -> float:
-        """Save best (when `score` beats `best`) and last weights, then the state to resume from; -> new best.
-        The state goes last: a run killed before it resumes from the previous epoch and redoes this one."""
-        if score > best:
-            best = score
-            self.save_weights("best", model, {"epoch": epoch, "score": score})
+    def end_epoch(self, epoch: int, score: float, best: Best | float, model: torch.nn.Module,
+                  optimiser: torch.optim.Optimizer, loss: float = math.inf) -> Best:
+        """Save best (when (`score`, `loss`) beats `best`: a higher score, or the same score at a lower loss) and
+        last weights, then the state to resume from; -> the new best. The state goes last: a run killed before it
+        resumes from the previous epoch and redoes this one."""
+        best = as_best(best)
+        if best.beaten_by(score, loss):
+            best = Best(float(score), float(loss))
+            self.save_weights("best", model, {"epoch": epoch, "score": score, "loss": loss})
         self.save_weights("last", model, {"epoch": epoch})
-        self.save_state({"epoch": epoch, "best": best, "model": model.state_dict(),
+        self.save_state({"epoch": epoch, "best": tuple(best), "model": model.state_dict(),
                          "optimiser": optimiser.state_dict(), "torch_rng": torch.get_rng_state()})
         return best
 
@@ -210,11 +239,15 @@ class RunDir:
 
         replace_atomically(self.path / STATE_FILE, write)
 
-    def load_best(self, model: torch.nn.Module) -> None:
-        """Load the best weights into `model`; with no epoch run at all, the model as it is becomes the best."""
-        if not (self.path / "best.safetensors").is_file():
+    def load_best(self, model: torch.nn.Module) -> int:
+        """Load the best weights into `model`; -> the epoch they are from (0: with no epoch run at all, the model as
+        it is becomes the best)."""
+        path = self.path / "best.safetensors"
+        if not path.is_file():
             self.save_weights("best", model, {"epoch": 0})
         self.load_weights("best", model)
+        with safe_open(str(path), framework="pt", device="cpu") as fh:
+            return int((fh.metadata() or {}).get("epoch", 0))
 
     def load_weights(self, name: str, model: torch.nn.Module) -> None:
         path = self.path / f"{name}.safetensors"
@@ -238,7 +271,8 @@ class RunDir:
         ax.set_ylabel(ylabel)
         ax.set_title(title)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # a run without validation has no points to label
+            ax.legend(fontsize=8)
         fig.tight_layout()
         path = self.path / filename
         fig.savefig(path, dpi=110)
@@ -382,8 +416,10 @@ def check_state_types(state: dict) -> None:
     epoch, best, optimiser = state["epoch"], state["best"], state["optimiser"]
     if type(epoch) is not int or epoch < 0:
         raise ValueError(f"its epoch {epoch!r} is not a whole number >= 0")
-    if type(best) not in (int, float):
-        raise ValueError(f"its best score {best!r} is not a number")
+    pair = isinstance(best, tuple) and len(best) == 2
+    if not (type(best) in (int, float) or pair and all(type(v) in (int, float) for v in best)):
+        raise ValueError(f"its best {best!r} is neither a (score, loss) pair of numbers nor a number (the score "
+                         f"alone, as states written before held it)")
     if not isinstance(state["model"], dict) or not all(isinstance(v, torch.Tensor) for v in state["model"].values()):
         raise ValueError("its model is not a mapping of names to tensors")
     if not isinstance(optimiser, dict) or not isinstance(optimiser.get("state"), dict) \

@@ -1,5 +1,6 @@
 """BrewCLIP's zero-shot baselines read from a store: pipeline-only (Whisper transcript -> CLIP text) and the text
-upper bound (ground-truth caption -> CLIP text), against the CLIP image gallery, in both directions."""
+upper bound (ground-truth caption -> CLIP text), against the CLIP image gallery, in both directions, beside the
+chance level of a random ranking of that gallery."""
 from __future__ import annotations
 
 import contextlib
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from avcache.eval.retrieval import cross_modal_retrieval, plot_retrieval, retrieval_markdown
+from avcache.eval.retrieval import cross_modal_retrieval, plot_retrieval, random_cross_modal, retrieval_markdown
 from avcache.features.store import FeatureSet, FeatureStore
 from avcache.train.items import (COLUMN, READS, extract_option, image_gallery, require_feature_sets,
                                  select_caption_items, store_items)
@@ -58,7 +59,9 @@ def evaluate_zeroshot(store_root, manifest=None, split: str = "test", dataset: s
 
     Keys (all numbers): images, images_missing (groups with no clip_image row), captions (items whose image is in
     the gallery), captions_without_image, and per system S in (zeroshot, textupper) and direction in (s2i, i2s):
-    S_<dir>_R@1/R@5/R@10/MRR/median_rank/mean_rank/queries, plus S_missing.
+    S_<dir>_R@1/R@5/R@10/MRR/median_rank/mean_rank/queries, plus S_missing; and the same keys of a uniformly
+    random ranking of the selected gallery (S = random, exact expectations: `random_cross_modal`), the chance
+    level every system's numbers stand beside.
     """
     store = FeatureStore(store_root)
     with contextlib.ExitStack() as stack:
@@ -71,6 +74,8 @@ def evaluate_zeroshot(store_root, manifest=None, split: str = "test", dataset: s
                    "captions_without_image": len(rows) - len(captions)}
         for name, feature_set in QUERY_SETS.items():
             results.update(_system(name, sets[feature_set], captions, images, chunk_size))
+    # the chance level of the gallery as selected (a system missing captions, S_missing > 0, has a smaller one)
+    results.update(random_cross_modal(np.array([image for _, image in captions], np.int64), len(images)))
     return results
 
 

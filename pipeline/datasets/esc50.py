@@ -10,11 +10,10 @@ from ..adapters import (
     absolute_path,
     find_written,
     manifest_row,
-    read_csv,
+    read_csv_records,
     register_adapter,
     require_file,
 )
-from ..manifest import ManifestError
 
 ESC50_COLUMNS = ("filename", "fold", "target", "category", "esc10", "src_file", "take")
 
@@ -33,25 +32,16 @@ def esc50(data_dir: Path) -> AdapterResult:
     files = FileIndex(data_dir)
     csv_path = require_file(files, "esc50.csv", "esc50", " (ESC-50: meta/esc50.csv)")
     result = AdapterResult()
-    records = read_csv(csv_path, result, "esc50")
-    _, header = next(records, (0, []))
-    missing = [c for c in ("filename", "fold", "target", "category") if c not in header]
-    if missing:
-        raise ManifestError(f"esc50: {csv_path} header lacks {missing}; expected {','.join(ESC50_COLUMNS)}")
-    for number, fields in records:
-        row = _esc50_row(header, number, fields, csv_path, files, result)
+    for where, record in read_csv_records(csv_path, result, "esc50", ("filename", "fold", "target", "category"),
+                                          ESC50_COLUMNS):
+        row = _esc50_row(where, record, csv_path, files, result)
         if row is not None:
             result.rows.append(row)
     return result
 
 
-def _esc50_row(header: list[str], number: int, fields: list[str], csv_path: Path, files: FileIndex,
+def _esc50_row(where: str, record: dict[str, str], csv_path: Path, files: FileIndex,
                result: AdapterResult) -> dict | None:
-    where = f"{csv_path.name} line {number}"
-    if len(fields) != len(header):
-        result.fail(f"{where}: expected {len(header)} fields, got {len(fields)}", csv_path)
-        return None
-    record = dict(zip(header, fields))
     item_id = f"esc50:{Path(record['filename']).stem}"
     try:
         fold, target = int(record["fold"]), int(record["target"])
@@ -64,7 +54,7 @@ def _esc50_row(header: list[str], number: int, fields: list[str], csv_path: Path
     audio = (find_written(record["filename"], (audio_dir,), files, result)
              or files.find(record["filename"], prefer_dirs=("audio",)))
     if audio is None:
-        result.fail(f"{where}: audio {record['filename']} not found", official, item_id)
+        result.fail(f"{where}: audio {record['filename']} not found", official, item_id, label=record["category"])
         return None
     split = "test" if fold == 5 else "val" if fold == 4 else "train"
     extra = {"fold": fold, **{k: record[k] for k in ("esc10", "src_file", "take") if k in record}}

@@ -310,3 +310,57 @@ def mean_index_error(pred: torch.Tensor, target: torch.Tensor, tgt_mask: torch.T
             raise ValueError("normalised=True needs src_lengths")
         pred, target = _normalised(pred, src_lengths), _normalised(target, src_lengths)
     return float((pred - target).abs()[valid].mean())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# input-free baselines: what a trained alignment must beat on the same target steps
+
+
+def diagonal_alignment(tgt_mask: torch.Tensor, src_lengths: torch.Tensor) -> torch.Tensor:
+    """(B, Q) bool, (B,) source lengths L -> (B, Q) long: the uniform corner-to-corner path, valid target step q of Q
+    -> source index round(q (L-1) / (Q-1)); IGNORE at padded steps. Sees lengths only, never content."""
+    tgt_mask = tgt_mask.to(dtype=torch.bool)
+    rank = (tgt_mask.long().cumsum(-1) - 1).float()                                    # (B, Q)
+    count = tgt_mask.sum(-1, keepdim=True).float()                                     # (B, 1)
+    L = src_lengths.to(tgt_mask.device)[:, None].float()
+    return torch.round(rank * (L - 1).clamp(min=0) / (count - 1).clamp(min=1)).long().masked_fill(~tgt_mask, IGNORE)
+
+
+class PositionPrior:
+    """The per-position prior: for each relative target position q / (Q-1) (in `bins` equal bins), the most frequent
+    relative source index a / (L-1) of the training alignments; it predicts round(that * (L-1)). Like the diagonal
+    it sees lengths and positions only. A bin no training step fell into predicts the diagonal."""
+
+    def __init__(self, modes: torch.Tensor):
+        self.modes = modes  # (bins,) relative source index per relative target position bin
+
+    @classmethod
+    def fit(cls, alignments: list[torch.Tensor], src_lengths: list[int], bins: int = 20) -> PositionPrior:
+        """alignments: (Q_i,) long per item, IGNORE at steps without a target; src_lengths: L_i per item."""
+        if bins < 2:
+            raise ValueError(f"bins must be >= 2, got {bins!r}")
+        counts: list[dict[float, int]] = [{} for _ in range(bins)]
+        for alignment, L in zip(alignments, src_lengths):
+            Q = len(alignment)
+            for q, a in enumerate(alignment.tolist()):
+                if a >= 0:
+                    value = a / (L - 1) if L > 1 else 0.0
+                    bucket = counts[round(q * (bins - 1) / max(Q - 1, 1))]
+                    bucket[value] = bucket.get(value, 0) + 1
+        diagonal = [b / (bins - 1) for b in range(bins)]
+        # ties go to the value nearest the diagonal, then the smaller one: the same training set, the same prior
+        modes = [max(c, key=lambda v: (c[v], -abs(v - d), -v)) if c else d for c, d in zip(counts, diagonal)]
+        return cls(torch.tensor(modes, dtype=torch.float64))
+
+    def predict(self, tgt_mask: torch.Tensor, src_lengths: torch.Tensor) -> torch.Tensor:
+        """(B, Q) bool, (B,) -> (B, Q) long; IGNORE at padded target steps."""
+        tgt_mask = tgt_mask.to(dtype=torch.bool)
+        bins = len(self.modes)
+        rank = tgt_mask.long().cumsum(-1) - 1                                            # (B, Q)
+        count = tgt_mask.sum(-1, keepdim=True)                                            # (B, 1)
+        # the same double arithmetic as `fit` (q (bins-1) / (Q-1), rounded half to even): the same bin at a tie
+        position = torch.round((rank * (bins - 1)).double() / (count - 1).clamp(min=1).double()).long()
+        position = position.clamp(0, bins - 1)
+        L = src_lengths.to(tgt_mask.device)[:, None].double()
+        index = torch.round(self.modes.to(tgt_mask.device)[position] * (L - 1).clamp(min=0)).long()
+        return torch.minimum(index, (L - 1).clamp(min=0).long()).masked_fill(~tgt_mask, IGNORE)

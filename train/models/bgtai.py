@@ -5,9 +5,11 @@
     Result Filter(Y_hat, CLIP frames f_1:Q) -> alignment of each frame to a gloss position  (CE and SP-Loss vs DTW)
     mean(Y_hat) -> linear -> CLIP space, matched with the image / video embedding            (contrastive loss)
 
-Without DS-Net, Y_hat is o_1:N linearly interpolated to G steps (no learned selection). In training DS-Net's
-selection is soft (softmax over the source axis) so gradients reach it; in evaluation it is the hard monotonic
-path. Training uses the reference glosses (teacher forcing); inference decodes the glosses first.
+Without DS-Net, Y_hat is o_1:N linearly interpolated to G steps (no learned selection). DS-Net's selection is the
+hard monotonic path A_hat in training and evaluation alike; its gradient is that of the softmax over the source axis
+(straight-through). With a soft selection in training and the hard one in evaluation, the Result Filter was trained
+on inputs it never saw again and scored no better than the diagonal guess (docs/bgtai.md). Training uses the
+reference glosses (teacher forcing); inference decodes the glosses first.
 """
 from __future__ import annotations
 
@@ -69,16 +71,15 @@ class Bgtai(nn.Module):
         self.to_clip = nn.Linear(cfg.width, cfg.clip_dim)
         self.scale = 1.0 / cfg.temperature
 
-    def selected(self, o, src_mask, gloss_tokens, gloss_mask, hard: bool):
+    def selected(self, o, src_mask, gloss_tokens, gloss_mask):
         """Y_hat (B, G, W): the source vectors picked for each gloss token (G = gloss tokens without BOS/EOS)."""
         if self.ds_net is None:
             return interpolate_steps(o, src_mask, gloss_mask), None
         scores = self.ds_net(o, self.l2g.decoder.embed(gloss_tokens), src_mask, gloss_mask)  # (B, G, N)
-        if hard:
-            weights = selection_matrix(monotonic_decode(scores, src_mask, gloss_mask), o.shape[1])
-        else:
-            weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # padded gloss rows are all -inf
-        return select(o, weights), scores
+        hard = selection_matrix(monotonic_decode(scores, src_mask, gloss_mask), o.shape[1], o.dtype)  # A_hat
+        soft = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # padded gloss rows are all -inf
+        # straight-through: the forward value is A_hat exactly, the gradient is the softmax's
+        return select(o, hard + soft - soft.detach()), scores
 
     def embed(self, y_hat: torch.Tensor, gloss_mask: torch.Tensor) -> torch.Tensor:
         """Masked mean of Y_hat -> CLIP space, L2-normalised (B, D)."""
@@ -86,7 +87,7 @@ class Bgtai(nn.Module):
         pooled = (y_hat * m).sum(1) / m.sum(1).clamp(min=1)
         return F.normalize(self.to_clip(pooled), dim=-1)
 
-    def forward(self, batch: dict, hard: bool = False) -> dict:
+    def forward(self, batch: dict) -> dict:
         """Teacher-forced pass on the reference glosses: everything the losses and the alignment metrics need."""
         o, h, src_mask, keys = self.l2g.encode(batch["source"], batch["source_mask"])
         targets = batch["gloss_ids"]                                                   # (B, L) BOS g.. EOS PAD
@@ -96,7 +97,7 @@ class Bgtai(nn.Module):
             step, state = self.l2g.decoder.step(targets[:, t], state, keys, o, src_mask)
             logits.append(step)
         gloss_tokens, gloss_mask = strip_specials(targets)                              # (B, G)
-        y_hat, ds_scores = self.selected(o, src_mask, gloss_tokens, gloss_mask, hard)
+        y_hat, ds_scores = self.selected(o, src_mask, gloss_tokens, gloss_mask)
         out = {"gloss_logits": torch.stack(logits, 1), "embedding": self.embed(y_hat, gloss_mask),
                "gloss_mask": gloss_mask, "ds_scores": ds_scores, "rf_scores": None}
         if self.result_filter is not None:
@@ -110,7 +111,7 @@ class Bgtai(nn.Module):
         o, _, src_mask, _ = self.l2g.encode(source, source_mask)
         tokens = pad_batch([seq or [PAD] for seq in decoded]).to(source.device)          # (B, G)
         mask = tokens != PAD
-        y_hat, _ = self.selected(o, src_mask, tokens, mask, hard=True)
+        y_hat, _ = self.selected(o, src_mask, tokens, mask)
         return self.embed(y_hat, mask), decoded
 
 

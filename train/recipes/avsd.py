@@ -3,8 +3,9 @@
 Read top to bottom: setup (config; cues computed once into the store if missing; dialogues from the manifest;
 BART by name or path, the tiny profile training its tokenizer on the training dialogues) -> train (teacher-forced
 on every turn of the training dialogues; validation loss on their last turns picks the best epoch) -> evaluate
-(beam search on the test dialogues' last turn; pycocoevalcap against every reference; the DSTC submission file)
--> save (scores, the DSTC submission, examples.md with each example's selected frames as a thumbnail strip).
+(beam search on the test dialogues' last turn; pycocoevalcap against every reference, beside the untrained
+generator and the most frequent training answer given to every question; the DSTC submission file) -> save
+(scores, the DSTC submission, examples.md with each example's selected frames as a thumbnail strip).
 Ablations are configs: no cues, behavioural only, auditory only, both; the frame prefix; k frames; the trained
 behaviour head. `load_run` + `generate` answer other questions with a finished run.
 
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 
 from avcache.eval import dstc
+from avcache.eval.markdown import code_span
 from avcache.features.store import FeatureStore
 from avcache.pipeline.config import ConfigError, load_dataclass
 from avcache.pipeline.datasets.avsd import UNDISCLOSED
@@ -32,8 +34,11 @@ from avcache.train.items import store_items
 from avcache.train.runs import Headline, RunDir, pick_device, seed_everything, to_device
 
 NAME = "avsd"
-# baselines: none computed yet (neither the untrained generator nor a trivial answer such as the most frequent one)
-HEADLINE = tuple(Headline(metric, untrained=None, trivial=None) for metric in ("BLEU_4", "METEOR", "ROUGE_L", "CIDEr"))
+# baselines on the same test questions: the generator before training, and the most frequent training answer given
+# to every question (dstc.most_frequent_answer), all scored in one pass of the DSTC scorer
+BASELINES = {"untrained": "untrained model", "frequent_answer": "most frequent training answer"}
+HEADLINE = tuple(Headline(metric, untrained=f"untrained_{metric}", trivial=f"frequent_answer_{metric}")
+                 for metric in ("BLEU_4", "METEOR", "ROUGE_L", "CIDEr"))
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "avsd.yaml"
 CUE_USES = ("both", "behaviour", "auditory", "none")
 
@@ -244,6 +249,9 @@ def main(store: str | Path, run: str | Path, config=None, overrides=(), log=prin
     state = run_dir.start()
     optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr,
                                   weight_decay=cfg.train.weight_decay)
+    # The generator before training (random weights in the tiny profile, BART as published otherwise): one more
+    # beam search over the test questions, the final evaluation's cost (a random one runs to max_answer_tokens).
+    untrained = generate(s, splits["test"])
     start_epoch, best = run_dir.resume(state, model, optimiser)
 
     # ---- train ----------------------------------------------------------------------------------------------
@@ -269,14 +277,22 @@ def main(store: str | Path, run: str | Path, config=None, overrides=(), log=prin
 
     # ---- evaluate -------------------------------------------------------------------------------------------
     run_dir.load_best(model)
-    hypotheses = dict(zip((e.item_id for e in splits["test"]), generate(s, splits["test"])))
+    test_ids = [e.item_id for e in splits["test"]]
+    hypotheses = dict(zip(test_ids, generate(s, splits["test"])))
     references = {e.item_id: e.references for e in splits["test"] if e.references}
-    scores, questions = dstc.evaluate({k: v for k, v in hypotheses.items() if k in references}, references)
-    results = {**scores, "test_questions": len(references), "epochs": cfg.train.epochs,
-               "train_seconds": round(seconds, 2), "bart": s.spec.get("model")}
+    frequent = dstc.most_frequent_answer(e.answer for e in splits["train"] if e.answer)
+    systems = {"": hypotheses, "untrained": dict(zip(test_ids, untrained)),
+               "frequent_answer": {k: frequent for k in references}}
+    scored = dstc.evaluate_systems({name: {k: v for k, v in h.items() if k in references}
+                                    for name, h in systems.items()}, references)
+    scores, questions = scored[""]
+    results = {**scores, **{f"{name}_{k}": v for name in BASELINES for k, v in scored[name][0].items()},
+               "test_questions": len(references), "epochs": cfg.train.epochs, "train_seconds": round(seconds, 2),
+               "bart": s.spec.get("model")}
 
     # ---- save -----------------------------------------------------------------------------------------------
-    dstc.write_scores(scores, questions, run_dir.path)
+    labels = {**BASELINES, "frequent_answer": f"{BASELINES['frequent_answer']} {code_span(frequent, table_cell=True)}"}
+    dstc.write_scores(scores, questions, run_dir.path, {labels[name]: scored[name][0] for name in BASELINES})
     for source, path in _official_test_files(s.rows).items():  # the DSTC submission, beside the run's results
         wanted = {r["item_id"] for r in s.rows if r["split"] == "test" and manifest_extra(r).get("source") == source}
         if wanted <= set(hypotheses):
@@ -288,8 +304,10 @@ def main(store: str | Path, run: str | Path, config=None, overrides=(), log=prin
     run_dir.plot("loss.png", {k: [(r["epoch"], r[k]) for r in history if k in r] for k in ("train_loss", "val_loss")},
                  "loss", "BART answer generation")
     run_dir.close()
-    log(f"[avsd] test: BLEU_4 {scores.get('BLEU_4', 0):.3f}, CIDEr {scores.get('CIDEr', 0):.3f} "
-        f"-> {run_dir.path / 'results.json'}")
+    log(f"[avsd] test: BLEU_4 {scores['BLEU_4']:.3f} (untrained {results['untrained_BLEU_4']:.3f}, "
+        f"the most frequent training answer {frequent!r} {results['frequent_answer_BLEU_4']:.3f}), CIDEr "
+        f"{scores['CIDEr']:.3f} (untrained {results['untrained_CIDEr']:.3f}, frequent answer "
+        f"{results['frequent_answer_CIDEr']:.3f}) -> {run_dir.path / 'results.json'}")
     return results
 
 

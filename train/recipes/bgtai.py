@@ -2,27 +2,18 @@
 
 Read top to bottom: setup (config, video items with their cached gloss and DTW alignment, vocabularies from the
 training split, model) -> train (seq2seq + Result Filter CE + SP-Loss (or L2) + contrastive, weights in the
-config; validation alignment accuracy and retrieval after each epoch) -> evaluate (test split: alignment vs DTW,
-audio<->video retrieval, gloss BLEU, ESC-50 linear-probe and zero-shot accuracy, next to the untrained model) ->
-save (results.json, curves, an alignment heatmap).
+config; validation alignment accuracy, retrieval and loss after each epoch; the best checkpoint has the highest
+validation alignment accuracy, ties going to the lower validation loss) -> evaluate (test split: alignment vs DTW
+beside the diagonal guess and the per-position prior, audio<->video retrieval beside a random ranking, gloss BLEU,
+ESC-50 linear-probe and zero-shot accuracy beside the majority class; alignment and retrieval for the
+untrained model too) -> save (results.json, curves, an alignment heatmap). `efficiency_study` is the paper's Fig. 2.
 
-What is the paper and what is ours (the paper leaves most of this open):
-- paper: Langue2Gloss (encoder with summary h_L and outputs o_1:N, attention decoder emitting glosses), DS-Net
-  (monotonic sparse selection A_hat, Y_hat = Y x A_hat), Result Filter (same network, CLIP frame targets,
-  cross-entropy against precomputed DTW paths A*), SP-Loss (L1 of the [0, 1]-normalised alignments), a weighted
-  total loss, Table 4's ablations (L2 / SP-Loss / total / DS-Net with audio cut to 1, 5, 10 s).
-- ours: glosses are rule-based (features/gloss.py: spaCy lookup lemmas, function words dropped); A* is the DTW
-  path (cosine cost, classic steps) between the CLIP text embeddings of the description's gloss tokens and the
-  video's CLIP frame embeddings, i.e. the "interpolated text sequence" is the gloss-token sequence, and it is
-  shared by both source modalities; the encoder is a bidirectional GRU with additive attention; DS-Net selects,
-  for each gloss token, source steps of o_1:N (soft in training, the hard monotonic DP path in evaluation);
-  without DS-Net, o_1:N is linearly interpolated to the gloss length; the aligned representation is the mean of
-  Y_hat projected to CLIP space and trained with symmetric InfoNCE against the video's pooled CLIP frames;
-  "L2 loss" (row A) is the squared error of the normalised soft alignment; alignment is evaluated on the
-  reference glosses (teacher forcing), retrieval and classification on decoded glosses (no reference at test).
+What is the paper and what is ours (the paper leaves most of it open), the reading of Table 4 and the baselines:
+docs/bgtai.md.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,30 +22,37 @@ import numpy as np
 import torch
 
 from avcache.eval.probe import linear_probe_accuracy, zero_shot_accuracy
-from avcache.eval.retrieval import cross_modal_retrieval
+from avcache.eval.retrieval import cross_modal_retrieval, random_cross_modal
+from avcache.features.durable import write_json_atomic
 from avcache.features.gloss import gloss_bleu
 from avcache.features.store import FeatureStore
 from avcache.pipeline.config import ConfigError, load_dataclass
-from avcache.train.models.alignment import alignment_accuracy, mean_index_error, monotonic_decode
+from avcache.train.models.alignment import (PositionPrior, alignment_accuracy, diagonal_alignment, mean_index_error,
+                                            monotonic_decode)
 from avcache.train.models.bgtai import Bgtai, BgtaiConfig, LossWeights, bgtai_loss, strip_specials
-from avcache.train.data import GlossItems, LabelledStates, collate, collate_gloss, loader
+from avcache.train.data import GlossItems, LabelledStates, collate, collate_gloss, loader, pad_sequences
 from avcache.train.items import NoItemsError
 from avcache.train.runs import Headline, RunDir, pick_device, seed_everything, to_device
 
 NAME = "bgtai"
-# baselines: the untrained model; no trivial predictor (the uniform diagonal alignment, chance recall) is computed
-# yet. With data.source=text the retrieval keys are t2i_*, so a text run shows alignment only.
-HEADLINE = (Headline("alignment_accuracy", untrained="untrained_alignment_accuracy", trivial=None),
-            Headline("a2i_R@1", untrained="untrained_a2i_R@1", trivial=None))
+# baselines on the same test frames / gallery: the untrained model, and the strongest input-free predictor
+# (trivial_alignment_accuracy: the better of the diagonal guess and the per-position prior, both in results.json;
+# a random ranking's exact expectation for retrieval). With data.source=text the retrieval keys are t2i_*, so a
+# text run shows alignment only.
+HEADLINE = (Headline("alignment_accuracy", untrained="untrained_alignment_accuracy",
+                     trivial="trivial_alignment_accuracy"),
+            Headline("a2i_R@1", untrained="untrained_a2i_R@1", trivial="random_a2i_R@1"))
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "bgtai.yaml"
 STATES_PER_SECOND = 50  # Whisper encoder states
+RETRIEVAL_KEYS = ("R@1", "R@5", "MRR")
+CLASSIFIERS = {"linear_probe_accuracy": "linear probe", "zeroshot_accuracy": "zero-shot"}  # on the labelled audio
 
 
 @dataclass
 class DataConfig:
     source: str = "audio"                 # audio (the video's audio track) | text (its description)
     manifest: str | None = None
-    audio_seconds: float | None = None    # cut the audio to this many seconds (Table 4 rows D-F)
+    audio_seconds: float | None = None    # cut the audio to this many seconds (Table 4: 10 s, rows D-E: 1, 5 s)
     max_gloss: int = 24
     classification_dataset: str | None = "esc50"   # labelled audio items for linear-probe / zero-shot accuracy
 
@@ -77,7 +75,8 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.01
     grad_clip: float = 1.0
-    select_on: str = "R@1"     # validation metric picking the best checkpoint: R@1 (retrieval) or alignment_accuracy
+    select_on: str = "alignment_accuracy"  # validation metric picking the best checkpoint (ties: lower val loss)
+    classify_each_epoch: bool = False      # linear probe + zero-shot on the labelled audio after every epoch (Fig. 2)
     beam_size: int = 1         # gloss decoding for the test BLEU: 1 = greedy, more = beam search
     device: str = "auto"       # auto (the GPU when there is one) | cpu | cuda | cuda:<n>
 
@@ -111,28 +110,39 @@ def directions(cfg: RecipeConfig) -> tuple[str, str]:
     return ("a2i", "i2a") if cfg.data.source == "audio" else ("t2i", "i2t")
 
 
-def diagonal_guess(batch: dict, gloss_mask: torch.Tensor) -> torch.Tensor:
-    """Without a Result Filter, the alignment is the uniform one: frame q of Q -> gloss q (G-1)/(Q-1)."""
-    q = torch.arange(batch["frames"].shape[1], device=gloss_mask.device).float()[None]
-    Q = batch["frame_mask"].sum(1, keepdim=True).float()
-    G = gloss_mask.sum(1, keepdim=True).float()
-    return torch.round(q * (G - 1).clamp(min=0) / (Q - 1).clamp(min=1)).long()
+def predicted_alignment(out: dict, batch: dict) -> torch.Tensor:
+    """(B, Q) gloss index per frame: the Result Filter's monotonic path, or without one the diagonal guess."""
+    valid = batch["frame_mask"] & (batch["alignment"] >= 0)
+    if out["rf_scores"] is None:
+        return diagonal_alignment(batch["frame_mask"], out["gloss_mask"].sum(1))
+    return monotonic_decode(out["rf_scores"], out["gloss_mask"], valid)
+
+
+def alignment_metrics(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor) -> dict:
+    """The alignment metrics of (B, Q) predictions against A* on the valid frames; lengths: (B,) gloss tokens.
+    Tolerance 1 is one gloss index."""
+    return {"alignment_accuracy": alignment_accuracy(pred, target, mask),
+            "alignment_accuracy_tol1": alignment_accuracy(pred, target, mask, tolerance=1),
+            "mean_index_error": mean_index_error(pred, target, mask),
+            "mean_index_error_normalised": mean_index_error(pred, target, mask, normalised=True, src_lengths=lengths)}
 
 
 @torch.no_grad()
 def evaluate(model: Bgtai, data: GlossItems, cfg: RecipeConfig, bleu: bool = False) -> dict:
+    """Alignment against A* (teacher-forced on the reference glosses), retrieval from decoded glosses, and the
+    training loss of the same teacher-forced pass (`loss`: it breaks ties in checkpoint selection)."""
     model.eval()
-    predicted, targets, masks, lengths, embeddings, decoded = [], [], [], [], [], []
+    predicted, targets, masks, lengths, embeddings, decoded, losses = [], [], [], [], [], [], []
     device = next(model.parameters()).device
     for batch in loader(data, cfg.train.batch_size, shuffle=False, collate_fn=collate_gloss):
         batch = to_device(batch, device)
-        out = model(batch, hard=True)
-        valid = batch["frame_mask"] & (batch["alignment"] >= 0)
-        guess = monotonic_decode(out["rf_scores"], out["gloss_mask"], valid) if out["rf_scores"] is not None \
-            else diagonal_guess(batch, out["gloss_mask"])
-        for tensor, bucket in ((guess, predicted), (batch["alignment"], targets), (valid, masks)):
+        out = model(batch)
+        for tensor, bucket in ((predicted_alignment(out, batch), predicted), (batch["alignment"], targets),
+                               (batch["frame_mask"] & (batch["alignment"] >= 0), masks)):
             bucket.extend(tensor)
         lengths.extend(out["gloss_mask"].sum(1))
+        loss, _ = bgtai_loss(model, out, batch, cfg.loss)
+        losses.append((float(loss), len(batch["image"])))
         embedding, tokens = model.infer(batch["source"], batch["source_mask"])
         embeddings.append(embedding)
         decoded.extend(tokens)
@@ -142,13 +152,10 @@ def evaluate(model: Bgtai, data: GlossItems, cfg: RecipeConfig, bleu: bool = Fal
     a, b = directions(cfg)
     retrieval = cross_modal_retrieval(torch.cat(embeddings).cpu().numpy(), data.images.numpy(), np.arange(len(data)),
                                       prefix=(a, b))
-    results = {"alignment_accuracy": alignment_accuracy(pred, target, mask),
-               "alignment_accuracy_tol1": alignment_accuracy(pred, target, mask, tolerance=1),
-               "mean_index_error": mean_index_error(pred, target, mask),
-               "mean_index_error_normalised": mean_index_error(pred, target, mask, normalised=True,
-                                                               src_lengths=torch.stack(lengths)),
-               **{k: v for k, v in retrieval.items() if k.split("_")[-1] in ("R@1", "R@5", "MRR")},
-               "R@1": retrieval[f"{a}_R@1"]}
+    results = {**alignment_metrics(pred, target, mask, torch.stack(lengths)),
+               **{k: v for k, v in retrieval.items() if k.split("_")[-1] in RETRIEVAL_KEYS},
+               "R@1": retrieval[f"{a}_R@1"], "R@5": retrieval[f"{a}_R@5"],
+               "loss": sum(value * n for value, n in losses) / len(data)}
     if bleu:
         if cfg.train.beam_size > 1:
             decoded = [tokens for batch in loader(data, cfg.train.batch_size, shuffle=False, collate_fn=collate_gloss)
@@ -159,16 +166,60 @@ def evaluate(model: Bgtai, data: GlossItems, cfg: RecipeConfig, bleu: bool = Fal
     return results
 
 
-def classification(model: Bgtai, store, cfg: RecipeConfig, max_frames: int) -> dict:
-    """Linear probe on the pooled encoder outputs, and zero-shot against the store's label prompts (clip_vocab)."""
+def trivial_baselines(train: GlossItems, test: GlossItems, cfg: RecipeConfig) -> dict:
+    """The input-free predictors on the frames and gallery the model is scored on. Alignment: the diagonal guess
+    (frame q of Q -> gloss round(q (G-1) / (Q-1))) and the per-position prior (the most frequent relative gloss index
+    per relative frame position, fit on the training split's A*); trivial_<metric> is the better of the two on
+    each metric (the higher accuracy, the lower error). Retrieval: the exact expectation of a uniformly random
+    ranking (random_<direction>_R@K, _MRR)."""
+    position_prior = PositionPrior.fit(train.alignments, [len(g) for g in train.glosses])
+    target, frame_mask = pad_sequences(test.alignments, -1)                                   # (B, Q)
+    lengths = torch.tensor([len(g) for g in test.glosses])                                     # (B,) G
+    valid = frame_mask & (target >= 0)
+    diagonal = alignment_metrics(diagonal_alignment(frame_mask, lengths), target, valid, lengths)
+    prior = alignment_metrics(position_prior.predict(frame_mask, lengths), target, valid, lengths)
+    out = {**{f"diagonal_{k}": v for k, v in diagonal.items()}, **{f"prior_{k}": v for k, v in prior.items()},
+           **{f"trivial_{k}": (max if "accuracy" in k else min)(diagonal[k], prior[k]) for k in diagonal}}
+    a, b = directions(cfg)
+    chance = random_cross_modal(np.arange(len(test)), len(test), prefix=(f"random_{a}", f"random_{b}"))
+    out.update({k: v for k, v in chance.items() if k.split("_")[-1] in RETRIEVAL_KEYS})
+    return out
+
+
+@dataclass
+class Labelled:
+    """The labelled audio (ESC-50's folds as the store's splits) read once: classification after every epoch
+    reuses it. prompts: (C, D) CLIP text embeddings of the class prompts (clip_vocab), None where the store lacks
+    one."""
+    train: LabelledStates
+    test: LabelledStates
+    prompts: np.ndarray | None
+
+
+def labelled_audio(store, cfg: RecipeConfig, max_frames: int, preload: bool = True) -> Labelled | None:
     if cfg.data.source != "audio" or not cfg.data.classification_dataset:
-        return {}
+        return None
+    d = cfg.data
     try:
-        train = LabelledStates(store, "train", None, cfg.data.manifest, cfg.data.classification_dataset,
-                               max_frames=max_frames, preload=True)
-        test = LabelledStates(store, "test", train.classes, cfg.data.manifest, cfg.data.classification_dataset,
-                              max_frames=max_frames, preload=True)
+        train = LabelledStates(store, "train", None, d.manifest, d.classification_dataset, max_frames=max_frames,
+                               preload=preload)
+        test = LabelledStates(store, "test", train.classes, d.manifest, d.classification_dataset,
+                              max_frames=max_frames, preload=preload)
     except NoItemsError:
+        return None
+    prompts = None
+    fs = FeatureStore(store)
+    if "clip_vocab" in fs:
+        rows = [f"labels:{c}" for c in train.classes]
+        if all(r in fs["clip_vocab"] for r in rows):
+            prompts = fs["clip_vocab"].vectors("embedding", rows)
+    return Labelled(train, test, prompts)
+
+
+def classification(model: Bgtai, labelled: Labelled | None, cfg: RecipeConfig) -> dict:
+    """Linear probe on the pooled encoder outputs and zero-shot against the class prompts, on the labelled test
+    clips, beside the majority class of the training clips on the same test clips."""
+    if labelled is None:
         return {}
     model.eval()
 
@@ -184,16 +235,16 @@ def classification(model: Bgtai, store, cfg: RecipeConfig, max_frames: int) -> d
             embedded.append(model.infer(batch["states"], batch["mask"])[0])
         return torch.cat(pooled).cpu().numpy(), torch.cat(embedded).cpu().numpy()
 
+    train, test = labelled.train, labelled.test
     (train_x, _), (test_x, test_clip) = features(train), features(test)
-    out = {"linear_probe_accuracy": linear_probe_accuracy(train_x, train.labels, test_x, test.labels,
-                                                          len(train.classes)),
+    majority = int(torch.bincount(train.labels).argmax())
+    with torch.random.fork_rng(devices=[]):  # the probe seeds torch: training's dropout must not depend on it
+        probe = linear_probe_accuracy(train_x, train.labels, test_x, test.labels, len(train.classes))
+    out = {"linear_probe_accuracy": probe,
+           "majority_class_accuracy": float((test.labels == majority).float().mean()),
            "classification_items": len(test)}
-    fs = FeatureStore(store)
-    if "clip_vocab" in fs:
-        vocab = fs["clip_vocab"]
-        rows = [f"labels:{c}" for c in train.classes]
-        if all(r in vocab for r in rows):
-            out["zeroshot_accuracy"] = zero_shot_accuracy(test_clip, test.labels, vocab.vectors("embedding", rows))
+    if labelled.prompts is not None:
+        out["zeroshot_accuracy"] = zero_shot_accuracy(test_clip, test.labels, labelled.prompts)
     return out
 
 
@@ -212,6 +263,8 @@ def main(store: str | Path, run: str | Path, config=None, overrides=(), log=prin
         except NoItemsError:
             if split == "test":
                 raise
+    labelled = labelled_audio(store, cfg, max_frames)
+    per_epoch = f"{d.classification_dataset}_" if labelled is not None and cfg.train.classify_each_epoch else None
     log(f"[bgtai] {d.source} -> gloss ({len(train.gloss_vocab)} tokens) -> video; "
         + ", ".join(f"{k} {len(v)}" for k, v in splits.items()))
     run_dir = RunDir(run, cfg, NAME)  # only once the data loaded: a bad store leaves no half-made run behind
@@ -219,8 +272,10 @@ def main(store: str | Path, run: str | Path, config=None, overrides=(), log=prin
     model = build_model(cfg, train).to(device)
     optimiser = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     untrained = evaluate(model, splits["test"], cfg)
+    untrained.update({k: v for k, v in classification(model, labelled, cfg).items()
+                      if k in CLASSIFIERS})  # before resume: the untrained weights
     start_epoch, best = run_dir.resume(state, model, optimiser)
-    select = f"val_{cfg.train.select_on}" if "val" in splits else None
+    select = f"val_{cfg.train.select_on}" if "val" in splits else None  # no val split: the last epoch is kept
 
     # ---- train ----------------------------------------------------------------------------------------------
     started = time.monotonic()
@@ -239,22 +294,28 @@ def main(store: str | Path, run: str | Path, config=None, overrides=(), log=prin
             for k, v in {"loss": loss.item(), **parts}.items():
                 parts_sum[k] = parts_sum.get(k, 0.0) + v
             batches += 1
-        metrics = {"epoch": epoch, **{f"train_{k}": v / batches for k, v in parts_sum.items()}}
+        metrics = {"epoch": epoch, **{f"train_{k}": v for k, v in parts_sum.items()}}
         if "val" in splits:
             metrics.update({f"val_{k}": v for k, v in evaluate(model, splits["val"], cfg).items()})
+        if per_epoch:  # the test clips, for the curve only: never used to pick a checkpoint
+            metrics.update({f"{per_epoch}{k}": v for k, v in classification(model, labelled, cfg).items()
+                            if k in CLASSIFIERS})
         run_dir.log(epoch, metrics)
         log(f"[bgtai] epoch {epoch}: loss {metrics['train_loss']:.3f}"
-            + (f", val alignment {metrics['val_alignment_accuracy']:.3f}, val R@1 {metrics['val_R@1']:.3f}"
-               if select else ""))
-        best = run_dir.end_epoch(epoch, metrics[select] if select else epoch, best, model, optimiser)
+            + (f", val alignment {metrics['val_alignment_accuracy']:.3f}, val R@1 {metrics['val_R@1']:.3f}, "
+               f"val loss {metrics['val_loss']:.3f}" if select else ""))
+        best = run_dir.end_epoch(epoch, metrics[select] if select else epoch, best, model, optimiser,
+                                 loss=metrics["val_loss"] if select else math.inf)
     seconds = time.monotonic() - started
 
     # ---- evaluate -------------------------------------------------------------------------------------------
-    run_dir.load_best(model)
+    best_epoch = run_dir.load_best(model)
     results = evaluate(model, splits["test"], cfg, bleu=True)
-    results.update(classification(model, store, cfg, max_frames))
+    results.update(trivial_baselines(train, splits["test"], cfg))
+    results.update(classification(model, labelled, cfg))
     results.update({f"untrained_{k}": v for k, v in untrained.items()})
-    results.update({"test_items": len(splits["test"]), "epochs": cfg.train.epochs, "train_seconds": round(seconds, 2)})
+    results.update({"test_items": len(splits["test"]), "epochs": cfg.train.epochs, "best_epoch": best_epoch,
+                    "train_seconds": round(seconds, 2)})
 
     # ---- save -----------------------------------------------------------------------------------------------
     run_dir.write_results(results)
@@ -265,9 +326,11 @@ def main(store: str | Path, run: str | Path, config=None, overrides=(), log=prin
                                   for m in ("alignment_accuracy", "R@1")}, "accuracy", "validation accuracy per epoch")
     alignment_heatmap(model, splits["test"], run_dir.path / "alignment_heatmap.png")
     run_dir.close()
-    log(f"[bgtai] test: alignment {results['alignment_accuracy']:.3f} (untrained "
-        f"{results['untrained_alignment_accuracy']:.3f}), R@1 {results['R@1']:.3f} (untrained "
-        f"{results['untrained_R@1']:.3f}) -> {run_dir.path / 'results.json'}")
+    log(f"[bgtai] test (epoch {best_epoch}): alignment {results['alignment_accuracy']:.3f} (diagonal "
+        f"{results['diagonal_alignment_accuracy']:.3f}, prior {results['prior_alignment_accuracy']:.3f}, untrained "
+        f"{results['untrained_alignment_accuracy']:.3f}), R@1 {results['R@1']:.3f} (random "
+        f"{results[f'random_{directions(cfg)[0]}_R@1']:.3f}, untrained {results['untrained_R@1']:.3f}) "
+        f"-> {run_dir.path / 'results.json'}")
     return results
 
 
@@ -279,10 +342,8 @@ def alignment_heatmap(model: Bgtai, data: GlossItems, path: Path, items: int = 4
 
     model.eval()
     batch = to_device(collate_gloss([data[i] for i in range(min(items, len(data)))]), next(model.parameters()).device)
-    out = model(batch, hard=True)
-    valid = batch["frame_mask"] & (batch["alignment"] >= 0)
-    predicted = monotonic_decode(out["rf_scores"], out["gloss_mask"], valid) if out["rf_scores"] is not None \
-        else diagonal_guess(batch, out["gloss_mask"])
+    out = model(batch)
+    predicted = predicted_alignment(out, batch)
     batch, predicted = to_device(batch, torch.device("cpu")), predicted.cpu()  # plotted from here on
     gloss_mask = out["gloss_mask"].cpu()
     fig = Figure(figsize=(3.2 * len(predicted), 3.4))
@@ -304,25 +365,69 @@ def alignment_heatmap(model: Bgtai, data: GlossItems, path: Path, items: int = 4
     return path
 
 
+# ---- the training-efficiency study (Fig. 2) --------------------------------------------------------------------
+
 EFFICIENCY_STUDY = {"Base": "bgtai_base.yaml", "DS-Net": "bgtai_dsnet.yaml", "Result Filter": "bgtai_rf.yaml",
                     "DS & RF": "bgtai.yaml"}
 
 
 def efficiency_study(store: str | Path, out: str | Path, overrides=(), log=print) -> dict:
-    """The paper's training-efficiency study: the four model variants trained alike, their validation accuracy
-    per epoch on one plot (OUT/efficiency.png) and their test results side by side (OUT/efficiency.json)."""
+    """The paper's Fig. 2: the four variants (EFFICIENCY_STUDY) trained alike, each scored on the labelled audio
+    (ESC-50: probe fit on the train folds, accuracy on the test fold) after every epoch, linear probe and zero-shot;
+    epoch 0 is the untrained model. Writes OUT/efficiency.png (accuracy per epoch: one panel per measure, one line
+    per variant, the majority class dashed), OUT/efficiency.json ({"dataset", "variants": {name: {"epoch": [...],
+    <measure>: [...], "best_epoch", "majority_class_accuracy"}}}) and OUT/results.json (each variant's test results
+    as "<variant>/<key>": the table the report shows); each variant's run directory is OUT/<config stem>/.
+    -> the flat results."""
     out = Path(out)
+    overrides = [*overrides, "train.classify_each_epoch=true"]
+    cfg = load_recipe_config(DEFAULT_CONFIG, overrides)
+    dataset = cfg.data.classification_dataset
+    if labelled_audio(store, cfg, 1, preload=False) is None:
+        raise ConfigError(f"the efficiency study scores labelled audio after every epoch, but the store {store} has "
+                          f"no {dataset or 'data.classification_dataset'} items with Whisper states in both the train "
+                          f"and the test split (or data.source is not audio); extract an ESC-50 manifest into it")
     results, curves = {}, {}
     for name, config in EFFICIENCY_STUDY.items():
         run = out / config.removesuffix(".yaml")
         results[name] = main(store, run, DEFAULT_CONFIG.parent / config, overrides, log)
-        curves[name] = RunDir(run, {}).history()
-    plotter = RunDir(out, {})
-    plotter.path.mkdir(parents=True, exist_ok=True)
-    for metric in ("alignment_accuracy", "R@1"):
-        plotter.plot(f"efficiency_{metric.replace('@', '')}.png",
-                     {name: [(r["epoch"], r[f"val_{metric}"]) for r in history if f"val_{metric}" in r]
-                      for name, history in curves.items()}, metric, f"validation {metric} per epoch")
+        history = RunDir(run, {}).history()
+        curves[name] = {"epoch": [0, *(r["epoch"] for r in history)],  # 0: the untrained model
+                        **{m: [results[name].get(f"untrained_{m}"), *(r.get(f"{dataset}_{m}") for r in history)]
+                           for m in CLASSIFIERS},
+                        "best_epoch": results[name]["best_epoch"],
+                        "majority_class_accuracy": results[name].get("majority_class_accuracy")}
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "efficiency.json", {"dataset": dataset, "variants": curves})
+    plot_efficiency(curves, dataset, out / "efficiency.png")
     flat = {f"{name}/{k}": v for name, r in results.items() for k, v in r.items()}
-    plotter.write_results(flat)
+    RunDir(out, {}).write_results(flat)
+    log(f"[bgtai] efficiency study -> {out / 'efficiency.png'}, {out / 'efficiency.json'}")
     return flat
+
+
+def plot_efficiency(curves: dict, dataset: str, path: Path) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 3.6))
+    FigureCanvasAgg(fig)
+    for ax, (measure, label) in zip(fig.subplots(1, len(CLASSIFIERS), squeeze=False)[0],
+                                    CLASSIFIERS.items()):
+        for name, curve in curves.items():
+            points = [(e, v) for e, v in zip(curve["epoch"], curve[measure]) if v is not None]
+            if points:
+                ax.plot(*zip(*points), marker="o", markersize=3, label=name)
+        majority = next((c["majority_class_accuracy"] for c in curves.values()
+                         if c["majority_class_accuracy"] is not None), None)
+        if majority is not None:
+            ax.axhline(majority, color="grey", linestyle="--", linewidth=1, label="majority class")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("accuracy")
+        ax.set_ylim(0, 1.02)
+        ax.set_title(f"{dataset} {label} accuracy per epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path

@@ -2,13 +2,14 @@
 
 Read top to bottom: setup (config, data from the store, model, optimiser, resumption) -> train (one pass per
 epoch, validation recall after each, best and last checkpoints) -> evaluate (the best weights on the test split,
-both directions, next to the untrained model) -> save (results.json, curves). Ablations are config variants
-(train/configs/brewclip_*.yaml) or `--set key=value` overrides. In the default fast mode nothing here touches
-raw media or an encoder: every input comes from the store.
+both directions, next to the untrained model and a random ranking's exact chance level) -> save (results.json,
+curves). Ablations are config variants (train/configs/brewclip_*.yaml) or `--set key=value` overrides. In the
+default fast mode nothing here touches raw media or an encoder: every input comes from the store.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from avcache.eval.retrieval import cross_modal_retrieval
+from avcache.eval.retrieval import cross_modal_retrieval, random_cross_modal
 from avcache.pipeline.config import ConfigError, load_dataclass
 from avcache.train.models.brewclip import BrewClip, BrewClipConfig, PromptedTextTower, brewclip_loss
 from avcache.train.data import CachedPairs, loader
@@ -24,9 +25,9 @@ from avcache.train.items import NoItemsError
 from avcache.train.runs import Headline, RunDir, pick_device, seed_everything, to_device
 
 NAME = "brewclip"
-# baselines: the untrained model on the same test split; no trivial predictor (chance recall) is computed yet
-HEADLINE = (Headline("s2i_R@1", untrained="untrained_s2i_R@1", trivial=None),
-            Headline("i2s_R@1", untrained="untrained_i2s_R@1", trivial=None))
+# baselines: the untrained model and a random ranking (exact chance recall) on the same test gallery
+HEADLINE = (Headline("s2i_R@1", untrained="untrained_s2i_R@1", trivial="random_s2i_R@1"),
+            Headline("i2s_R@1", untrained="untrained_i2s_R@1", trivial="random_i2s_R@1"))
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "brewclip.yaml"
 
@@ -87,10 +88,15 @@ def forward(model: BrewClip, batch: dict) -> dict:
 
 @torch.no_grad()
 def evaluate(model: BrewClip, pairs: CachedPairs, batch_size: int) -> dict:
-    """Speech->image and image->speech retrieval of the fused embedding against the split's images."""
+    """Speech->image and image->speech retrieval of the fused embedding against the split's images, and the
+    training loss over the whole split at once (`loss`, independent of batching: what breaks ties when a
+    validation recall saturates)."""
     model.eval()
-    fused = torch.cat([forward(model, batch)["fused"].cpu() for batch in loader(pairs, batch_size, shuffle=False)])
-    return cross_modal_retrieval(fused.numpy(), pairs.images.numpy(), pairs.groups.numpy())
+    outputs = [forward(model, batch) for batch in loader(pairs, batch_size, shuffle=False)]
+    out = {key: torch.cat([o[key] for o in outputs]) for key in outputs[0] if torch.is_tensor(outputs[0][key])}
+    loss, _ = brewclip_loss(out, pairs.images[pairs.groups], pairs.groups.to(out["fused"].device), model)
+    metrics = cross_modal_retrieval(out["fused"].cpu().numpy(), pairs.images.numpy(), pairs.groups.numpy())
+    return {**metrics, "loss": float(loss)}
 
 
 def main(store: str | Path, run: str | Path, config: str | Path | None = None, overrides=(), log=print) -> dict:
@@ -141,27 +147,34 @@ def main(store: str | Path, run: str | Path, config: str | Path | None = None, o
         run_dir.log(epoch, metrics)
         log(f"[brewclip] epoch {epoch}: loss {metrics['train_loss']:.4f}"
             + (f", {select} {metrics[select]:.3f}" if select else ""))
-        best = run_dir.end_epoch(epoch, metrics[select] if select else epoch, best, model, optimiser)
+        # The best validation recall, ties (a recall saturated on a small split) to the lower validation loss.
+        best = run_dir.end_epoch(epoch, metrics[select] if select else epoch, best, model, optimiser,
+                                 loss=metrics["val_loss"] if select else math.inf)
     seconds = time.monotonic() - started
 
     # ---- evaluate -------------------------------------------------------------------------------------------
-    run_dir.load_best(model)
+    best_epoch = run_dir.load_best(model)
     results = evaluate(model, splits["test"], cfg.train.batch_size)
     results.update({f"untrained_{k}": v for k, v in untrained.items() if not k.endswith("queries")})
+    test = splits["test"]
+    results.update({k: v for k, v in random_cross_modal(test.groups.numpy(), len(test.images)).items()
+                    if not k.endswith("queries")})
     history = run_dir.history()
     results.update({"epochs": cfg.train.epochs, "train_seconds": round(seconds, 2),
                     "train_pairs_per_second": round(pairs_seen / seconds, 1) if pairs_seen else 0.0,
-                    "best_epoch": max(history, key=lambda r: r.get(select, r["epoch"]))["epoch"] if history else 0})
+                    "best_epoch": best_epoch})
 
     # ---- save -----------------------------------------------------------------------------------------------
     run_dir.write_results(results)
-    run_dir.plot("loss.png", {"train": [(r["epoch"], r["train_loss"]) for r in history]}, "InfoNCE loss",
+    run_dir.plot("loss.png", {"train": [(r["epoch"], r["train_loss"]) for r in history],
+                              "val": [(r["epoch"], r["val_loss"]) for r in history if "val_loss" in r]}, "InfoNCE loss",
                  "BrewCLIP training loss")
     run_dir.plot("recall.png", {f"val {m}": [(r["epoch"], r[f"val_{m}"]) for r in history if f"val_{m}" in r]
                                 for m in ("s2i_R@1", "s2i_R@5", "i2s_R@1", "i2s_R@5")},
                  "recall", "validation recall")
     run_dir.close()
-    log(f"[brewclip] test: s2i R@1 {results['s2i_R@1']:.3f} (untrained {results['untrained_s2i_R@1']:.3f}), "
-        f"i2s R@1 {results['i2s_R@1']:.3f} -> {run_dir.path / 'results.json'}")
+    log(f"[brewclip] test: s2i R@1 {results['s2i_R@1']:.3f} (untrained {results['untrained_s2i_R@1']:.3f}, "
+        f"random {results['random_s2i_R@1']:.3f}), i2s R@1 {results['i2s_R@1']:.3f} (random "
+        f"{results['random_i2s_R@1']:.3f}) -> {run_dir.path / 'results.json'}")
     return results
 

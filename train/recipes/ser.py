@@ -8,6 +8,7 @@ Labels come from a manifest column (`label` by default: the RAVDESS adapter puts
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,18 +93,19 @@ def build_acoustic(cfg: RecipeConfig, whisper_dim: int) -> AcousticChannel:
 
 @torch.no_grad()
 def evaluate(head: SerHead, data: LabelledStates, batch_size: int) -> dict:
+    """Accuracy, macro F1 and the mean cross-entropy (`loss`: what breaks ties when validation accuracy saturates)."""
     head.eval()
     device = next(head.parameters()).device
-    predicted = torch.cat([head(b["states"].to(device), b["mask"].to(device)).argmax(1).cpu()
-                           for b in loader(data, batch_size, shuffle=False)])
-    truth = data.labels
+    logits = torch.cat([head(b["states"].to(device), b["mask"].to(device)).cpu()
+                        for b in loader(data, batch_size, shuffle=False)])                        # (N, classes)
+    predicted, truth = logits.argmax(1), data.labels
     f1 = []
     for c in range(len(data.classes)):
         tp = int(((predicted == c) & (truth == c)).sum())
         denominator = int((predicted == c).sum() + (truth == c).sum())
         f1.append(2 * tp / denominator if denominator else 0.0)
     return {"accuracy": float((predicted == truth).float().mean()), "macro_f1": float(np.mean(f1)),
-            "items": len(truth)}
+            "loss": float(torch.nn.functional.cross_entropy(logits, truth)), "items": len(truth)}
 
 
 def main(store: str | Path, run: str | Path, config: str | Path | None = None, overrides=(), log=print) -> dict:
@@ -149,22 +151,28 @@ def main(store: str | Path, run: str | Path, config: str | Path | None = None, o
             metrics.update({f"val_{k}": v for k, v in evaluate(head, splits["val"], cfg.train.batch_size).items()})
         run_dir.log(epoch, metrics)
         log(f"[ser] epoch {epoch}: loss {metrics['train_loss']:.4f}" + (f", {select} {metrics[select]:.3f}" if select else ""))
-        best = run_dir.end_epoch(epoch, metrics[select] if select else epoch, best, head, optimiser)
+        # The best validation accuracy, ties (saturated on a small split) to the lower validation loss.
+        best = run_dir.end_epoch(epoch, metrics[select] if select else epoch, best, head, optimiser,
+                                 loss=metrics["val_loss"] if select else math.inf)
 
     # ---- evaluate -------------------------------------------------------------------------------------------
-    run_dir.load_best(head)
+    best_epoch = run_dir.load_best(head)
     test = evaluate(head, splits["test"], cfg.train.batch_size)
+    # The trivial predictor: the training split's most frequent class (ties: the first), given for every test item;
+    # the test split's own majority would peek at the labels it is scored on.
     majority = int(torch.bincount(train_data.labels).argmax())
     results = {"ser_accuracy": test["accuracy"], "ser_macro_f1": test["macro_f1"], "ser_test_items": test["items"],
                "untrained_ser_accuracy": untrained["accuracy"],
                "majority_class_accuracy": float((splits["test"].labels == majority).float().mean()),
                "classes": len(train_data.classes), "trainable_parameters": sum(p.numel() for p in trainable),
-               "train_seconds": round(time.monotonic() - started, 2)}
+               "best_epoch": best_epoch, "train_seconds": round(time.monotonic() - started, 2)}
 
     # ---- save -----------------------------------------------------------------------------------------------
     run_dir.write_results(results)
     history = run_dir.history()
-    run_dir.plot("loss.png", {"train": [(r["epoch"], r["train_loss"]) for r in history]}, "cross-entropy", "SER loss")
+    run_dir.plot("loss.png", {"train": [(r["epoch"], r["train_loss"]) for r in history],
+                              "val": [(r["epoch"], r["val_loss"]) for r in history if "val_loss" in r]},
+                 "cross-entropy", "SER loss")
     run_dir.plot("accuracy.png", {"val": [(r["epoch"], r["val_accuracy"]) for r in history if "val_accuracy" in r]},
                  "accuracy", "SER validation accuracy")
     run_dir.close()
