@@ -45,10 +45,10 @@ $(STAMP): pyproject.toml
 setup: $(STAMP) ## install avcache and its dependencies into .venv
 	@$(BIN)/python -c "import avcache.pipeline.cli, torch, torchvision, open_clip, ray, faiss, decord; print('avcache ready: torch', torch.__version__, '| cuda', torch.cuda.is_available())"
 
-synth: $(STAMP) ## write the synthetic dataset: DATA=<dir> [ITEMS=<n>] [SEED=<s>] [VGGSOUND=1: with the VGGSound part]
-	$(BIN)/avcache synth --data $(DATA) --items $(ITEMS) --seed $(SEED) $(if $(filter 1,$(VGGSOUND)),--vggsound)
+synth: $(STAMP) ## write the synthetic dataset: DATA=<dir> [ITEMS=<n>] [SEED=<s>] [VGGSOUND=1: with the VGGSound part] [LN_COCO=1: with the LN-COCO part]
+	$(BIN)/avcache synth --data $(DATA) --items $(ITEMS) --seed $(SEED) $(if $(filter 1,$(VGGSOUND)),--vggsound) $(if $(filter 1,$(LN_COCO)),--ln-coco)
 
-manifest: $(STAMP) ## build a manifest: DATASET=<synthetic|avsd|flickr8k_audio|spokencoco|esc50|urbansound8k|vggsound|ravdess|folder> DATA=<dir> MANIFEST=<file.arrow> [CLASSES=<file>: only these labels, one a line] [ALLOW_OUTSIDE_DATA=1: accept media outside DATA]
+manifest: $(STAMP) ## build a manifest: DATASET=<synthetic|avsd|flickr8k_audio|spokencoco|ln_coco|esc50|urbansound8k|vggsound|ravdess|folder> DATA=<dir> MANIFEST=<file.arrow> [CLASSES=<file>: only these labels, one a line] [ALLOW_OUTSIDE_DATA=1: accept media outside DATA]
 	$(BIN)/avcache manifest --dataset $(DATASET) --data $(DATA) --manifest $(MANIFEST) $(if $(CLASSES),--classes $(CLASSES)) $(if $(filter 1,$(ALLOW_OUTSIDE_DATA)),--allow-outside-data)
 
 extract: $(STAMP) ## extract every feature set: MANIFEST=<file.arrow> STORE=<dir> [CONFIG=<file.yaml>]

@@ -10,6 +10,7 @@ from typing import Callable
 import numpy as np
 import open_clip
 import torch
+from open_clip.transformer import VisionTransformer
 from PIL import Image
 
 from avcache.features.checkpoints import sha256_file
@@ -65,7 +66,44 @@ def clip_spec(model: str, pretrained: str | None) -> dict:
         "image_size": vision.get("image_size", 224),
         "context_length": config["text_cfg"].get("context_length", 77),
         **{f"preprocess_{k}": v for k, v in preprocess.items()},
+        # Widths of the ViT's input tokens (clip_image_tokens); absent for a ResNet or timm tower. No feature set's
+        # identity or preprocessing reads these keys, so the existing clip specs are unchanged by them.
+        **vit_token_shape(vision),
     }
+
+
+def vit_token_shape(vision: dict) -> dict:
+    """open_clip vision config -> {"vision_tokens": T, "vision_width": W} of its ViT's input sequence (class token
+    plus one per patch: 50 x 768 for ViT-B/32), or {} when the tower is not open_clip's VisionTransformer."""
+    if "timm_model_name" in vision or not isinstance(vision.get("layers"), int) or "patch_size" not in vision:
+        return {}
+    size, patch = vision.get("image_size", 224), vision["patch_size"]
+    height, width = (size, size) if isinstance(size, int) else size
+    patch_h, patch_w = (patch, patch) if isinstance(patch, int) else patch
+    return {"vision_tokens": (height // patch_h) * (width // patch_w) + 1, "vision_width": int(vision["width"])}
+
+
+def vision_transformer(model: torch.nn.Module) -> VisionTransformer:
+    """The open_clip VisionTransformer of a CLIP (or the tower itself); ValueError for any other image tower."""
+    visual = getattr(model, "visual", model)
+    if not isinstance(visual, VisionTransformer):
+        raise ValueError(f"the image tower is a {type(visual).__name__}, not an open_clip VisionTransformer: only a "
+                         f"ViT has input tokens to cache and prompt (use a ViT CLIP such as ViT-B-32)")
+    return visual
+
+
+def vit_input_tokens(visual: VisionTransformer, pixels: torch.Tensor) -> torch.Tensor:
+    """(N, 3, S, S) preprocessed pixels -> (N, T, W): the sequence the ViT's blocks see, before `ln_pre`.
+
+    Patch embedding (conv1), class token and positional embedding, as open_clip's `_embeds` does; patch dropout is
+    a training-time augmentation (the identity in eval) and is left out. `ln_pre` is left to the tower that reads
+    the cache (PromptedImageTower): prompts are appended before it, so they go through it as in the official
+    MaPLe code, and all the tower's own ops stay in one place."""
+    x = visual.conv1(pixels)  # (N, W, g, g)
+    x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)  # (N, g*g, W)
+    cls = visual.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)  # (N, 1, W)
+    x = torch.cat([cls, x], dim=1)  # (N, T, W)
+    return x + visual.positional_embedding.to(x.dtype)
 
 
 @dataclass
@@ -99,6 +137,16 @@ class ClipEncoder:
         with self._autocast():
             features = self.model.encode_text(tokens.to(self.device))
         return _normalise(features), tokens.numpy().astype(np.int32)
+
+    @torch.inference_mode()
+    def encode_image_tokens(self, images: list[np.ndarray | Image.Image]) -> np.ndarray:
+        """(N, H, W, 3) uint8 frames or PIL images -> (N, T, W) float32 ViT input tokens (see vit_input_tokens)."""
+        visual = vision_transformer(self.model)
+        if len(images) == 0:
+            return np.zeros((0, *visual.positional_embedding.shape), np.float32)
+        pixels = torch.stack([self.preprocess(_as_pil(im)) for im in images]).to(self.device)  # (N, 3, S, S)
+        # fp32 even on GPU: one convolution is cheap, and bf16 here would round what every later epoch reads.
+        return vit_input_tokens(visual, pixels.float()).float().cpu().numpy()
 
 
 def create_clip(model: str, pretrained: str | None = None, device: str = "cpu") -> tuple[ClipEncoder, Callable, dict]:

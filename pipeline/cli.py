@@ -17,7 +17,7 @@ def cmd_synth(args) -> int:
     from avcache.pipeline.synth import write_synthetic
 
     summary = write_synthetic(args.data, items=args.items, seed=args.seed, speech=args.speech,
-                              vggsound=args.vggsound)
+                              vggsound=args.vggsound, ln_coco=args.ln_coco)
     print(json.dumps(summary, indent=2, default=str))
     return 0
 
@@ -183,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vggsound", action="store_true",
                    help="also write the VGGSound layout (vggsound/: the scenes' videos under clip names); off by "
                         "default: it doubles the video items an extraction of the whole set computes")
+    p.add_argument("--ln-coco", action="store_true",
+                   help="also write the Localized Narratives COCO layout (ln_coco/: a spoken narration of each "
+                        "scene's still); off by default, like --vggsound")
     p.set_defaults(run=cmd_synth)
 
     p = verbs.add_parser("manifest", help="read a dataset in its official layout into a manifest (Arrow)")

@@ -21,9 +21,9 @@ import pyarrow as pa
 from avcache.features.store import FeatureSetSpec, FeatureStore
 from avcache.features.whisper import whisper_options
 from avcache.pipeline.config import ExtractConfig
-from avcache.pipeline.stages import (BeatsStage, ClipFramesStage, ClipImageStage, ClipTextStage, DecodeAudio,
-                                     DecodeImage, DecodeVideo, GlossAlignmentStage, GlossStage, Resources, Stage,
-                                     WhisperStage)
+from avcache.pipeline.stages import (BeatsStage, ClipFramesStage, ClipImageStage, ClipImageTokensStage, ClipTextStage,
+                                     DecodeAudio, DecodeImage, DecodeVideo, GlossAlignmentStage, GlossStage, Resources,
+                                     Stage, WhisperStage)
 
 
 @dataclass
@@ -422,6 +422,30 @@ register_extractor(Extractor(
     columns=(Vector("embedding", dim="dim"),),
     encoder=_clip_encoder,
     preprocessing=lambda ctx, encoder: _clip_preprocessing(encoder),
+))
+
+
+def _clip_vit_encoder(ctx: Context) -> dict:
+    encoder = _clip_encoder(ctx)
+    if "vision_width" not in encoder:
+        raise ValueError(f"feature set 'clip_image_tokens' needs a CLIP whose image tower is an open_clip "
+                         f"VisionTransformer; {encoder['model']}'s is not (a ResNet or timm tower has no ViT input "
+                         f"tokens)")
+    return encoder
+
+
+# Not in the default config's list: 50 x 768 floats per image for ViT-B/32 (about 150 KB), read only by BrewCLIP's
+# shared prompt mode. Extract it by name (--feature-sets clip_image_tokens).
+register_extractor(Extractor(
+    name="clip_image_tokens",
+    select=rows_with("image_path"),
+    stages=((DecodeImage, _image_decoder),
+            (ClipImageTokensStage, lambda ctx: _clip_stage(ctx, ctx.config.batch_size.clip))),
+    columns=(Sequence("tokens", trailing=("vision_width",)),),
+    encoder=_clip_vit_encoder,
+    preprocessing=lambda ctx, encoder: {**_clip_preprocessing(encoder), "vision_tokens": encoder["vision_tokens"],
+                                        "tokens": "conv1 patches + class token + positional embedding, "
+                                                  "before ln_pre"},
 ))
 
 

@@ -175,6 +175,24 @@ class ClipImageStage(ModelStage):
         return [{"embedding": v} for v in vectors]
 
 
+class ClipImageTokensStage(ClipImageStage):
+    """The ViT's input tokens of each row's decoded `image` (T, W), before ln_pre: what a prompted image tower
+    (BrewCLIP's shared prompts) runs the frozen blocks over. Refuses a CLIP whose image tower is not a ViT."""
+
+    name = "clip_image_tokens"
+    outputs = ("tokens",)
+
+    def setup(self) -> None:
+        from avcache.features.clip import vision_transformer
+
+        super().setup()
+        vision_transformer(self.encoder.model)  # a ResNet tower fails here, once, not on every item
+
+    def encode(self, rows: list[dict]) -> list[dict]:
+        tokens = self.encoder.encode_image_tokens([row["image"] for row in rows])  # (B, T, W)
+        return [{"tokens": t} for t in tokens]
+
+
 class ClipFramesStage(ClipImageStage):
     """CLIP image tower over each row's decoded video `frames`: the per-frame sequence (replacing the pixels) and
     its normalised mean. Its failures are named clip_image's, as they were before the two were split."""

@@ -1,8 +1,8 @@
 """A small synthetic audio-visual dataset whose answers are known, written in the official on-disk layouts.
 
 `write_synthetic(out_dir)` writes scenes of a few classes (dog, car, bird, ...). Every scene appears in three
-datasets (four with vggsound=True), each laid out exactly like the published one so that the real adapters read
-it unchanged:
+datasets (a fourth with vggsound=True, a fifth with ln_coco=True), each laid out exactly like the published one
+so that the real adapters read it unchanged:
 
     out_dir/
       avsd/Charades_v1_480/<ID>.mp4                 H.264 video + AAC 16 kHz mono audio (the class sound)
@@ -17,12 +17,17 @@ it unchanged:
       vggsound/vggsound.csv                         no header: youtube_id,start_seconds,label,split (train/test)
       vggsound/video/<youtube_id>_<start:06d>.mp4   each scene's AVSD video again, under a VGGSound clip name
                                                     (only with vggsound=True: see write_synthetic)
+      ln_coco/coco_{train,val}_localized_narratives*.jsonl   Localized Narratives COCO: a narration per scene
+      ln_coco/coco_{train,val}/coco_<split>_<image_id>_<annotator>.ogg   the narration spoken (Ogg Opus)
+      ln_coco/{train,val}2017/<image_id:012d>.jpg   the scene's Flickr still under a COCO 2017 name
+                                                    (only with ln_coco=True: see write_synthetic)
       classes.json                                  ground truth: class of every item, planted frames, ...
 
 The class signal is deliberately strong and low-level (background colour, big shapes, tone bands and rhythms),
 because tests train small heads on features of random-initialised tiny encoders and expect them to beat chance.
 Everything derives from `seed`: text/JSON/WAV/JPEG files are byte-identical for the same seed, and so are the
-mp4 files (frames converted to YUV here, single-threaded libx264, ffmpeg's AAC encoder, +bitexact muxing).
+Ogg Opus files (PyAV's libopus, +bitexact muxing) and the mp4 files (frames converted to YUV here,
+single-threaded libx264, ffmpeg's AAC encoder, +bitexact muxing).
 Spoken captions use espeak-ng (see tts.py) when it loads; Whisper tiny.en transcribes the class word in ~95 %
 of them.
 """
@@ -43,6 +48,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from . import tts
+from .datasets.ln_coco import image_name as coco_image_name
+from .datasets.ln_coco import ln_coco_split
 from .datasets.vggsound import clip_name as vggsound_clip_name
 from .datasets.vggsound import vggsound_split
 
@@ -260,7 +267,8 @@ def _rng(seed: int, *stream: int) -> np.random.Generator:
     return np.random.default_rng([seed, *stream])
 
 
-_STREAM_PLAN, _STREAM_VIDEO, _STREAM_IMAGE, _STREAM_DIALOG, _STREAM_CAPTION, _STREAM_ESC, _STREAM_VGGSOUND = range(7)
+(_STREAM_PLAN, _STREAM_VIDEO, _STREAM_IMAGE, _STREAM_DIALOG, _STREAM_CAPTION, _STREAM_ESC, _STREAM_VGGSOUND,
+ _STREAM_LN_COCO) = range(8)
 
 
 def _plan(items: int, n_classes: int, seed: int) -> list[Scene]:
@@ -610,6 +618,67 @@ def _write_vggsound(root: Path, scenes: list[Scene], classes: list[ClassSpec], s
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Localized Narratives COCO
+# ----------------------------------------------------------------------------------------------------------------
+
+LN_COCO_FILES = {"train": "coco_train_localized_narratives-00000-of-00001.jsonl",
+                 "val": "coco_val_localized_narratives.jsonl"}
+OPUS_RATE = 48000           # Opus always runs at 48 kHz, as the Localized Narratives recordings do
+
+
+def _coco_image_ids(scenes: list[Scene], rng: np.random.Generator) -> list[int]:
+    """A distinct COCO-like image id per scene, drawn until the adapter's split (ln_coco_split) is the scene's own:
+    test scenes go in the val file (LN-COCO's val is the test split), train and val scenes in the train file."""
+    ids: list[int] = []
+    for scene in scenes:
+        file_split = "val" if scene.split == "test" else "train"
+        while True:
+            candidate = int(rng.integers(1, 600_000))
+            if candidate not in ids and ln_coco_split(candidate, file_split) == scene.split:
+                ids.append(candidate)
+                break
+    return ids
+
+
+def _narration(scene: Scene, spec: ClassSpec) -> str:
+    caption = _caption(scene, spec, 0)
+    return f"In this picture {caption[0].lower()}{caption[1:]}"  # the way Localized Narratives narrators start
+
+
+def _write_ln_coco(root: Path, scenes: list[Scene], classes: list[ClassSpec], seed: int,
+                   speak: bool) -> tuple[dict, dict]:
+    """The published layout: the jsonl files (one narration a line, image_id a string as published), each
+    narration as Ogg Opus under its `voice_recording` path, each scene's Flickr still as a COCO 2017 image."""
+    base = root / "ln_coco"
+    rng = _rng(seed, _STREAM_LN_COCO)
+    lines: dict[str, list[str]] = {"train": [], "val": []}
+    truth = {}
+    for scene, image_id in zip(scenes, _coco_image_ids(scenes, rng)):
+        spec = classes[scene.cls]
+        file_split = "val" if scene.split == "test" else "train"
+        annotator_id = int(rng.integers(1, 200))
+        recording = f"coco_{file_split}/coco_{file_split}_{image_id}_{annotator_id}.ogg"
+        image_dir = base / f"{file_split}2017"
+        image_dir.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(_still(scene, spec, seed)).save(image_dir / coco_image_name(image_id), quality=95,
+                                                        subsampling=0)
+        text = _narration(scene, spec)
+        voice = _spoken_caption(text, spec, _rng(seed, _STREAM_LN_COCO, scene.index), speak)
+        (base / recording).parent.mkdir(parents=True, exist_ok=True)
+        _write_ogg_opus(base / recording, voice, AUDIO_RATE)
+        seconds = round(len(voice) / AUDIO_RATE, 3)
+        lines[file_split].append(json.dumps({
+            "dataset_id": f"mscoco_{file_split}2017", "image_id": str(image_id), "annotator_id": annotator_id,
+            "caption": text, "timed_caption": [{"utterance": text, "start_time": 0.0, "end_time": seconds}],
+            "traces": [], "voice_recording": recording}))
+        truth[f"ln_coco:{Path(recording).stem}"] = {"class": spec.name, "split": scene.split, "image_id": image_id,
+                                                    "caption": text, "spoken": speak}
+    for file_split, name in LN_COCO_FILES.items():
+        _write_lines(base / name, lines[file_split])
+    return {split: sum(1 for s in scenes if s.split == split) for split in SPLITS}, truth
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Small deterministic writers
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -621,6 +690,25 @@ def _write_wav(path: Path, x: np.ndarray, sr: int) -> None:
         w.setsampwidth(2)
         w.setframerate(sr)
         w.writeframes(pcm.tobytes())
+
+
+def _write_ogg_opus(path: Path, x: np.ndarray, sr: int) -> None:
+    """Mono Ogg Opus through PyAV's libopus; +bitexact gives fixed stream serial numbers, so equal samples give
+    equal bytes (libsndfile's Ogg writer draws a random serial number)."""
+    import av
+
+    with av.open(str(path), "w", format="ogg", options={"fflags": "+bitexact"}) as container:
+        stream = container.add_stream("libopus", rate=OPUS_RATE)
+        stream.layout = "mono"
+        frame = av.AudioFrame.from_ndarray(np.clip(x, -1.0, 1.0).astype(np.float32)[None, :], format="flt",
+                                           layout="mono")  # (1, N)
+        frame.sample_rate = sr
+        # libopus takes fixed 20 ms frames in its own sample format
+        resampler = av.AudioResampler(format=stream.codec_context.format.name, layout="mono", rate=OPUS_RATE,
+                                      frame_size=stream.codec_context.frame_size)
+        for chunk in resampler.resample(frame) + resampler.resample(None):
+            container.mux(stream.encode(chunk))
+        container.mux(stream.encode(None))
 
 
 def _write_json(path: Path, obj) -> None:
@@ -635,10 +723,10 @@ def _write_lines(path: Path, lines: list[str]) -> None:
 # Entry point
 # ----------------------------------------------------------------------------------------------------------------
 
-_OUTPUTS = ("avsd", "flickr8k_audio", "esc50", "vggsound", "classes.json")
+_OUTPUTS = ("avsd", "flickr8k_audio", "esc50", "vggsound", "ln_coco", "classes.json")
 
 
-def _validate(items, n_classes, seed, speech, captions_per_image, esc50_per_scene, vggsound) -> None:
+def _validate(items, n_classes, seed, speech, captions_per_image, esc50_per_scene, vggsound, ln_coco) -> None:
     def is_int(v):
         return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
@@ -657,6 +745,8 @@ def _validate(items, n_classes, seed, speech, captions_per_image, esc50_per_scen
         raise ValueError(f"esc50_per_scene must be 1..10, got {esc50_per_scene!r}")
     if not isinstance(vggsound, bool):
         raise ValueError(f"vggsound must be true or false, got {vggsound!r}")
+    if not isinstance(ln_coco, bool):
+        raise ValueError(f"ln_coco must be true or false, got {ln_coco!r}")
 
 
 def _resolve_speech(speech: str) -> bool:
@@ -691,7 +781,8 @@ def _prepare_out_dir(root: Path) -> None:
 
 
 def write_synthetic(out_dir, items: int = 24, seed: int = 0, speech: str = "auto", *, n_classes: int = 4,
-                    captions_per_image: int = 2, esc50_per_scene: int = 1, vggsound: bool = False) -> dict:
+                    captions_per_image: int = 2, esc50_per_scene: int = 1, vggsound: bool = False,
+                    ln_coco: bool = False) -> dict:
     """Write the synthetic dataset under `out_dir` and return a summary.
 
     items: number of scenes; each gives one AVSD video + dialog, one Flickr8k image with `captions_per_image`
@@ -705,10 +796,13 @@ def write_synthetic(out_dir, items: int = 24, seed: int = 0, speech: str = "auto
         present: its videos double the video items (clip_frames) and add a quarter to the audio items (Whisper,
         BEATs) of every extraction of the whole set, and its labels join the `labels` vocabulary, so off by
         default the demo and the tests' sets stay as they were.
+    ln_coco: also write the Localized Narratives COCO layout (`ln_coco/`: one spoken narration per scene of its
+        still, test scenes in the val file as LN-COCO's val is the test split). Off by default for the same reason:
+        the synthetic adapter would add its images and narrations to every extraction of the whole set.
     Returns {"out_dir", "classes", "items", "seed", "speech", "counts": {...}, "seconds"}.
     """
     started = time.perf_counter()
-    _validate(items, n_classes, seed, speech, captions_per_image, esc50_per_scene, vggsound)
+    _validate(items, n_classes, seed, speech, captions_per_image, esc50_per_scene, vggsound, ln_coco)
     speak = _resolve_speech(speech)
     root = Path(out_dir)
     _prepare_out_dir(root)
@@ -722,6 +816,9 @@ def write_synthetic(out_dir, items: int = 24, seed: int = 0, speech: str = "auto
     vggsound_truth: dict = {}
     if vggsound:
         counts["vggsound"], vggsound_truth = _write_vggsound(root, scenes, classes, seed)
+    ln_coco_truth: dict = {}
+    if ln_coco:
+        counts["ln_coco"], ln_coco_truth = _write_ln_coco(root, scenes, classes, seed, speak)
 
     truth = {f"avsd:{s.video_id}": {"class": classes[s.cls].name, "split": s.split,
                                     "own_frames": [f for f in range(N_FRAMES) if f not in s.planted],
@@ -731,6 +828,7 @@ def write_synthetic(out_dir, items: int = 24, seed: int = 0, speech: str = "auto
     truth.update(flickr_truth)
     truth.update(esc_truth)
     truth.update(vggsound_truth)
+    truth.update(ln_coco_truth)
     _write_json(root / "classes.json", {
         "classes": [c.name for c in classes],
         "sounds": {c.name: c.sound for c in classes},

@@ -113,6 +113,28 @@ def make_spokencoco(root: Path) -> Path:
     return root
 
 
+# The narrations of tests/fixtures/ln_coco: the val file's line 3 has no recording and line 4 is malformed; the
+# train file's line 3 lacks 'voice_recording'. Train image 9 lies in the val bucket of the hash split.
+LN_COCO_NARRATIONS = {"coco_val_139_93": "val2017", "coco_val_139_91": "val2017", "coco_train_9_93": "train2017",
+                      "coco_train_25_93": "train2017"}
+
+
+def write_ogg(path: Path, seconds: float = 0.2) -> None:
+    """Ogg Opus, the codec of the Localized Narratives recordings (48 kHz, as Opus always decodes)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t = np.arange(int(48000 * seconds)) / 48000
+    sf.write(path, (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), 48000, format="OGG", subtype="OPUS")
+
+
+def make_ln_coco(root: Path) -> Path:
+    copy_fixture("ln_coco", root)
+    for stem, image_dir in LN_COCO_NARRATIONS.items():
+        write_ogg(root / stem.rsplit("_", 2)[0] / f"{stem}.ogg")
+        write_jpg(root / image_dir / f"{int(stem.split('_')[2]):012d}.jpg")
+    write_jpg(root / "val2017" / f"{285:012d}.jpg")  # its recording is the one missing
+    return root
+
+
 def make_esc50(root: Path, skip: tuple[str, ...] = ()) -> Path:
     copy_fixture("esc50", root)
     for name in ESC50_FILES:
@@ -323,6 +345,72 @@ def test_spokencoco_official_files_and_images_beside_the_json(tmp_path):
     assert sorted(r["split"] for r in result.rows) == ["train", "train", "val", "val"]
     val = [r for r in result.rows if r["split"] == "val"][0]
     assert val["image_path"] == str(root / "val2014" / "COCO_val2014_000000325114.jpg")
+
+
+# ---------------------------------------------------------------------------------------------- LN-COCO
+
+
+def test_ln_coco_items_splits_and_groups(tmp_path):
+    root = make_ln_coco(tmp_path / "ln")
+    result = ADAPTERS["ln_coco"](root)
+    rows = by_id(result)
+    assert sorted(rows) == sorted(f"ln_coco:{stem}" for stem in LN_COCO_NARRATIONS)
+    row = rows["ln_coco:coco_val_139_93"]
+    assert row["split"] == "test", "LN-COCO has no test split: the authors evaluate on val"
+    assert row["audio_path"] == str(root / "coco_val" / "coco_val_139_93.ogg")
+    assert row["image_path"] == str(root / "val2017" / "000000000139.jpg")
+    assert row["texts"][0].startswith("In this image we can see a television") and row["text_kinds"] == ["caption"]
+    assert row["extra"]["annotator_id"] == 93 and row["extra"]["image_id"] == 139
+    # an int image_id and a second narration of the same image: one group, so never each other's negative
+    other = rows["ln_coco:coco_val_139_91"]
+    assert other["group_id"] == row["group_id"] == "000000000139"
+    assert other["texts"] == ["There is a room with a TV on the left side."]
+    assert rows["ln_coco:coco_train_9_93"]["split"] == "val", "train images in the hash's val bucket"
+    assert rows["ln_coco:coco_train_25_93"]["split"] == "train"
+    assert rows["ln_coco:coco_train_9_93"]["image_path"] == str(root / "train2017" / "000000000009.jpg")
+
+
+def test_ln_coco_split_is_by_image():
+    from avcache.pipeline.datasets.ln_coco import ln_coco_split
+
+    splits = [ln_coco_split(image_id, "train") for image_id in range(2000)]
+    assert set(splits) == {"train", "val"} and 0.05 < splits.count("val") / len(splits) < 0.15
+    assert {ln_coco_split(image_id, "val") for image_id in range(100)} == {"test"}
+
+
+def test_ln_coco_bad_lines_and_missing_media_are_failures(tmp_path):
+    root = make_ln_coco(tmp_path / "ln")
+    (root / "train2017" / "000000000025.jpg").unlink()
+    result = ADAPTERS["ln_coco"](root)
+    reasons = sorted(f["reason"] for f in result.failures)
+    assert reasons == [
+        "coco_train_localized_narratives-00000-of-00001.jsonl line 2: image train2017/000000000025.jpg not found",
+        "coco_train_localized_narratives-00000-of-00001.jsonl line 3: missing 'voice_recording'",
+        "coco_val_localized_narratives.jsonl line 3: voice recording coco_val/coco_val_285_93.ogg not found",
+        "coco_val_localized_narratives.jsonl line 4: invalid JSON: Unterminated string starting at"]
+    missing = next(f for f in result.failures if "coco_val_285_93" in f["reason"])
+    assert missing["item_id"] == "ln_coco:coco_val_285_93"
+    assert len(result.rows) == len(LN_COCO_NARRATIONS) - 1
+
+
+def test_ln_coco_missing_jsonl_is_an_error(tmp_path):
+    root = make_ln_coco(tmp_path / "ln")
+    shutil.rmtree(root / "annotations")
+    with pytest.raises(ManifestError, match="coco_val_localized_narratives"):
+        ADAPTERS["ln_coco"](root)
+
+
+def test_ln_coco_recordings_decode_and_build_a_manifest(tmp_path):
+    from avcache.pipeline.media import load_audio
+
+    root = make_ln_coco(tmp_path / "ln")
+    out = tmp_path / "ln.arrow"
+    build_manifest("ln_coco", root, out)
+    table = read_manifest(out)
+    assert table.num_rows == len(LN_COCO_NARRATIONS) and read_failures(failures_path_for(out)).num_rows == 3
+    for path in table["audio_path"].to_pylist():
+        wave = load_audio(path, sample_rate=16000)  # (N,) Ogg Opus through soundfile, resampled 48 -> 16 kHz
+        assert abs(len(wave) - 0.2 * 16000) <= 16 and 0.2 < np.abs(wave).max() < 0.4
 
 
 # ---------------------------------------------------------------------------------------------- ESC-50

@@ -30,12 +30,14 @@ from test_adapters import (
     make_avsd,
     make_esc50,
     make_flickr,
+    make_ln_coco,
     make_ravdess,
     make_spokencoco,
     make_urbansound8k,
     make_vggsound,
     write_jpg,
     write_mp4,
+    write_ogg,
     write_wav,
 )
 
@@ -106,6 +108,38 @@ def test_spokencoco_wav_and_image_outside_the_dataset_folder(tmp_path):
     ]
     allowed = build_manifest("spokencoco", root, tmp_path / "m.arrow", allow_outside_data=True)
     assert (len(allowed.rows), allowed.failures, allowed.outside) == (7, [], 2)
+
+
+def test_ln_coco_recording_outside_the_dataset_folder(tmp_path):
+    root = make_ln_coco(tmp_path / "ln")
+    write_ogg(tmp_path / "x.ogg")
+    record = {"dataset_id": "mscoco_val2017", "image_id": 139, "annotator_id": 7, "caption": "a room",
+              "voice_recording": "../x.ogg"}
+    append_line(root / "annotations" / "coco_val_localized_narratives.jsonl", json.dumps(record))
+    result = build_manifest("ln_coco", root, tmp_path / "m.arrow")
+    assert {"item_id": "ln_coco:x", "path": str(tmp_path / "x.ogg"), "stage": "manifest",
+            "reason": ESCAPES + "../x.ogg"} in result.failures
+    assert "ln_coco:x" in by_id(build_manifest("ln_coco", root, tmp_path / "m.arrow", allow_outside_data=True))
+
+
+@pytest.mark.parametrize("change, problem", [
+    (dict(image_id="COCO_139"), "'image_id' must be a COCO image number"),
+    (dict(image_id=True), "'image_id' must be a COCO image number"),
+    (dict(caption=None), "'caption' must be a non-empty string"),
+    (dict(voice_recording=""), "'voice_recording' must be a non-empty string"),
+    (dict(annotator_id=[93]), "'annotator_id' must be a number or a string"),
+])
+def test_ln_coco_fields_of_the_wrong_type_are_failures(tmp_path, change, problem):
+    root = make_ln_coco(tmp_path / "ln")
+    record = {"dataset_id": "mscoco_val2017", "image_id": 139, "annotator_id": 7, "caption": "a room",
+              "voice_recording": "coco_val/coco_val_139_93.ogg", **change}
+    append_line(root / "annotations" / "coco_val_localized_narratives.jsonl", json.dumps(record))
+    append_line(root / "annotations" / "coco_val_localized_narratives.jsonl", "[1, 2]")
+    result = ADAPTERS["ln_coco"](root)
+    reasons = [f["reason"] for f in result.failures]
+    assert any(r.startswith(f"coco_val_localized_narratives.jsonl line 5: {problem}") for r in reasons), reasons
+    assert "coco_val_localized_narratives.jsonl line 6: expected a JSON object" in reasons
+    assert len(result.rows) == 4, "the good narrations are kept"
 
 
 def test_folder_csv_paths_outside_the_dataset_folder_but_symlinked_media_inside_are_kept(tmp_path):

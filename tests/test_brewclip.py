@@ -165,7 +165,7 @@ def test_temperature_fixed_learned_and_capped():
 
 
 @pytest.mark.parametrize("channels", ["both", "pipeline", "e2e"])
-@pytest.mark.parametrize("fusion", ["sum", "concat"])
+@pytest.mark.parametrize("fusion", ["normalised_sum", "sum_then_normalise", "concat"])
 @pytest.mark.parametrize("n_prompts", [0, 3])
 @pytest.mark.parametrize("prompt_mode", ["fast", "full"])
 def test_forward_shapes(channels, fusion, n_prompts, prompt_mode, tower, token_ids):
@@ -200,6 +200,43 @@ def test_forward_shapes(channels, fusion, n_prompts, prompt_mode, tower, token_i
             if id(p) not in skip:
                 assert p.grad is not None and p.grad.abs().sum() > 0
     assert all(p.grad is None for p in tower.parameters())
+
+
+def test_the_two_sums_differ_in_where_the_acoustic_output_is_normalised():
+    torch.manual_seed(0)
+    states, mask = padded_states([5, 9, 2])
+    pipe_emb = F.normalize(torch.randn(3, D), dim=-1)
+    normalised = BrewClip(small_cfg(n_prompts=0)).eval()  # the default: today's fusion
+    assert normalised.cfg.fusion == "normalised_sum"
+    official = BrewClip(small_cfg(n_prompts=0, fusion="sum_then_normalise")).eval()
+    official.load_state_dict(normalised.state_dict())
+    with torch.no_grad():
+        raw = normalised.acoustic(states, mask)  # (3, D) unnormalised
+        assert not torch.allclose(raw.norm(dim=-1), torch.ones(3), atol=1e-2)  # else the test could not tell
+        a = normalised(states, mask, pipeline_emb=pipe_emb)["fused"]
+        b = official(states, mask, pipeline_emb=pipe_emb)["fused"]
+    assert torch.allclose(a, F.normalize(pipe_emb + F.normalize(raw, dim=-1), dim=-1), atol=1e-6)
+    assert torch.allclose(b, F.normalize(pipe_emb + raw, dim=-1), atol=1e-6)
+    assert not torch.allclose(a, b, atol=1e-3)
+
+
+@pytest.mark.parametrize("activation, final_norm", [("relu", True), ("gelu", False)])
+def test_activation_and_final_norm_are_what_the_config_says(activation, final_norm):
+    channel = AcousticChannel(small_cfg(activation=activation, final_norm=final_norm, norm_first=False))
+    assert channel.layer.activation is getattr(F, activation)
+    assert isinstance(channel.norm, torch.nn.LayerNorm if final_norm else torch.nn.Identity)
+    assert channel.layer.norm_first is False
+
+
+def test_todays_model_is_still_the_default():
+    """The paper's options are opt-in: without them the acoustic layer is pre-norm ReLU with a final LayerNorm and
+    the channels are each normalised before the sum, as before they existed."""
+    cfg = BrewClipConfig(clip_dim=8, whisper_dim=8)
+    assert (cfg.width, cfg.heads, cfg.ffn, cfg.norm_first, cfg.activation, cfg.final_norm, cfg.fusion,
+            cfg.learn_temperature, cfg.temperature) == (256, 4, 1024, True, "relu", True, "normalised_sum", False, 0.07)
+    channel = AcousticChannel(cfg)
+    assert channel.layer.norm_first and channel.layer.activation is F.relu
+    assert isinstance(channel.norm, torch.nn.LayerNorm)
 
 
 def test_fast_mode_starts_from_zero_shot_then_prompts_learn():
@@ -369,6 +406,8 @@ def test_freeze_for_ser(n_prompts):
 @pytest.mark.parametrize("kwargs, match", [
     ({"channels": "audio"}, "channels"),
     ({"fusion": "max"}, "fusion"),
+    ({"fusion": "sum"}, "'sum' is now 'normalised_sum'"),
+    ({"activation": "tanh"}, "activation"),
     ({"prompt_mode": "slow"}, "prompt_mode"),
     ({"inner_outer": True, "channels": "e2e"}, "inner_outer"),
     ({"inner_outer": True, "channels": "pipeline"}, "inner_outer"),

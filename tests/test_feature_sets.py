@@ -62,6 +62,11 @@ def expected_specs(whisper: dict) -> dict[str, dict]:
     return {
         "clip_frames": _spec("clip_frames", CLIP, FRAMES, {"embedding": 64}, {"frames": [64], "timestamps": []}),
         "clip_image": _spec("clip_image", CLIP, {"context_length": 77, "image_size": 32}, {"embedding": 64}, {}),
+        # added with issue 15 (no store held it before): the ViT's input tokens, 17 x 64 for the tiny CLIP
+        "clip_image_tokens": _spec("clip_image_tokens", CLIP,
+                                   {"context_length": 77, "image_size": 32, "vision_tokens": 17,
+                                    "tokens": "conv1 patches + class token + positional embedding, before ln_pre"},
+                                   {}, {"tokens": [64]}),
         "clip_text": _spec("clip_text", CLIP, CLIP_TEXT, {"embedding": 64}, TEXT_SEQUENCES),
         "clip_transcript": _spec("clip_transcript", CLIP, {**CLIP_TEXT, "transcripts_from": transcripts_from},
                                  {"embedding": 64}, TEXT_SEQUENCES),

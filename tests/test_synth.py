@@ -240,6 +240,41 @@ def test_vggsound_layout_is_read_by_the_vggsound_adapter(tmp_path):
     assert len(build_manifest("synthetic", root, tmp_path / "all.arrow").rows) == ITEMS * (3 + CAPTIONS)
 
 
+def test_ln_coco_layout_is_read_by_the_ln_coco_adapter(tmp_path):
+    """Opt-in: one narration per scene in the published jsonl, spoken as Ogg Opus, of the scene's still."""
+    from avcache.pipeline.adapters import build_manifest
+    from avcache.pipeline.media import load_audio
+    from avcache.pipeline.manifest import read_manifest
+
+    root = tmp_path / "data"
+    summary = write_synthetic(root, items=ITEMS, seed=0, speech="off", n_classes=N_CLASSES, ln_coco=True)
+    truth, classes = _truth(root)["items"], _truth(root)["classes"]
+    base = root / "ln_coco"
+    assert sorted(p.name for p in base.iterdir()) == sorted(
+        list(synth.LN_COCO_FILES.values()) + ["coco_train", "coco_val", "train2017", "val2017"])
+    records = [json.loads(line) for name in synth.LN_COCO_FILES.values() for line in _lines(base / name)]
+    assert len(records) == ITEMS == sum(summary["counts"]["ln_coco"].values())
+    assert all(set(r) == {"dataset_id", "image_id", "annotator_id", "caption", "timed_caption", "traces",
+                          "voice_recording"} and isinstance(r["image_id"], str) for r in records)
+
+    build_manifest("ln_coco", base, tmp_path / "ln.arrow")
+    rows = read_manifest(tmp_path / "ln.arrow").to_pylist()
+    assert len(rows) == ITEMS and {r["dataset"] for r in rows} == {"ln_coco"}
+    for row in rows:
+        item = truth[row["item_id"]]
+        assert (row["split"], row["texts"]) == (item["split"], [item["caption"]])
+        assert row["group_id"] == f"{item['image_id']:012d}"
+        wave = load_audio(row["audio_path"], sample_rate=synth.AUDIO_RATE)  # (N,) decoded from Ogg Opus
+        assert abs(len(wave) - 3.0 * synth.AUDIO_RATE) < 0.05 * synth.AUDIO_RATE  # class sound alone: 3 s
+        low, high = SPEC[item["class"]].band_hz
+        assert low - 10 <= _dominant_hz(wave, synth.AUDIO_RATE) <= high + 10, row["item_id"]
+        still = np.asarray(Image.open(row["image_path"]).convert("RGB"), float)
+        assert _nearest_class(still[2, 2], classes) == item["class"], "the background colour names the class"
+    for split in synth.SPLITS:
+        assert {truth[r["item_id"]]["class"] for r in rows if r["split"] == split} == set(classes)
+    assert len(build_manifest("synthetic", root, tmp_path / "all.arrow").rows) == ITEMS * (3 + CAPTIONS)
+
+
 def test_videos_decode_with_decord(ds):
     decord = pytest.importorskip("decord")
     root, _ = ds
@@ -411,6 +446,7 @@ def test_other_seed_differs(ds, tmp_path):
     (dict(items=8, captions_per_image=0), "captions_per_image"),
     (dict(items=8, esc50_per_scene=11), "esc50_per_scene"),
     (dict(items=8, vggsound="yes"), "vggsound"),
+    (dict(items=8, ln_coco=1), "ln_coco"),
 ])
 def test_invalid_arguments(tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -437,13 +473,15 @@ def test_rewrite_replaces_a_previous_synthetic_dataset(tmp_path):
     assert len(list((tmp_path / "flickr8k_audio" / "flickr_audio" / "wavs").iterdir())) == 4
 
 
-def test_rewrite_without_vggsound_removes_the_previous_vggsound_part(tmp_path):
-    write_synthetic(tmp_path / "a", items=4, seed=0, speech="off", vggsound=True)
-    write_synthetic(tmp_path / "b", items=4, seed=0, speech="off", vggsound=True)
-    assert _all_files(tmp_path / "a") == _all_files(tmp_path / "b"), "the VGGSound part is deterministic too"
+@pytest.mark.parametrize("part", ["vggsound", "ln_coco"])
+def test_an_opt_in_part_is_deterministic_and_removed_on_rewrite_without_it(tmp_path, part):
+    write_synthetic(tmp_path / "a", items=4, seed=0, speech="off", **{part: True})
+    write_synthetic(tmp_path / "b", items=4, seed=0, speech="off", **{part: True})
+    assert _all_files(tmp_path / "a") == _all_files(tmp_path / "b"), "the part's bytes are deterministic too"
     write_synthetic(tmp_path / "a", items=4, seed=0, speech="off")
-    assert not (tmp_path / "a" / "vggsound").exists(), "the synthetic adapter would read a stale part"
-    assert "vggsound" not in _truth(tmp_path / "a")
+    assert not (tmp_path / "a" / part).exists(), "the synthetic adapter would read a stale part"
+    truth = _truth(tmp_path / "a")
+    assert part not in truth and not any(i.startswith(f"{part}:") for i in truth["items"])
 
 
 def test_speech_off_writes_class_sounds_only(tmp_path):

@@ -17,6 +17,10 @@ from avcache.train.data import CachedPairs
 from avcache.train.recipes import brewclip as recipe
 
 CONFIGS = sorted((Path(recipe.__file__).resolve().parent.parent / "configs").glob("brewclip*.yaml"))
+PAPER = Path(recipe.__file__).resolve().parent.parent / "configs" / "brewclip_paper.yaml"
+# a warm-up, a decay and a held final lr within 4 epochs of 5 full batches (28 training images x 2 captions = 56)
+SCHEDULED = ["train.schedule=warmup_linear", "train.warmup_steps=3", "train.total_steps=15", "train.final_lr=1e-5",
+             "train.batch_size=10", "train.drop_last=true", "model.width=32", "model.ffn=64"]
 quiet = dict(log=lambda *a: None)
 
 
@@ -29,6 +33,89 @@ def planted(tmp_path_factory):
 def test_every_config_loads_into_a_valid_model_config(config):
     cfg = recipe.load_recipe_config(config)
     BrewClipConfig(clip_dim=64, whisper_dim=384, **cfg.model)
+
+
+@pytest.mark.parametrize("config", [c for c in CONFIGS if c != PAPER], ids=lambda p: p.stem)
+def test_the_fast_configs_keep_todays_model_and_training(config):
+    """Our configs resolve to the model and optimiser they had before the paper's options existed."""
+    cfg = recipe.load_recipe_config(config)
+    model = BrewClipConfig(clip_dim=64, whisper_dim=384, **cfg.model)
+    assert (model.width, model.heads, model.ffn, model.norm_first, model.activation, model.final_norm,
+            model.fusion) == (256, 4, 1024, True, "relu", True, "normalised_sum")
+    train = cfg.train
+    assert (train.optimiser, train.lr, train.weight_decay, train.schedule, train.grad_clip, train.drop_last,
+            train.batch_size) == ("adamw", 1e-3, 0.01, "constant", 1.0, False, 32)
+    assert {recipe.learning_rate(train, step) for step in (0, 1, 10_000)} == {1e-3}
+
+
+def test_the_paper_profile_names_the_papers_encoders_and_their_widths():
+    import open_clip
+
+    from avcache.features.checkpoints import load_profile
+
+    profile = load_profile("brewclip-paper")
+    assert profile["clip"] == {"model": "ViT-L-14", "pretrained": "openai"}
+    assert profile["whisper"]["model"] == "openai/whisper-base.en"
+    assert open_clip.get_model_config("ViT-L-14")["embed_dim"] == 768  # the clip_dim the paper config is sized for
+
+
+def test_the_paper_config_builds_the_papers_layer_sizes():
+    cfg = recipe.load_recipe_config(PAPER)
+    # the CLIP and Whisper widths come from the store: ViT-L/14 (768) and Whisper base.en (512) for the paper
+    model = recipe.build_model(cfg, clip_dim=768, whisper_dim=512, store_root=None)
+    acoustic = model.acoustic
+    assert (acoustic.proj.in_features, acoustic.proj.out_features) == (512, 768)
+    layer = acoustic.layer
+    assert layer.self_attn.num_heads == 8 and layer.self_attn.embed_dim == 768
+    assert (layer.linear1.in_features, layer.linear1.out_features, layer.linear2.out_features) == (768, 4096, 768)
+    assert layer.norm_first is False and layer.activation is torch.nn.functional.gelu
+    assert isinstance(acoustic.norm, torch.nn.LayerNorm) and acoustic.norm.normalized_shape == (768,)
+    assert (acoustic.out.in_features, acoustic.out.out_features) == (768, 768)
+    assert model.cfg.fusion == "sum_then_normalise" and model.fuse is None
+    assert model.temperature() == pytest.approx(0.07) and not model.logit_scale.requires_grad
+    optimiser = recipe.make_optimiser(cfg.train, model.trainable_parameters())
+    assert type(optimiser) is torch.optim.Adam and optimiser.defaults["weight_decay"] == 1e-6
+    assert cfg.train.grad_clip == 4.0 and cfg.train.batch_size == 32 and cfg.train.drop_last
+
+
+def test_the_paper_schedule_warms_up_then_decays_linearly():
+    train = recipe.load_recipe_config(PAPER).train
+    lr = [recipe.learning_rate(train, step) for step in (0, 4999, 5000, 99_999, 100_000)]
+    assert lr[0] == pytest.approx(1e-4 / 5000, rel=1e-12)  # the first step already moves, as the official's
+    assert lr[1] == pytest.approx(1e-4, rel=1e-12)  # warm-up done
+    assert lr[2] == pytest.approx(1e-4 - (1e-4 - 1e-8) / 95_000, rel=1e-12)  # one step into the decay
+    assert lr[3] == lr[4] == 1e-8  # reached at the last of the 100k steps, then held
+    middle = recipe.learning_rate(train, 52_499)  # halfway through the decay: the mean of lr and final_lr
+    assert middle == pytest.approx((1e-4 + 1e-8) / 2, rel=1e-12)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["train.schedule=cosine"], "train.schedule must be one of"),
+    (["train.optimiser=sgd"], "train.optimiser must be one of"),
+    (["train.schedule=warmup_linear", "train.warmup_steps=10", "train.total_steps=10"], "warmup_steps < train"),
+    (["train.schedule=warmup_linear", "train.total_steps=10", "train.final_lr=1"], "train.final_lr must be in"),
+])
+def test_a_bad_schedule_is_refused_when_the_config_loads(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        recipe.load_recipe_config(None, overrides)
+
+
+def test_the_paper_config_trains_on_a_store_of_other_widths(planted, tmp_path):
+    """`make train-retrieval CONFIG=train/configs/brewclip_paper.yaml`, shrunk by --set: the widths come from the
+    store (32 and 48 here, not ViT-L/14's 768 and base.en's 512) and the schedule steps per optimiser step."""
+    sets = ["model.width=16", "model.heads=2", "model.ffn=32", "train.epochs=2", "train.batch_size=10",
+            "train.warmup_steps=4", "train.total_steps=8", "train.device=cpu"]
+    command = [sys.executable, "-m", "avcache.pipeline.cli", "train-retrieval", "--store", str(planted),
+               "--run", str(tmp_path / "run"), "--config", str(PAPER)] + [a for s in sets for a in ("--set", s)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert 0 <= results["s2i_R@1"] <= 1 and results["epochs"] == 2
+    history = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    # 56 training captions: 5 full batches of 10 an epoch (drop_last); the lr of each epoch's last step (0-based
+    # step 4 is the first of the decay: a quarter of the way down; step 7 reaches final_lr)
+    assert [(r["optimiser_step"], r["lr"]) for r in history] == [
+        (5, pytest.approx(1e-4 - (1e-4 - 1e-8) * 1 / 4)), (10, 1e-8)]
 
 
 def test_overrides_take_numbers_as_yaml_writes_them():
@@ -89,14 +176,19 @@ def test_a_saved_checkpoint_reloads_to_identical_scores(planted, tmp_path):
     assert results["best_epoch"] == chosen["epoch"]
 
 
-def test_an_interrupted_run_resumes_to_the_uninterrupted_result(planted, tmp_path):
-    straight = recipe.main(planted, tmp_path / "straight", overrides=["train.epochs=4"], **quiet)
-    recipe.main(planted, tmp_path / "resumed", overrides=["train.epochs=2"], **quiet)
-    resumed = recipe.main(planted, tmp_path / "resumed", overrides=["train.epochs=4"], **quiet)
+@pytest.mark.parametrize("schedule", [[], SCHEDULED], ids=["constant", "warmup_linear"])
+def test_an_interrupted_run_resumes_to_the_uninterrupted_result(planted, tmp_path, schedule):
+    straight = recipe.main(planted, tmp_path / "straight", overrides=["train.epochs=4", *schedule], **quiet)
+    recipe.main(planted, tmp_path / "resumed", overrides=["train.epochs=2", *schedule], **quiet)
+    resumed = recipe.main(planted, tmp_path / "resumed", overrides=["train.epochs=4", *schedule], **quiet)
     timing = ("train_seconds", "train_pairs_per_second")
     assert {k: v for k, v in resumed.items() if k not in timing} == {k: v for k, v in straight.items() if k not in timing}
     history = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in history] == [1, 2, 3, 4]
+    if schedule:  # the schedule went on from step 10 after the resume, not from step 0: warm-up, decay, held
+        assert [(r["optimiser_step"], r["lr"]) for r in history] == [
+            (5, pytest.approx(1e-3 - (1e-3 - 1e-5) * 2 / 12)), (10, pytest.approx(1e-3 - (1e-3 - 1e-5) * 7 / 12)),
+            (15, 1e-5), (20, 1e-5)]
     from safetensors.torch import load_file  # the whole resume state: weights, optimiser moments, RNG
     a, b = (load_file(str(tmp_path / run / "last_state.safetensors")) for run in ("straight", "resumed"))
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -7,7 +7,9 @@ transcript and its transcript's CLIP token ids (clip_transcript), and the CLIP e
 """
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,39 +113,51 @@ def collate(items: list[dict]) -> dict:
 
 
 def loader(dataset: torch.utils.data.Dataset, batch_size: int, shuffle: bool, seed: int = 0, epoch: int = 0,
-           num_workers: int = 0, collate_fn=None) -> torch.utils.data.DataLoader:
+           num_workers: int = 0, collate_fn=None, drop_last: bool = False) -> torch.utils.data.DataLoader:
     """Deterministic order: the shuffle of epoch e depends only on (seed, e), so a resumed run sees the same
-    batches as an uninterrupted one. Workers read HDF5 in their own processes (the reader reopens after fork)."""
+    batches as an uninterrupted one. Workers read HDF5 in their own processes (the reader reopens after fork).
+    `drop_last` leaves out an epoch's short last batch (an in-batch contrastive loss has few negatives there)."""
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
-                                       collate_fn=collate_fn or collate, num_workers=num_workers, drop_last=False)
+                                       collate_fn=collate_fn or collate, num_workers=num_workers, drop_last=drop_last)
 
 
 class LabelledStates(WhisperItems):
     """Audio items of one split that carry a label (e.g. RAVDESS emotions): Whisper states read from the store
-    and the label's index in `classes` (the training split's labels; items of unknown labels are dropped)."""
+    and the label's index in `classes` (the training split's labels; items of unknown labels are dropped).
+
+    A protocol other than the manifest's may regroup labels and re-split items: `relabel` maps a label to its
+    class (labels it lacks are dropped), `split_of` gives an item's split from its manifest row (item_id,
+    dataset, split, the label and `extra` decoded from JSON; None drops the item)."""
 
     def __init__(self, store_root: str | Path, split: str, classes: list[str] | None = None, manifest=None,
                  dataset: str | None = None, label_column: str = "label", max_frames: int = 1500,
-                 preload: bool = False):
+                 preload: bool = False, relabel: dict[str, str] | None = None,
+                 split_of: Callable[[dict], str | None] | None = None):
         store = FeatureStore(store_root)
         require_feature_sets(store, READS["labelled audio"])
         self.whisper: FeatureSet = store["whisper"]
         table = store_items(store, manifest)
         if label_column not in table.column_names:
             raise ValueError(f"the items have no column {label_column!r}; columns: {table.column_names}")
-        rows = [r for r in table.select(["item_id", "dataset", "split", label_column]).to_pylist()
-                if r["split"] == split and r[label_column] not in (None, "")
-                and (dataset is None or r["dataset"] == dataset)]
+        columns = ["item_id", "dataset", "split", label_column] + (["extra"] if split_of is not None else [])
+        rows = [r for r in table.select(columns).to_pylist()
+                if r[label_column] not in (None, "") and (dataset is None or r["dataset"] == dataset)]
+        if split_of is not None:
+            rows = [{**r, "extra": json.loads(r["extra"] or "{}")} for r in rows]
+        rows = [r for r in rows if (split_of(r) if split_of is not None else r["split"]) == split]
         labelled = [r for r in rows if r["item_id"] in self.whisper]
-        self.classes = classes if classes is not None else sorted({str(r[label_column]) for r in labelled})
+        label_of = (lambda r: relabel.get(str(r[label_column]))) if relabel is not None else \
+            (lambda r: str(r[label_column]))
+        self.classes = classes if classes is not None else \
+            sorted({c for c in map(label_of, labelled) if c is not None})
         index = {c: i for i, c in enumerate(self.classes)}
-        kept = [r for r in labelled if str(r[label_column]) in index]
+        kept = [r for r in labelled if label_of(r) in index]
         if not kept:
             raise NoItemsError(f"split {split!r}: no labelled item ({label_column!r}) with Whisper states in the store "
                                f"({len(rows)} labelled items)")
         self.item_ids = [r["item_id"] for r in kept]
-        self.labels = torch.tensor([index[str(r[label_column])] for r in kept])                    # (N,)
+        self.labels = torch.tensor([index[label_of(r)] for r in kept])                             # (N,)
         self.dropped = len(rows) - len(kept)
         self.max_frames = max_frames
         self._load(preload)

@@ -7,7 +7,7 @@ from pathlib import Path
 from ..adapters import ADAPTERS, AdapterResult, register_adapter
 from ..manifest import ManifestError
 
-SYNTHETIC_PARTS = ("avsd", "flickr8k_audio", "spokencoco", "esc50", "vggsound")
+SYNTHETIC_PARTS = ("avsd", "flickr8k_audio", "spokencoco", "esc50", "vggsound", "ln_coco")
 
 
 @register_adapter("synthetic", looks_for=tuple(f"{part}/" for part in SYNTHETIC_PARTS))
@@ -15,8 +15,8 @@ def synthetic(data_dir: Path) -> AdapterResult:
     """The built-in synthetic set (`avcache synth`): subfolders in the official layouts, read by the real adapters.
 
     Runs the adapter of each present subfolder (`avsd/`, `flickr8k_audio/`, `spokencoco/`, `esc50/`, and
-    `vggsound/` when the set was written with it) and concatenates the rows; item ids and the `dataset` column
-    keep the sub-adapter's name. `classes.json` at the root is not read here.
+    `vggsound/` and `ln_coco/` when the set was written with them) and concatenates the rows; item ids and the
+    `dataset` column keep the sub-adapter's name. `classes.json` at the root is not read here.
     """
     parts = [part for part in SYNTHETIC_PARTS if (data_dir / part).is_dir()]
     if not parts:

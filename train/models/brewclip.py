@@ -3,7 +3,7 @@
 Two channels map one spoken caption into CLIP's joint space:
   pipeline: Whisper transcript -> frozen CLIP text tower (cached pooled embedding, or the tower run with prompts)
   e2e:      Whisper encoder states -> projection + prompts + one transformer encoder layer -> CLS -> CLIP space
-They are fused (sum or concat + Linear) and trained against cached CLIP image embeddings with a symmetric InfoNCE
+They are fused (a sum or concat + Linear, then L2-normalised) and trained against cached CLIP image embeddings with a symmetric InfoNCE
 in which other captions of the same image are never negatives, optionally plus the inner (pipeline <-> e2e) loss.
 """
 from __future__ import annotations
@@ -16,7 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 CHANNELS = ("both", "pipeline", "e2e")
-FUSIONS = ("sum", "concat")
+FUSIONS = ("normalised_sum", "sum_then_normalise", "concat")
+ACTIVATIONS = ("relu", "gelu")
 PROMPT_MODES = ("fast", "full")
 
 
@@ -29,12 +30,16 @@ class BrewClipConfig:
     heads: int = 4
     ffn: int = 1024               # feed-forward size of the encoder layer
     norm_first: bool = True       # pre-norm (True) or post-norm
+    activation: str = "relu"      # relu | gelu: the encoder layer's feed-forward non-linearity
+    final_norm: bool = True       # LayerNorm on the CLS state after the layer (the official puts one after post-norm)
     dropout: float = 0.1
     n_prompts: int = 4            # learnable prompt tokens of the acoustic channel; 0 = prompts off
     shared_prompts: bool = True   # text-side prompts = Linear(audio prompts); needs n_prompts > 0 to have any effect
     prompt_mode: str = "fast"     # fast: text prompts act on the cached pooled transcript embedding;
                                   # full: frozen CLIP text tower run with the text prompts before the cached token ids
-    fusion: str = "sum"           # sum | concat (concat -> Linear(2D -> D))
+    fusion: str = "normalised_sum"  # normalised_sum: each channel L2-normalised, summed, normalised again;
+                                    # sum_then_normalise: the acoustic output enters unnormalised (the official);
+                                    # concat: Linear(2D -> D) over both normalised channels, then normalised
     temperature: float = 0.07
     learn_temperature: bool = False
     inner_outer: bool = False     # 0.75*outer + 0.25*(L(pipeline,e2e) + L(e2e,pipeline)); only with channels=both
@@ -42,10 +47,15 @@ class BrewClipConfig:
     def __post_init__(self):
         if self.channels not in CHANNELS:
             raise ValueError(f"channels must be one of {CHANNELS}, got {self.channels!r}")
+        if self.fusion == "sum":  # the name before there were two sums: say which one it was
+            raise ValueError("fusion 'sum' is now 'normalised_sum' (each channel normalised before the sum, the old "
+                             "'sum') or 'sum_then_normalise' (the official: the acoustic output unnormalised)")
         if self.fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
         if self.prompt_mode not in PROMPT_MODES:
             raise ValueError(f"prompt_mode must be one of {PROMPT_MODES}, got {self.prompt_mode!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         for name in ("clip_dim", "whisper_dim", "width", "heads", "ffn"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -94,10 +104,11 @@ class AcousticChannel(nn.Module):
             self.prompts = nn.Parameter(torch.randn(cfg.n_prompts, cfg.width) * 0.02)
         else:
             self.register_parameter("prompts", None)
-        self.layer = nn.TransformerEncoderLayer(cfg.width, cfg.heads, cfg.ffn, cfg.dropout, batch_first=True,
-                                                norm_first=cfg.norm_first)
-        # A pre-norm residual stream is never normalised by the layer itself; post-norm already ends in a LayerNorm.
-        self.norm = nn.LayerNorm(cfg.width) if cfg.norm_first else nn.Identity()
+        self.layer = nn.TransformerEncoderLayer(cfg.width, cfg.heads, cfg.ffn, cfg.dropout, cfg.activation,
+                                                batch_first=True, norm_first=cfg.norm_first)
+        # A pre-norm residual stream is never normalised by the layer itself, so it needs this one; the official
+        # post-norm layer (already ending in a LayerNorm) has one too (its nn.TransformerEncoder's `norm`).
+        self.norm = nn.LayerNorm(cfg.width) if cfg.final_norm else nn.Identity()
         self.out = nn.Linear(cfg.width, cfg.clip_dim)
 
     def cls(self, states: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -203,6 +214,82 @@ class PromptedTextTower(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# image tower, shared mode: the frozen CLIP ViT run over cached input tokens with prompt tokens appended
+
+
+class PromptedImageTower(nn.Module):
+    """A frozen open_clip ViT over cached input tokens (the `clip_image_tokens` feature set: patches + class token +
+    positional embedding, before ln_pre), with MaPLe-style shallow prompts.
+
+    The official (src/module/clip/model.py, VisionTransformer_MaPLe; compound_prompts_depth 1 in its configs, so
+    shallow) appends the projected prompts after the patch tokens, after the positional embedding and before
+    ln_pre; so does this. The blocks attend without a mask and the prompts carry no position, so where they sit in
+    the sequence does not change the class token's output. The projection of the shared text prompts into the
+    vision width (the official's Linear(768 -> 1024)) lives in the official prompt learner, not in the tower: here
+    it is the caller's module too."""
+
+    def __init__(self, clip_model: nn.Module):
+        super().__init__()
+        from avcache.features.clip import vision_transformer
+
+        visual = vision_transformer(clip_model)  # ValueError for a ResNet (or timm) tower
+        if visual.attn_pool is not None:
+            raise ValueError("PromptedImageTower supports ViTs without attentional pooling (not CoCa)")
+        if visual.pool_type not in ("tok", "avg"):
+            raise ValueError(f"PromptedImageTower pools the class token or the patch mean; pool type "
+                             f"{visual.pool_type!r} unsupported")
+        self.pool_type, self.final_ln_after_pool = visual.pool_type, visual.final_ln_after_pool
+        self.ln_pre = visual.ln_pre
+        self.transformer = visual.transformer
+        self.ln_post = visual.ln_post
+        self.proj = visual.proj  # Parameter (W, D) or None
+        self.n_tokens, self.width = (int(n) for n in visual.positional_embedding.shape)  # T, W
+        self.dim = int(self.proj.shape[1]) if self.proj is not None else self.width
+        self.requires_grad_(False)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> PromptedImageTower:
+        # Frozen means frozen: a parent's .train() must not switch on dropout in the tower.
+        return super().train(False)
+
+    def forward(self, tokens: torch.Tensor, prompts: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, W) cached tokens, prompts (P, W) shared or (B, P, W) per row or None -> (B, D) L2-normalised.
+
+        No prompts (None or P = 0) gives open_clip's encode_image; zero-valued prompt vectors do not (they are
+        still tokens the class token attends to)."""
+        if tokens.dim() != 3 or tuple(tokens.shape[1:]) != (self.n_tokens, self.width):
+            raise ValueError(f"image tokens must be (B, {self.n_tokens}, {self.width}) for this ViT, got "
+                             f"{tuple(tokens.shape)}: were they extracted with another CLIP?")
+        if prompts is None or prompts.shape[-2] == 0:
+            with torch.no_grad():  # nothing upstream takes a gradient: skip the graph through the tower
+                return self._encode(tokens, None)
+        if prompts.shape[-1] != self.width or prompts.dim() not in (2, 3) or \
+                (prompts.dim() == 3 and prompts.shape[0] != tokens.shape[0]):
+            raise ValueError(f"image prompts must be (P, {self.width}) or ({tokens.shape[0]}, P, {self.width}), got "
+                             f"{tuple(prompts.shape)}")
+        return self._encode(tokens, prompts)
+
+    def _encode(self, tokens: torch.Tensor, prompts: torch.Tensor | None) -> torch.Tensor:
+        dtype = self.transformer.get_cast_dtype()
+        x = tokens.to(device=next(self.transformer.parameters()).device, dtype=dtype)  # (B, T, W)
+        B = x.shape[0]
+        if prompts is not None:
+            x = torch.cat([x, prompts.to(dtype).expand(B, -1, -1)], dim=1)  # (B, T + P, W)
+        x = self.ln_pre(x)
+        x = self.transformer(x)[:, :self.n_tokens]  # (B, T, W): the prompts' outputs are not read
+        if self.final_ln_after_pool:
+            pooled = self.ln_post(self._global_pool(x))
+        else:
+            pooled = self._global_pool(self.ln_post(x))  # (B, W)
+        if self.proj is not None:
+            pooled = pooled @ self.proj  # (B, D)
+        return F.normalize(pooled.float(), dim=-1)
+
+    def _global_pool(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, 0] if self.pool_type == "tok" else x[:, 1:].mean(dim=1)  # (B, W)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # the model
 
 
@@ -276,9 +363,17 @@ class BrewClip(nn.Module):
     def forward(self, states: torch.Tensor | None, mask: torch.Tensor | None, pipeline_emb: torch.Tensor | None = None,
                 token_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor | None]:
         pipe = self.pipeline(pipeline_emb, token_ids) if self.cfg.uses_pipeline else None  # (B, D)
-        e2e = F.normalize(self.acoustic(states, mask), dim=-1) if self.acoustic is not None else None  # (B, D)
+        raw = self.acoustic(states, mask) if self.acoustic is not None else None  # (B, D) unnormalised
+        e2e = F.normalize(raw, dim=-1) if raw is not None else None  # (B, D)
         if pipe is not None and e2e is not None:
-            fused = self.fuse(torch.cat([pipe, e2e], dim=-1)) if self.fuse is not None else pipe + e2e
+            if self.fuse is not None:
+                fused = self.fuse(torch.cat([pipe, e2e], dim=-1))
+            elif self.cfg.fusion == "sum_then_normalise":
+                # The acoustic output's norm weighs it against the pipeline's. The pipeline enters as a unit vector:
+                # the store keeps CLIP text embeddings L2-normalised (the official sums the raw CLIP text output).
+                fused = pipe + raw
+            else:
+                fused = pipe + e2e
             fused = F.normalize(fused, dim=-1)
         else:
             fused = pipe if pipe is not None else e2e

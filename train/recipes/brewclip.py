@@ -30,6 +30,8 @@ HEADLINE = (Headline("s2i_R@1", untrained="untrained_s2i_R@1", trivial="random_s
             Headline("i2s_R@1", untrained="untrained_i2s_R@1", trivial="random_i2s_R@1"))
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "brewclip.yaml"
+OPTIMISERS = ("adamw", "adam")
+SCHEDULES = ("constant", "warmup_linear")
 
 
 @dataclass
@@ -45,9 +47,15 @@ class DataConfig:
 class TrainConfig:
     epochs: int = 20
     batch_size: int = 32
+    optimiser: str = "adamw"        # adamw (decoupled weight decay) | adam (L2 weight decay, as the official)
     lr: float = 1e-3
     weight_decay: float = 0.01
+    schedule: str = "constant"      # constant | warmup_linear (set per optimiser step by `learning_rate`)
+    warmup_steps: int = 0           # warmup_linear: steps of linear warm-up to lr
+    total_steps: int = 0            # warmup_linear: the step at which the linear decay reaches final_lr
+    final_lr: float = 0.0
     grad_clip: float = 1.0
+    drop_last: bool = False         # skip an epoch's short last batch (few negatives for the in-batch InfoNCE)
     select_on: str = "s2i_R@1"      # validation metric that picks the best checkpoint
     device: str = "auto"            # auto (the GPU when there is one) | cpu | cuda | cuda:<n>
 
@@ -62,7 +70,40 @@ class RecipeConfig:
 
 
 def load_recipe_config(path: str | Path | None = None, overrides=()) -> RecipeConfig:
-    return load_dataclass(RecipeConfig, Path(path) if path else DEFAULT_CONFIG, overrides)
+    cfg = load_dataclass(RecipeConfig, Path(path) if path else DEFAULT_CONFIG, overrides)
+    check_train_config(cfg.train)
+    return cfg
+
+
+def check_train_config(train: TrainConfig) -> None:
+    if train.optimiser not in OPTIMISERS:
+        raise ConfigError(f"train.optimiser must be one of {OPTIMISERS}, got {train.optimiser!r}")
+    if train.schedule not in SCHEDULES:
+        raise ConfigError(f"train.schedule must be one of {SCHEDULES}, got {train.schedule!r}")
+    if train.schedule == "warmup_linear":
+        if not 0 <= train.warmup_steps < train.total_steps:
+            raise ConfigError(f"train.schedule warmup_linear needs 0 <= train.warmup_steps < train.total_steps, got "
+                              f"{train.warmup_steps} and {train.total_steps}")
+        if not 0 <= train.final_lr <= train.lr:
+            raise ConfigError(f"train.final_lr must be in [0, train.lr = {train.lr}], got {train.final_lr}")
+
+
+def learning_rate(train: TrainConfig, step: int) -> float:
+    """The learning rate of optimiser step `step` (0-based), a function of the step alone, so a resumed run
+    recomputes it from the steps already taken. warmup_linear as the official `linear_warmup_decay_scheduler`:
+    lr * (step + 1) / warmup_steps up to lr at step warmup_steps - 1, then linear to final_lr at step
+    total_steps - 1, held there after (the official keeps decaying past it)."""
+    if train.schedule == "constant":
+        return train.lr
+    if step < train.warmup_steps:
+        return train.lr * (step + 1) / train.warmup_steps
+    progress = min(1.0, (step + 1 - train.warmup_steps) / (train.total_steps - train.warmup_steps))
+    return train.final_lr + (train.lr - train.final_lr) * (1.0 - progress)  # exactly final_lr once it is reached
+
+
+def make_optimiser(train: TrainConfig, parameters: list) -> torch.optim.Optimizer:
+    kind = torch.optim.AdamW if train.optimiser == "adamw" else torch.optim.Adam
+    return kind(parameters, lr=learning_rate(train, 0), weight_decay=train.weight_decay)
 
 
 def build_model(cfg: RecipeConfig, clip_dim: int, whisper_dim: int, store_root) -> BrewClip:
@@ -116,15 +157,22 @@ def main(store: str | Path, run: str | Path, config: str | Path | None = None, o
     for pairs in splits.values():
         log(f"[brewclip] {pairs.info.split}: {pairs.info.pairs} captions of {pairs.info.images} images"
             + (f" ({pairs.info.dropped} without features, skipped)" if pairs.info.dropped else ""))
+    # Every epoch takes the same number of optimiser steps, so the steps taken follow from the epochs finished.
+    n = len(train_pairs)
+    steps_per_epoch = n // cfg.train.batch_size if cfg.train.drop_last else math.ceil(n / cfg.train.batch_size)
+    if steps_per_epoch == 0:
+        raise ConfigError(f"train.drop_last with train.batch_size {cfg.train.batch_size} > the {n} training captions "
+                          f"leaves no batch to train on")
     run_dir = RunDir(run, cfg, NAME)  # only once the data loaded: a bad store leaves no half-made run behind
     state = run_dir.start()
     model = build_model(cfg, train_pairs.clip_dim, train_pairs.whisper_dim, store).to(device)
-    optimiser = torch.optim.AdamW(model.trainable_parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    optimiser = make_optimiser(cfg.train, model.trainable_parameters())
     select = f"val_{cfg.train.select_on}" if "val" in splits else None  # no val split: the last epoch is kept
     untrained = evaluate(model, splits["test"], cfg.train.batch_size)
     start_epoch, best = run_dir.resume(state, model, optimiser)
     if start_epoch:
         log(f"[brewclip] resuming {run} after epoch {start_epoch}")
+    step = start_epoch * steps_per_epoch  # optimiser steps already taken: the schedule resumes from here
 
     # ---- train ----------------------------------------------------------------------------------------------
     started = time.monotonic()
@@ -133,15 +181,20 @@ def main(store: str | Path, run: str | Path, config: str | Path | None = None, o
         model.train()
         losses = []
         for batch in loader(train_pairs, cfg.train.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch,
-                                 num_workers=cfg.data.num_workers):
+                            num_workers=cfg.data.num_workers, drop_last=cfg.train.drop_last):
             loss, parts = brewclip_loss(forward(model, batch), batch["image"], batch["group"], model)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), cfg.train.grad_clip)
+            lr = learning_rate(cfg.train, step)
+            for group in optimiser.param_groups:
+                group["lr"] = lr
             optimiser.step()
+            step += 1
             losses.append(loss.item())
             pairs_seen += len(batch["group"])
-        metrics = {"epoch": epoch, "train_loss": float(np.mean(losses)), "temperature": model.temperature()}
+        metrics = {"epoch": epoch, "train_loss": float(np.mean(losses)), "temperature": model.temperature(),
+                   "lr": lr, "optimiser_step": step}
         if "val" in splits:
             metrics.update({f"val_{k}": v for k, v in evaluate(model, splits["val"], cfg.train.batch_size).items()})
         run_dir.log(epoch, metrics)

@@ -5,6 +5,12 @@ the weights of a BrewCLIP run, and what trains) -> train (cross-entropy, validat
 last checkpoints) -> evaluate (best weights on the test split, next to the untrained head and the majority
 class) -> save. "Fine-tuned" as in the paper: only the prompts and the encoder layer train, plus the classifier.
 Labels come from a manifest column (`label` by default: the RAVDESS adapter puts the emotion there).
+
+Two protocols (data.protocol): `all_classes` keeps every label and the manifest's splits (RAVDESS: actors 1-18
+train, 19-20 val, 21-24 test); `paper` is the official one (scottlu04/BrewCLIP src/data/ravdess_dataset.py):
+4 classes with calm counted as neutral, fearful/disgust/surprised (codes 06-08) dropped, actors 1-18 train and
+19-24 test. Two head inputs (model.head_input): `acoustic_cls` (the CLS state, width W) or `fused` (the official
+Linear(D -> classes) on the L2-normalised CLIP-space output; see FusedSerHead for what is fused here).
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import yaml
 from safetensors.torch import load_file
 
@@ -28,6 +35,13 @@ NAME = "ser"
 HEADLINE = (Headline("ser_accuracy", untrained="untrained_ser_accuracy", trivial="majority_class_accuracy"),)
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "ser.yaml"
 FINETUNE = ("prompts_and_layer", "all")
+PROTOCOLS = ("all_classes", "paper")
+HEAD_INPUTS = ("acoustic_cls", "fused")
+HEAD_KEYS = ("head_input", "clip_dim")   # model.* keys of the head, not BrewClipConfig fields
+# The official RAVDESS protocol: emotion -> class (calm merged into neutral; fearful, disgust, surprised dropped)
+# and the test actors; every other actor trains (the official code has no validation split).
+PAPER_CLASSES = {"neutral": "neutral", "calm": "neutral", "happy": "happy", "sad": "sad", "angry": "angry"}
+PAPER_TEST_ACTORS = range(19, 25)
 
 
 @dataclass
@@ -37,6 +51,8 @@ class DataConfig:
     label_column: str = "label"
     max_frames: int = 1500
     preload: bool = True
+    protocol: str = "all_classes"   # all_classes (every label, the manifest's splits) | paper (see PAPER_CLASSES)
+    val_actors: list[int] = field(default_factory=list)   # paper only: training actors held out for validation
 
 
 @dataclass
@@ -64,15 +80,76 @@ def load_recipe_config(path: str | Path | None = None, overrides=()) -> RecipeCo
     cfg = load_dataclass(RecipeConfig, Path(path) if path else DEFAULT_CONFIG, overrides)
     if cfg.train.finetune not in FINETUNE:
         raise ConfigError(f"train.finetune must be one of {FINETUNE}, got {cfg.train.finetune!r}")
+    if cfg.data.protocol not in PROTOCOLS:
+        raise ConfigError(f"data.protocol must be one of {PROTOCOLS}, got {cfg.data.protocol!r}")
+    if cfg.data.val_actors and (cfg.data.protocol != "paper" or not set(cfg.data.val_actors) <= set(range(1, 19))):
+        raise ConfigError(f"data.val_actors (training actors 1-18 held out) needs data.protocol=paper, got "
+                          f"{cfg.data.val_actors!r} with protocol {cfg.data.protocol!r}")
+    if head_input(cfg) not in HEAD_INPUTS:
+        raise ConfigError(f"model.head_input must be one of {HEAD_INPUTS}, got {head_input(cfg)!r}")
     return cfg
+
+
+def head_input(cfg: RecipeConfig) -> str:
+    return cfg.model.get("head_input", "acoustic_cls")
+
+
+def paper_split(val_actors=()):
+    """-> the split of a RAVDESS manifest row under the paper protocol (actors 19-24 test), from extra.actor."""
+    def split_of(row: dict) -> str:
+        actor = row["extra"].get("actor")
+        if not isinstance(actor, int):
+            raise ConfigError(f"data.protocol=paper splits RAVDESS items by actor, but {row['item_id']} has no "
+                              f"extra.actor (set data.dataset=ravdess)")
+        return "test" if actor in PAPER_TEST_ACTORS else "val" if actor in val_actors else "train"
+    return split_of
+
+
+def labelled_splits(store, d: DataConfig) -> dict[str, LabelledStates]:
+    """train, val (when there is one) and test under the configured protocol; the classes are the paper's four
+    under `paper`, else the training split's labels."""
+    paper = d.protocol == "paper"
+    protocol = dict(relabel=PAPER_CLASSES, split_of=paper_split(set(d.val_actors))) if paper else {}
+    classes = sorted(set(PAPER_CLASSES.values())) if paper else None
+
+    def read(split, classes):
+        return LabelledStates(store, split, classes, d.manifest, d.dataset, d.label_column, d.max_frames, d.preload,
+                              **protocol)
+
+    splits = {"train": read("train", classes)}
+    for split in ("val", "test"):
+        try:
+            splits[split] = read(split, splits["train"].classes)
+        except NoItemsError:
+            if split == "test":
+                raise
+    return splits
+
+
+class FusedSerHead(SerHead):
+    """The official SER classifier: Linear(D -> classes) on the L2-normalised CLIP-space output. Officially that
+    output fuses the prompted transcript channel with the acoustic one; SER here reads only Whisper states (no
+    transcript channel), so the input is the acoustic channel's CLIP-space output alone, normalised as BrewCLIP's
+    e2e output is. A SerHead, so freeze_for_ser sees its classifier."""
+
+    def __init__(self, acoustic: AcousticChannel, n_classes: int):
+        super().__init__(acoustic, n_classes)
+        self.head = torch.nn.Linear(acoustic.out.out_features, n_classes)
+
+    def forward(self, states: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.head(F.normalize(self.acoustic(states, mask), dim=-1))  # (B, n_classes)
 
 
 def build_acoustic(cfg: RecipeConfig, whisper_dim: int) -> AcousticChannel:
     """The acoustic channel of a BrewCLIP run (its config and best weights), or a fresh one from cfg.model."""
     if cfg.init_from is None:
-        fields = {k: v for k, v in cfg.model.items() if k not in ("clip_dim", "whisper_dim")}
-        try:  # the CLIP-space projection is unused by SER (the classifier reads the CLS state): any width does
-            model_cfg = BrewClipConfig(clip_dim=fields.get("width", 256), whisper_dim=whisper_dim,
+        fields = {k: v for k, v in cfg.model.items() if k not in ("whisper_dim", *HEAD_KEYS)}
+        clip_dim = cfg.model.get("clip_dim")
+        if clip_dim is None and head_input(cfg) == "fused":
+            raise ConfigError("model.head_input=fused without init_from needs model.clip_dim (the CLIP width the "
+                              "classifier reads, e.g. 768 for ViT-L/14)")
+        try:  # with the CLS read-out the CLIP-space projection is unused: any width does
+            model_cfg = BrewClipConfig(clip_dim=clip_dim or fields.get("width", 256), whisper_dim=whisper_dim,
                                        **{**fields, "channels": "e2e"})
         except TypeError as exc:
             raise ConfigError(f"model: {exc}") from None
@@ -113,20 +190,13 @@ def main(store: str | Path, run: str | Path, config: str | Path | None = None, o
     cfg = load_recipe_config(config, [*overrides, f"store={Path(store).resolve()}"])
     device = pick_device(cfg.train.device)
     seed_everything(cfg.seed)
-    d = cfg.data
-    train_data = LabelledStates(store, "train", None, d.manifest, d.dataset, d.label_column, d.max_frames, d.preload)
-    splits = {"train": train_data}
-    for split in ("val", "test"):
-        try:
-            splits[split] = LabelledStates(store, split, train_data.classes, d.manifest, d.dataset, d.label_column,
-                                           d.max_frames, d.preload)
-        except NoItemsError:
-            if split == "test":
-                raise
+    splits = labelled_splits(store, cfg.data)
+    train_data = splits["train"]
     log(f"[ser] classes {train_data.classes}; " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()))
     run_dir = RunDir(run, cfg, NAME)  # only once the data loaded: a bad store leaves no half-made run behind
     state = run_dir.start()
-    head = SerHead(build_acoustic(cfg, train_data.whisper_dim), len(train_data.classes)).to(device)
+    head_class = FusedSerHead if head_input(cfg) == "fused" else SerHead
+    head = head_class(build_acoustic(cfg, train_data.whisper_dim), len(train_data.classes)).to(device)
     trainable = freeze_for_ser(head) if cfg.train.finetune == "prompts_and_layer" else list(head.parameters())
     optimiser = torch.optim.AdamW(trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     untrained = evaluate(head, splits["test"], cfg.train.batch_size)
