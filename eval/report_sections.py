@@ -318,7 +318,7 @@ def section_performance(page: Page, ctx: Context) -> None:
              b.get("index_build_s", "-")]])
     if "train_pairs" in bench:
         b = bench
-        page.para(f"Training BrewCLIP (fast mode) on {b['train_pairs']} planted caption/image pairs:")
+        page.para(f"Training BrewCLIP (bias prompt mode) on {b['train_pairs']} planted caption/image pairs:")
         rows = [["the store (HDF5 per batch)", b.get("train_pairs_per_s_store", "-"),
                  b.get("train_epoch_s_cached", "-")],
                 ["tensors in memory", b.get("train_pairs_per_s_memory", "-"), "-"],

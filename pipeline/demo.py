@@ -54,7 +54,10 @@ def run_demo(out: Path, items: int = 24, seed: int = 0, runner: str = "ray") -> 
 
     timed("synth", write_synthetic, data, items=items, seed=seed)
     built = timed("manifest", build_manifest, "synthetic", data, manifest)
-    report = timed("extract", extract, manifest, store, load_config(), make_runner(runner))
+    config = load_config()
+    # The brewclip grid's prompted rows run the image tower over its cached input tokens (prompt_mode: shared).
+    config.feature_sets = [*config.feature_sets, "clip_image_tokens"]
+    report = timed("extract", extract, manifest, store, config, make_runner(runner))
     for fs in report.feature_sets:
         timings[f"extract/{fs.name}"] = fs.seconds
     readback = timed("read back", read_back, store)

@@ -167,7 +167,7 @@ def test_temperature_fixed_learned_and_capped():
 @pytest.mark.parametrize("channels", ["both", "pipeline", "e2e"])
 @pytest.mark.parametrize("fusion", ["normalised_sum", "sum_then_normalise", "concat"])
 @pytest.mark.parametrize("n_prompts", [0, 3])
-@pytest.mark.parametrize("prompt_mode", ["fast", "full"])
+@pytest.mark.parametrize("prompt_mode", ["bias", "text"])
 def test_forward_shapes(channels, fusion, n_prompts, prompt_mode, tower, token_ids):
     torch.manual_seed(0)
     cfg = small_cfg(channels=channels, fusion=fusion, n_prompts=n_prompts, prompt_mode=prompt_mode)
@@ -194,8 +194,8 @@ def test_forward_shapes(channels, fusion, n_prompts, prompt_mode, tower, token_i
     loss, _ = brewclip_loss(out, image, torch.arange(4), model)
     if trainable:
         loss.backward()
-        # zero-initialised fast-mode link: the prompts' gradient arrives from the second step on
-        skip = {id(model.audio_prompts())} if prompt_mode == "fast" and model.link is not None else set()
+        # zero-initialised bias-mode link: the prompts' gradient arrives from the second step on
+        skip = {id(model.audio_prompts())} if prompt_mode == "bias" and model.link is not None else set()
         for p in trainable:
             if id(p) not in skip:
                 assert p.grad is not None and p.grad.abs().sum() > 0
@@ -239,7 +239,7 @@ def test_todays_model_is_still_the_default():
     assert isinstance(channel.norm, torch.nn.LayerNorm)
 
 
-def test_fast_mode_starts_from_zero_shot_then_prompts_learn():
+def test_bias_mode_starts_from_zero_shot_then_prompts_learn():
     torch.manual_seed(0)
     model = BrewClip(small_cfg(channels="pipeline"))
     pipe_emb = F.normalize(torch.randn(6, D), dim=-1)
@@ -289,7 +289,7 @@ def test_padding_invariance(norm_first):
         cls_alone = channel.cls(states[:1, :5])
         assert torch.allclose(batched[:1], alone, atol=1e-5)
         assert torch.allclose(channel.cls(states, mask)[:1], cls_alone, atol=1e-5)
-    # with grad (the non-fast path) too
+    # with grad (the non-bias path) too
     assert torch.allclose(channel(states, mask)[:1], alone, atol=1e-5)
     model = BrewClip(cfg).eval()
     pipe_emb = F.normalize(torch.randn(2, D), dim=-1)
@@ -299,23 +299,23 @@ def test_padding_invariance(norm_first):
     assert torch.allclose(both[:1], one, atol=1e-5)
 
 
-def test_full_mode_needs_tower_and_token_ids(tower):
+def test_text_mode_needs_tower_and_token_ids(tower):
     with pytest.raises(ValueError, match="PromptedTextTower"):
-        BrewClip(small_cfg(prompt_mode="full"))
-    model = BrewClip(small_cfg(prompt_mode="full"), text_tower=tower)
+        BrewClip(small_cfg(prompt_mode="text"))
+    model = BrewClip(small_cfg(prompt_mode="text"), text_tower=tower)
     states, mask = padded_states([3, 4])
     with pytest.raises(ValueError, match="token_ids"):
         model(states, mask, pipeline_emb=torch.randn(2, D))
     with pytest.raises(ValueError, match="pipeline_emb"):
         BrewClip(small_cfg())(states, mask)
     with pytest.raises(ValueError, match="clip_dim"):
-        BrewClip(small_cfg(prompt_mode="full", clip_dim=32), text_tower=tower)
+        BrewClip(small_cfg(prompt_mode="text", clip_dim=32), text_tower=tower)
     # e2e-only never runs the tower, so none is needed
-    assert BrewClip(small_cfg(channels="e2e", prompt_mode="full")).text_tower is None
+    assert BrewClip(small_cfg(channels="e2e", prompt_mode="text")).text_tower is None
 
 
-def test_full_mode_without_shared_prompts_is_the_zero_shot_tower(clip, tower, token_ids):
-    model = BrewClip(small_cfg(channels="pipeline", prompt_mode="full", shared_prompts=False), text_tower=tower)
+def test_text_mode_without_shared_prompts_is_the_zero_shot_tower(clip, tower, token_ids):
+    model = BrewClip(small_cfg(channels="pipeline", prompt_mode="text", shared_prompts=False), text_tower=tower)
     out = model(None, None, token_ids=token_ids)
     want = clip.model.encode_text(token_ids.long(), normalize=True)
     assert torch.allclose(out["pipeline"], want, atol=1e-5)
@@ -336,7 +336,7 @@ def test_tower_without_prompts_equals_open_clip(clip, tower, token_ids):
 
 def test_tower_is_frozen_and_stays_in_eval(tower):
     assert all(not p.requires_grad for p in tower.parameters())
-    model = BrewClip(small_cfg(prompt_mode="full"), text_tower=tower)
+    model = BrewClip(small_cfg(prompt_mode="text"), text_tower=tower)
     model.train()
     assert model.acoustic.training and not tower.training
     assert all(not m.training for m in tower.modules())
@@ -409,6 +409,10 @@ def test_freeze_for_ser(n_prompts):
     ({"fusion": "sum"}, "'sum' is now 'normalised_sum'"),
     ({"activation": "tanh"}, "activation"),
     ({"prompt_mode": "slow"}, "prompt_mode"),
+    ({"prompt_mode": "fast"}, "'fast' is now 'bias'"),
+    ({"prompt_mode": "full"}, "'full' is now 'text'"),
+    ({"prompt_mode": "shared", "n_prompts": 0}, "'shared' needs n_prompts > 0"),
+    ({"prompt_mode": "shared", "shared_prompts": False}, "'shared' needs n_prompts > 0 and shared_prompts"),
     ({"inner_outer": True, "channels": "e2e"}, "inner_outer"),
     ({"inner_outer": True, "channels": "pipeline"}, "inner_outer"),
     ({"clip_dim": 0}, "clip_dim"),
@@ -430,3 +434,109 @@ def test_shared_prompts_without_prompts_is_fine():
     model = BrewClip(cfg)
     assert model.link is None and model.text_prompts() is None and model.acoustic.prompts is None
     BrewClipConfig(clip_dim=8, whisper_dim=8)  # defaults are valid
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# shared prompt mode: one prompt tensor in the text tower, the acoustic channel and (projected) the image tower
+
+
+@pytest.fixture(scope="module")
+def image_tower(clip):
+    from avcache.train.models.brewclip import PromptedImageTower
+
+    return PromptedImageTower(clip.model)
+
+
+def image_tokens(image_tower, n=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, image_tower.n_tokens, image_tower.width, generator=g)  # (B, T, Wv)
+
+
+def shared_model(tower, image_tower, **kw):
+    torch.manual_seed(0)
+    return BrewClip(small_cfg(prompt_mode="shared", **kw), text_tower=tower, image_tower=image_tower)
+
+
+def test_shared_mode_uses_one_prompt_tensor_in_text_audio_and_image(tower, image_tower):
+    model = shared_model(tower, image_tower)
+    assert model.text_prompts() is model.audio_prompts() is model.acoustic.prompts
+    assert model.acoustic.prompts.shape == (3, tower.width)  # as wide as the text tower's tokens, as the official
+    assert model.link is None and model.prompts is None
+    assert (model.image_link.in_features, model.image_link.out_features) == (tower.width, image_tower.width)
+    # the acoustic layer (width 32) is not the text width: a Linear maps the shared prompts into it
+    assert model.acoustic.prompt_proj.in_features == tower.width and model.acoustic.prompt_proj.out_features == 32
+    same_width = shared_model(tower, image_tower, width=tower.width, heads=4)
+    assert same_width.acoustic.prompt_proj is None  # the official: the prompt tensor prepended as it is
+    pipeline_only = shared_model(tower, image_tower, channels="pipeline")
+    assert pipeline_only.text_prompts() is pipeline_only.prompts and pipeline_only.prompts.shape == (3, tower.width)
+    e2e_only = BrewClip(small_cfg(prompt_mode="shared", channels="e2e"), image_tower=image_tower,
+                        text_width=tower.width)
+    assert e2e_only.text_tower is None and e2e_only.acoustic.prompts.shape == (3, tower.width)
+    with pytest.raises(ValueError, match="needs a PromptedImageTower"):
+        BrewClip(small_cfg(prompt_mode="shared"), text_tower=tower)
+
+
+def test_the_loss_reaches_the_image_prompt_projection_and_not_the_frozen_towers(tower, image_tower, token_ids):
+    model = shared_model(tower, image_tower)
+    states, mask = padded_states([5, 9, 2, 7])
+    out = model(states, mask, token_ids=token_ids)
+    images = model.encode_images(image_tokens(image_tower))  # (4, D)
+    assert images.shape == (4, D) and torch.allclose(images.norm(dim=-1), torch.ones(4), atol=1e-5)
+    loss, _ = brewclip_loss(out, images, torch.arange(4), model)
+    loss.backward()
+    assert model.image_link.weight.grad.abs().sum() > 0 and model.image_link.bias.grad.abs().sum() > 0
+    assert model.acoustic.prompts.grad.abs().sum() > 0
+    frozen = [*tower.parameters(), *image_tower.parameters()]
+    assert all(p.grad is None for p in frozen)
+    assert not {id(p) for p in frozen} & {id(p) for p in model.trainable_parameters()}
+    for p in model.trainable_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+def test_image_prompts_move_the_image_embeddings_and_zero_vectors_are_not_a_no_op(tower, image_tower):
+    """Only no prompts (None) is open_clip's encode_image (tested in test_clip_image_tokens); zero-valued prompt
+    vectors are still tokens the class token attends to, so zeroing the projection changes the embedding too."""
+    model = shared_model(tower, image_tower)
+    tokens = image_tokens(image_tower)
+    with torch.no_grad():
+        plain = image_tower(tokens, None)
+        prompted = model.encode_images(tokens)
+        model.image_link.weight.zero_()
+        model.image_link.bias.zero_()
+        zeroed = model.encode_images(tokens)
+    assert not torch.allclose(prompted, plain, atol=1e-4)
+    assert torch.equal(model.image_prompts(), torch.zeros(3, image_tower.width))
+    assert not torch.allclose(zeroed, plain, atol=1e-4)
+
+
+def constant_shift_residual(out: torch.Tensor, u: torch.Tensor) -> float:
+    """How far (B, D) outputs are from normalise(u + b) for ONE vector b: the least-squares residual of
+    s_i * out_i = u_i + b over the row scales s_i and b (0 for a learned bias, whatever b is)."""
+    B, Dim = out.shape
+    A = torch.zeros(B * Dim, B + Dim, dtype=torch.float64)
+    for i in range(B):
+        A[i * Dim:(i + 1) * Dim, i] = out[i].double()
+        A[i * Dim:(i + 1) * Dim, B:] = -torch.eye(Dim, dtype=torch.float64)
+    target = u.double().reshape(-1, 1)
+    solution = torch.linalg.lstsq(A, target).solution
+    return float((A @ solution - target).norm() / target.norm())
+
+
+def test_the_shared_mode_is_prompting_not_a_learned_bias(tower, image_tower, token_ids):
+    """The issue's check: bias mode's pipeline output is normalise(u + mean(P)) (a constant shift of the zero-shot
+    embedding u); the shared mode's, with its prompt weights perturbed, is not any constant shift."""
+    with torch.no_grad():
+        u = tower(token_ids, None)  # (4, D) zero-shot transcript embeddings
+        bias = BrewClip(small_cfg(channels="pipeline"))
+        torch.nn.init.normal_(bias.link.weight, std=0.02)
+        torch.nn.init.normal_(bias.prompts, std=0.5)
+        out = bias(None, None, pipeline_emb=u)["pipeline"]
+        mean_p = bias.text_prompts().mean(dim=0)  # (D,)
+        # near-uniform attention over the prompts: the shift is their mean up to a few 1e-4 here
+        assert torch.allclose(out, F.normalize(u + mean_p, dim=-1), atol=2e-3)
+        assert constant_shift_residual(out, u) < 5e-3
+        shared = shared_model(tower, image_tower, channels="pipeline")
+        torch.nn.init.normal_(shared.prompts, std=0.5)
+        out = shared(None, None, token_ids=token_ids)["pipeline"]
+        assert not torch.allclose(out, u, atol=1e-2)
+        assert constant_shift_residual(out, u) > 0.1  # measured 0.54 (bias mode above: 0.002)

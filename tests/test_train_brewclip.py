@@ -3,12 +3,14 @@ to identical scores, an interrupted run resumes to exactly the uninterrupted res
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from avcache.eval.train_bench import write_planted_store
 from avcache.pipeline.config import ConfigError
@@ -59,10 +61,24 @@ def test_the_paper_profile_names_the_papers_encoders_and_their_widths():
     assert open_clip.get_model_config("ViT-L-14")["embed_dim"] == 768  # the clip_dim the paper config is sized for
 
 
+def vit_l14_widths():
+    """An open_clip CLIP with ViT-L/14's widths and one block per tower (random init, offline): the frozen towers'
+    sizes without the 430M-parameter download."""
+    import open_clip
+
+    spec = open_clip.get_model_config("ViT-L-14")
+    return open_clip.CLIP(spec["embed_dim"], {**spec["vision_cfg"], "layers": 1}, {**spec["text_cfg"], "layers": 1})
+
+
 def test_the_paper_config_builds_the_papers_layer_sizes():
     cfg = recipe.load_recipe_config(PAPER)
     # the CLIP and Whisper widths come from the store: ViT-L/14 (768) and Whisper base.en (512) for the paper
-    model = recipe.build_model(cfg, clip_dim=768, whisper_dim=512, store_root=None)
+    model = recipe.build_model(cfg, clip_dim=768, whisper_dim=512, store_root=None, clip_model=vit_l14_widths())
+    # one prompt tensor of 4 x 768 in text and audio (the layer is as wide: no Linear between), Linear(768 -> 1024)
+    # into the ViT, as the official MultiModalPromptLearner
+    assert model.cfg.prompt_mode == "shared" and model.text_prompts() is model.acoustic.prompts
+    assert model.acoustic.prompts.shape == (4, 768) and model.acoustic.prompt_proj is None
+    assert (model.image_link.in_features, model.image_link.out_features) == (768, 1024)
     acoustic = model.acoustic
     assert (acoustic.proj.in_features, acoustic.proj.out_features) == (512, 768)
     layer = acoustic.layer
@@ -94,6 +110,7 @@ def test_the_paper_schedule_warms_up_then_decays_linearly():
     (["train.optimiser=sgd"], "train.optimiser must be one of"),
     (["train.schedule=warmup_linear", "train.warmup_steps=10", "train.total_steps=10"], "warmup_steps < train"),
     (["train.schedule=warmup_linear", "train.total_steps=10", "train.final_lr=1"], "train.final_lr must be in"),
+    (["train.precision=float16"], "train.precision must be one of"),
 ])
 def test_a_bad_schedule_is_refused_when_the_config_loads(overrides, match):
     with pytest.raises(ConfigError, match=match):
@@ -102,9 +119,10 @@ def test_a_bad_schedule_is_refused_when_the_config_loads(overrides, match):
 
 def test_the_paper_config_trains_on_a_store_of_other_widths(planted, tmp_path):
     """`make train-retrieval CONFIG=train/configs/brewclip_paper.yaml`, shrunk by --set: the widths come from the
-    store (32 and 48 here, not ViT-L/14's 768 and base.en's 512) and the schedule steps per optimiser step."""
+    store (32 and 48 here, not ViT-L/14's 768 and base.en's 512) and the schedule steps per optimiser step. The
+    planted store has no CLIP to run, so the prompts are `bias` here; the shared run is the test below."""
     sets = ["model.width=16", "model.heads=2", "model.ffn=32", "train.epochs=2", "train.batch_size=10",
-            "train.warmup_steps=4", "train.total_steps=8", "train.device=cpu"]
+            "train.warmup_steps=4", "train.total_steps=8", "train.device=cpu", "model.prompt_mode=bias"]
     command = [sys.executable, "-m", "avcache.pipeline.cli", "train-retrieval", "--store", str(planted),
                "--run", str(tmp_path / "run"), "--config", str(PAPER)] + [a for s in sets for a in ("--set", s)]
     done = subprocess.run(command, capture_output=True, text=True)
@@ -116,6 +134,18 @@ def test_the_paper_config_trains_on_a_store_of_other_widths(planted, tmp_path):
     # step 4 is the first of the decay: a quarter of the way down; step 7 reaches final_lr)
     assert [(r["optimiser_step"], r["lr"]) for r in history] == [
         (5, pytest.approx(1e-4 - (1e-4 - 1e-8) * 1 / 4)), (10, 1e-8)]
+
+
+def test_bfloat16_autocast_trains_the_forward_pass_in_lower_precision(planted, tmp_path):
+    """Autocast runs on the CPU too, so the switch is checked here: the same run in bfloat16 takes other (finite)
+    losses than in float32, and its evaluation, in float32, still scores."""
+    def losses(run):
+        return [json.loads(line)["train_loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+
+    full = recipe.main(planted, tmp_path / "fp32", overrides=["train.epochs=2"], **quiet)
+    half = recipe.main(planted, tmp_path / "bf16", overrides=["train.epochs=2", "train.precision=bfloat16"], **quiet)
+    assert losses("fp32") != losses("bf16") and all(map(math.isfinite, losses("bf16")))
+    assert 0 < half["s2i_R@1"] <= 1 and full.keys() == half.keys()
 
 
 def test_overrides_take_numbers_as_yaml_writes_them():
@@ -207,3 +237,91 @@ def test_cli_reports_bad_config_in_one_line(planted, tmp_path):
     assert done.returncode == 2 and "widht" in done.stderr and "Traceback" not in done.stderr, done.stderr
     done = subprocess.run(command[:-2] + ["--store", str(tmp_path / "nothing")], capture_output=True, text=True)
     assert done.returncode == 2 and "lacks" in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# prompt modes: shared (the official design), text, bias; the old names
+
+
+@pytest.fixture(scope="module")
+def token_store(spoken_caption_store, tmp_path_factory):
+    """A copy of the spoken-caption store with clip_image_tokens added (the tiny CLIP: seconds)."""
+    import shutil
+
+    from avcache.pipeline.config import load_config
+    from avcache.pipeline.extract import extract
+    from avcache.pipeline.runners import LocalRunner
+
+    store = tmp_path_factory.mktemp("tokens") / "store"
+    shutil.copytree(spoken_caption_store / "store", store)
+    config = load_config(overrides=["feature_sets=[clip_image_tokens]", "rows_per_shard=32"])
+    report = extract(spoken_caption_store / "manifest.arrow", store, config, LocalRunner(), log=lambda *a: None)
+    assert report.failed == 0
+    return store
+
+
+SHARED_RUN = ["model.prompt_mode=shared", "train.epochs=2", "train.batch_size=16", "model.width=32", "model.ffn=64"]
+
+
+def test_a_tiny_shared_run_trains_the_image_prompts_and_evaluates_on_recomputed_images(token_store, tmp_path):
+    results = recipe.main(token_store, tmp_path / "run", overrides=SHARED_RUN, **quiet)
+    assert 0 <= results["s2i_R@1"] <= 1 and results["epochs"] == 2
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["model"]["prompt_mode"] == "shared"
+    cfg = recipe.load_recipe_config(tmp_path / "run" / "config.yaml")
+    test = CachedPairs(token_store, "test", image_tokens=True)
+    model = recipe.build_model(cfg, test.clip_dim, test.whisper_dim, token_store)
+    untrained_link = model.image_link.weight.detach().clone()
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(str(tmp_path / "run" / "best.safetensors")))
+    assert not torch.equal(model.image_link.weight, untrained_link)  # the image-prompt projection trained
+    # the gallery is the image tower run with the trained prompts, not the cached clip_image vectors
+    gallery = recipe.gallery_embeddings(model, test, batch_size=5)
+    assert gallery.shape == test.images.shape
+    assert not torch.allclose(gallery, torch.nn.functional.normalize(test.images, dim=-1), atol=1e-3)
+    again = recipe.evaluate(model, test, batch_size=7)
+    assert again.pop("loss") == pytest.approx(results["loss"], rel=1e-5)
+    assert {k: again[k] for k in again} == {k: results[k] for k in again}
+
+
+def test_the_shared_mode_refuses_a_store_without_image_tokens(planted, tmp_path):
+    with pytest.raises(ValueError, match=r"lacks feature set\(s\) \['clip_image_tokens'\].*--feature-sets "
+                                         r"clip_image_tokens"):
+        recipe.main(planted, tmp_path / "run", overrides=["model.prompt_mode=shared"], **quiet)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("old, new", [("fast", "bias"), ("full", "text")])
+def test_the_old_prompt_mode_names_are_refused_with_the_new_name(old, new):
+    with pytest.raises(ConfigError, match=f"model.prompt_mode '{old}' is now '{new}': set model.prompt_mode={new}"):
+        recipe.load_recipe_config(None, [f"model.prompt_mode={old}"])
+
+
+def test_ser_starts_from_a_brewclip_run_written_under_the_old_mode_name(planted, tmp_path):
+    from avcache.train.recipes import ser
+
+    recipe.main(planted, tmp_path / "run", overrides=["train.epochs=1", "model.width=32", "model.ffn=64"], **quiet)
+    path = tmp_path / "run" / "config.yaml"
+    saved = yaml.safe_load(path.read_text())
+    assert saved["model"]["prompt_mode"] == "bias"
+    saved["model"]["prompt_mode"] = "fast"  # as a run from before the rename wrote it
+    path.write_text(yaml.safe_dump(saved, sort_keys=False))
+    acoustic = ser.build_acoustic(ser.load_recipe_config(None, [f"init_from={tmp_path / 'run'}"]), 48)
+    from safetensors.torch import load_file
+
+    weights = load_file(str(tmp_path / "run" / "best.safetensors"))
+    assert torch.equal(acoustic.prompts, weights["acoustic.prompts"])
+
+
+def test_the_paper_config_trains_with_shared_prompts_on_a_store_with_image_tokens(token_store, tmp_path):
+    """`make train-retrieval CONFIG=train/configs/brewclip_paper.yaml` as it is (shared prompts), shrunk by --set."""
+    sets = ["model.width=16", "model.heads=2", "model.ffn=32", "train.epochs=1", "train.batch_size=16",
+            "train.warmup_steps=1", "train.total_steps=4", "train.device=cpu"]
+    command = [sys.executable, "-m", "avcache.pipeline.cli", "train-retrieval", "--store", str(token_store),
+               "--run", str(tmp_path / "run"), "--config", str(PAPER)] + [a for s in sets for a in ("--set", s)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["model"]["prompt_mode"] == "shared"
+    assert 0 <= json.loads((tmp_path / "run" / "results.json").read_text())["s2i_R@1"] <= 1

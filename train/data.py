@@ -57,12 +57,16 @@ class WhisperItems(torch.utils.data.Dataset):
 
 class CachedPairs(WhisperItems):
     """The caption/image pairs of one split. Pooled vectors come from the memory-mapped Arrow shards at
-    construction (N x D, small); Whisper states, the bulk, are read from HDF5 in __getitem__ unless preloaded."""
+    construction (N x D, small); Whisper states, the bulk, are read from HDF5 in __getitem__ unless preloaded.
+
+    `image_tokens` (BrewCLIP's shared prompt mode): each item also carries its image's cached ViT input tokens
+    (clip_image_tokens, (T, Wv), read from HDF5 per item), and `gallery_tokens` reads the gallery's, since the
+    prompted image tower recomputes every image embedding."""
 
     def __init__(self, store_root: str | Path, split: str, manifest=None, dataset: str | None = None,
-                 max_frames: int = 1500, preload: bool = False):
+                 max_frames: int = 1500, preload: bool = False, image_tokens: bool = False):
         store = FeatureStore(store_root)
-        require_feature_sets(store, READS["caption pairs"])
+        require_feature_sets(store, READS["caption pairs, image tokens" if image_tokens else "caption pairs"])
         clip_image, transcript = store["clip_image"], store["clip_transcript"]
         self.whisper: FeatureSet = store["whisper"]
         rows = select_caption_items(store_items(store, manifest), split, dataset)
@@ -80,15 +84,41 @@ class CachedPairs(WhisperItems):
                                           .astype(np.int64))                                         # (N, L)
         self.max_frames = max_frames
         self.info = PairsInfo(split, len(kept), len(images), len(rows) - len(kept))
+        self.image_token_set: FeatureSet | None = None
+        if image_tokens:
+            self.image_token_set = store["clip_image_tokens"]
+            self.gallery_ids = gallery_item_ids(rows, clip_image)  # (Ni,) the item each gallery row was read from
+            missing = [i for i in self.gallery_ids if i not in self.image_token_set]
+            if missing:
+                raise ValueError(f"split {split!r}: {len(missing)} of {len(self.gallery_ids)} images have clip_image "
+                                 f"but no clip_image_tokens (e.g. {missing[0]!r}); extract clip_image_tokens again")
         self._load(preload)
+
+    def gallery_tokens(self, rows) -> torch.Tensor:
+        """Gallery rows -> (len(rows), T, Wv) cached ViT input tokens of those images."""
+        return torch.from_numpy(np.stack([np.asarray(self.image_token_set.sequence(self.gallery_ids[int(r)], "tokens"),
+                                                     np.float32) for r in rows]))
 
     @property
     def clip_dim(self) -> int:
         return self.images.shape[1]
 
     def __getitem__(self, i: int) -> dict:
-        return {"index": i, "states": self.states(i), "pipeline": self.transcripts[i], "token_ids": self.token_ids[i],
+        item = {"index": i, "states": self.states(i), "pipeline": self.transcripts[i], "token_ids": self.token_ids[i],
                 "image": self.images[self.groups[i]], "group": self.groups[i]}
+        if self.image_token_set is not None:
+            item["image_tokens"] = self.gallery_tokens([self.groups[i]])[0]  # (T, Wv)
+        return item
+
+
+def gallery_item_ids(rows: list[dict], clip_image: FeatureSet) -> list[str]:
+    """The item of each gallery row, in image_gallery's order: a group's first item that clip_image holds."""
+    first = {}
+    for r in rows:
+        key = (r["dataset"], r["group_id"])
+        if key not in first and r["item_id"] in clip_image:
+            first[key] = r["item_id"]
+    return list(first.values())
 
 
 def pad_sequences(sequences: list[torch.Tensor], value=0) -> tuple[torch.Tensor, torch.Tensor]:

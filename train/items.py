@@ -19,6 +19,7 @@ COLUMN = "embedding"  # the pooled vector of every CLIP feature set
 # what reads which feature sets: the one list the "extract them first" errors are made from
 READS = {
     "caption pairs": ("clip_image", "whisper", "clip_transcript"),
+    "caption pairs, image tokens": ("clip_image", "whisper", "clip_transcript", "clip_image_tokens"),  # shared
     "zero-shot retrieval": ("clip_image", "clip_transcript", "clip_text"),
     "labelled audio": ("whisper",),
     "aligned glosses": ("gloss_alignment", "clip_frames"),  # + whisper when the source is the audio

@@ -3,8 +3,11 @@
 Two channels map one spoken caption into CLIP's joint space:
   pipeline: Whisper transcript -> frozen CLIP text tower (cached pooled embedding, or the tower run with prompts)
   e2e:      Whisper encoder states -> projection + prompts + one transformer encoder layer -> CLS -> CLIP space
-They are fused (a sum or concat + Linear, then L2-normalised) and trained against cached CLIP image embeddings with a symmetric InfoNCE
-in which other captions of the same image are never negatives, optionally plus the inner (pipeline <-> e2e) loss.
+They are fused (a sum or concat + Linear, then L2-normalised) and trained against CLIP image embeddings with a symmetric
+InfoNCE in which other captions of the same image are never negatives, optionally plus the inner (pipeline <-> e2e)
+loss. The images are the cached clip_image embeddings, except in the shared prompt mode (the authors' design): one
+prompt tensor goes into the text tower, the acoustic channel and, projected, the frozen ViT run over cached input
+tokens, so the image embeddings move with the prompts.
 """
 from __future__ import annotations
 
@@ -18,7 +21,8 @@ import torch.nn.functional as F
 CHANNELS = ("both", "pipeline", "e2e")
 FUSIONS = ("normalised_sum", "sum_then_normalise", "concat")
 ACTIVATIONS = ("relu", "gelu")
-PROMPT_MODES = ("fast", "full")
+PROMPT_MODES = ("shared", "text", "bias")
+RENAMED_PROMPT_MODES = {"fast": "bias", "full": "text"}  # the names before the shared mode existed
 
 
 @dataclass
@@ -35,8 +39,10 @@ class BrewClipConfig:
     dropout: float = 0.1
     n_prompts: int = 4            # learnable prompt tokens of the acoustic channel; 0 = prompts off
     shared_prompts: bool = True   # text-side prompts = Linear(audio prompts); needs n_prompts > 0 to have any effect
-    prompt_mode: str = "fast"     # fast: text prompts act on the cached pooled transcript embedding;
-                                  # full: frozen CLIP text tower run with the text prompts before the cached token ids
+    prompt_mode: str = "bias"     # shared: one prompt tensor in the text tower, the acoustic channel and (projected)
+                                  #   the image tower, as the official; text: the frozen CLIP text tower run with
+                                  #   Linear(audio prompts) after the start token; bias: a learned shift of the cached
+                                  #   pooled transcript embedding (it reduces to normalise(u + mean(P)): not prompting)
     fusion: str = "normalised_sum"  # normalised_sum: each channel L2-normalised, summed, normalised again;
                                     # sum_then_normalise: the acoustic output enters unnormalised (the official);
                                     # concat: Linear(2D -> D) over both normalised channels, then normalised
@@ -52,8 +58,13 @@ class BrewClipConfig:
                              "'sum') or 'sum_then_normalise' (the official: the acoustic output unnormalised)")
         if self.fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
+        if self.prompt_mode in RENAMED_PROMPT_MODES:
+            raise ValueError(f"prompt_mode {self.prompt_mode!r} is now {RENAMED_PROMPT_MODES[self.prompt_mode]!r}")
         if self.prompt_mode not in PROMPT_MODES:
             raise ValueError(f"prompt_mode must be one of {PROMPT_MODES}, got {self.prompt_mode!r}")
+        if self.prompt_mode == "shared" and not (self.shared_prompts and self.n_prompts > 0):
+            raise ValueError("prompt_mode 'shared' needs n_prompts > 0 and shared_prompts true (without prompts use "
+                             "'bias' or 'text', which then run no prompts)")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         for name in ("clip_dim", "whisper_dim", "width", "heads", "ffn"):
@@ -91,19 +102,26 @@ class BrewClipConfig:
 
 
 class AcousticChannel(nn.Module):
-    """Whisper encoder states -> [CLS, prompts, states] -> one encoder layer -> CLS -> CLIP space (unnormalised)."""
+    """Whisper encoder states -> [CLS, prompts, states] -> one encoder layer -> CLS -> CLIP space (unnormalised).
 
-    def __init__(self, cfg: BrewClipConfig):
+    `prompt_width` (shared mode: the CLIP text width) is the width of the prompt tensor; when it is not the layer
+    width a Linear maps the prompts into it. The official needs none: its layer is 768 wide, as the ViT-L/14 text
+    tower whose prompt tensor it prepends as it is."""
+
+    def __init__(self, cfg: BrewClipConfig, prompt_width: int | None = None):
         super().__init__()
         self.n_prompts = cfg.n_prompts
         self.proj = nn.Linear(cfg.whisper_dim, cfg.width)
+        prompt_width = prompt_width or cfg.width
         # No positional embedding: Whisper states already carry its sinusoidal positions, and CLS/prompt tokens are
         # free learnable vectors, so a learned "slot" embedding added to them would be a redundant reparametrisation.
         self.cls_token = nn.Parameter(torch.randn(cfg.width) * 0.02)
         if cfg.n_prompts > 0:
-            self.prompts = nn.Parameter(torch.randn(cfg.n_prompts, cfg.width) * 0.02)
+            self.prompts = nn.Parameter(torch.randn(cfg.n_prompts, prompt_width) * 0.02)  # (n, Wp)
         else:
             self.register_parameter("prompts", None)
+        self.prompt_proj = nn.Linear(prompt_width, cfg.width) if cfg.n_prompts and prompt_width != cfg.width \
+            else None
         self.layer = nn.TransformerEncoderLayer(cfg.width, cfg.heads, cfg.ffn, cfg.dropout, cfg.activation,
                                                 batch_first=True, norm_first=cfg.norm_first)
         # A pre-norm residual stream is never normalised by the layer itself, so it needs this one; the official
@@ -117,7 +135,8 @@ class AcousticChannel(nn.Module):
         B, T, W = x.shape
         extra = [self.cls_token.expand(B, 1, W)]
         if self.prompts is not None:
-            extra.append(self.prompts.expand(B, -1, -1))
+            prompts = self.prompts if self.prompt_proj is None else self.prompt_proj(self.prompts)  # (n, W)
+            extra.append(prompts.expand(B, -1, -1))
         x = torch.cat(extra + [x], dim=1)  # (B, 1 + n + T, W)
         if mask is None:
             mask = torch.ones(B, T, dtype=torch.bool, device=x.device)
@@ -294,30 +313,52 @@ class PromptedImageTower(nn.Module):
 
 
 class BrewClip(nn.Module):
-    def __init__(self, cfg: BrewClipConfig, text_tower: PromptedTextTower | None = None):
+    """`text_tower`: the frozen CLIP text tower (text and shared modes with the pipeline channel); `image_tower`:
+    the frozen CLIP ViT over cached input tokens (shared mode); `text_width`: the width of the shared prompt tensor
+    when there is no text tower to read it from (shared mode, e2e only)."""
+
+    def __init__(self, cfg: BrewClipConfig, text_tower: PromptedTextTower | None = None,
+                 image_tower: PromptedImageTower | None = None, text_width: int | None = None):
         super().__init__()
         self.cfg = cfg
-        full = cfg.uses_pipeline and cfg.prompt_mode == "full"
-        if full:
+        shared = cfg.prompt_mode == "shared"
+        in_tower = cfg.uses_pipeline and cfg.prompt_mode in ("text", "shared")  # text prompts run the text tower
+        if in_tower:
             if text_tower is None:
-                raise ValueError("prompt_mode='full' needs a PromptedTextTower (the frozen CLIP text tower)")
+                raise ValueError(f"prompt_mode={cfg.prompt_mode!r} needs a PromptedTextTower (the frozen CLIP text "
+                                 f"tower)")
             if text_tower.dim != cfg.clip_dim:
                 raise ValueError(f"text tower output dim {text_tower.dim} != clip_dim {cfg.clip_dim}")
-        self.text_tower = text_tower if full else None  # fast mode never runs the tower, so do not carry it
-        self.acoustic = AcousticChannel(cfg) if cfg.uses_e2e else None
+        self.text_tower = text_tower if in_tower else None  # bias mode never runs the tower, so do not carry it
+        self.image_tower = None
+        prompt_width = cfg.width
+        if shared:
+            if image_tower is None:
+                raise ValueError("prompt_mode='shared' needs a PromptedImageTower (the frozen CLIP ViT)")
+            if image_tower.dim != cfg.clip_dim:
+                raise ValueError(f"image tower output dim {image_tower.dim} != clip_dim {cfg.clip_dim}")
+            prompt_width = text_tower.width if in_tower else text_width
+            if prompt_width is None:
+                raise ValueError("prompt_mode='shared' needs the CLIP text width (a text tower or text_width)")
+            self.image_tower = image_tower
+        # Shared mode: ONE prompt tensor (n, Wt), the official's ctx: inserted as it is in the text tower, prepended
+        # in the acoustic channel (through a Linear when its width is not Wt), projected into the image tower.
+        self.acoustic = AcousticChannel(cfg, prompt_width) if cfg.uses_e2e else None
         if cfg.text_prompts and self.acoustic is None:
             # Pipeline-only ablation: there is no acoustic channel to share prompts with, so they live here.
-            self.prompts = nn.Parameter(torch.randn(cfg.n_prompts, cfg.width) * 0.02)
+            self.prompts = nn.Parameter(torch.randn(cfg.n_prompts, prompt_width) * 0.02)
         else:
             self.register_parameter("prompts", None)
         self.link = None
-        if cfg.text_prompts:
-            self.link = nn.Linear(cfg.width, text_tower.width if full else cfg.clip_dim)
-            if not full:
-                # Zero init: the fast-mode refinement starts as the identity, so training starts from the zero-shot
+        if cfg.text_prompts and not shared:
+            self.link = nn.Linear(cfg.width, text_tower.width if in_tower else cfg.clip_dim)
+            if not in_tower:
+                # Zero init: the bias-mode shift starts as the identity, so training starts from the zero-shot
                 # transcript embedding instead of a random perturbation of it (link still gets a gradient).
                 nn.init.zeros_(self.link.weight)
                 nn.init.zeros_(self.link.bias)
+        # the official's Linear(768 -> 1024): the shared prompts into the ViT's width (appended before ln_pre)
+        self.image_link = nn.Linear(prompt_width, image_tower.width) if shared else None
         self.fuse = nn.Linear(2 * cfg.clip_dim, cfg.clip_dim) if cfg.channels == "both" and cfg.fusion == "concat" \
             else None
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.temperature)),
@@ -341,21 +382,35 @@ class BrewClip(nn.Module):
         return self.prompts
 
     def text_prompts(self) -> torch.Tensor | None:
-        """(n, D) in fast mode or (n, Wt) in full mode: link(audio prompts), or None without shared prompting."""
+        """(n, D) in bias mode or (n, Wt) in text mode: link(audio prompts); in shared mode the audio prompts
+        themselves (the same tensor); None without shared prompting."""
+        if self.cfg.prompt_mode == "shared":
+            return self.audio_prompts()
         return self.link(self.audio_prompts()) if self.link is not None else None
+
+    def image_prompts(self) -> torch.Tensor | None:
+        """(n, Wv): the shared prompts projected into the image tower (shared mode), else None."""
+        return self.image_link(self.audio_prompts()) if self.image_link is not None else None
+
+    def encode_images(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, T, Wv) cached ViT input tokens -> (B, D) normalised, through the prompted image tower (shared mode)."""
+        if self.image_tower is None:
+            raise ValueError("only prompt_mode='shared' encodes images; the others match the cached clip_image")
+        return self.image_tower(tokens.to(self.logit_scale.device), self.image_prompts())
 
     def pipeline(self, pipeline_emb: torch.Tensor | None = None, token_ids: torch.Tensor | None = None) -> torch.Tensor:
         prompts = self.text_prompts()
         if self.text_tower is not None:
             if token_ids is None:
-                raise ValueError("prompt_mode='full' needs token_ids (the cached CLIP token ids of the transcript)")
+                raise ValueError(f"prompt_mode={self.cfg.prompt_mode!r} needs token_ids (the cached CLIP token ids of the transcript)")
             return self.text_tower(token_ids.to(self.logit_scale.device), prompts)  # (B, D) normalised
         if pipeline_emb is None:
             raise ValueError("the pipeline channel needs pipeline_emb (cached CLIP text embedding of the transcript)")
         pipe = F.normalize(pipeline_emb.to(self.logit_scale), dim=-1)  # (B, D)
         if prompts is not None:
-            # Fast-mode stand-in for running the text tower with prompts: the pooled transcript embedding attends
-            # to the text prompts and adds what it reads (a residual, prompt-conditioned refinement).
+            # Bias mode: the pooled transcript embedding attends to the text prompts and adds what it reads. Meant
+            # as a stand-in for prompting the tower, it trains to normalise(u + mean(P)) (attention stays uniform,
+            # measured to 4.8e-7): a learned bias, kept as a cheap, named approximation.
             attn = torch.softmax(pipe @ prompts.T / math.sqrt(pipe.shape[-1]), dim=-1)  # (B, n)
             pipe = pipe + attn @ prompts  # (B, D)
         return F.normalize(pipe, dim=-1)
@@ -380,8 +435,9 @@ class BrewClip(nn.Module):
         return {"fused": fused, "pipeline": pipe, "e2e": e2e}
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """Everything that trains: all but the frozen text tower (and logit_scale unless learn_temperature)."""
-        frozen = {id(p) for p in self.text_tower.parameters()} if self.text_tower is not None else set()
+        """Everything that trains: all but the frozen towers (and logit_scale unless learn_temperature)."""
+        frozen = {id(p) for tower in (self.text_tower, self.image_tower) if tower is not None
+                  for p in tower.parameters()}
         return [p for p in self.parameters() if p.requires_grad and id(p) not in frozen]
 
 
@@ -454,6 +510,8 @@ def ser_trainable(model_or_head: SerHead | BrewClip | AcousticChannel) -> list[n
     else:
         acoustic, extra = model_or_head, []
     prompts = [acoustic.prompts] if acoustic.prompts is not None else []
+    if acoustic.prompt_proj is not None:  # shared mode, layer width != text width: part of the prompts' path
+        prompts += list(acoustic.prompt_proj.parameters())
     return prompts + list(acoustic.layer.parameters()) + extra
 
 

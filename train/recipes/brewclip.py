@@ -4,7 +4,10 @@ Read top to bottom: setup (config, data from the store, model, optimiser, resump
 epoch, validation recall after each, best and last checkpoints) -> evaluate (the best weights on the test split,
 both directions, next to the untrained model and a random ranking's exact chance level) -> save (results.json,
 curves). Ablations are config variants (train/configs/brewclip_*.yaml) or `--set key=value` overrides. In the
-default fast mode nothing here touches raw media or an encoder: every input comes from the store.
+default bias mode nothing here runs an encoder: every input comes from the store. The text mode runs the frozen
+CLIP text tower over cached token ids; the shared mode (the official design) also runs the frozen CLIP ViT over the
+images' cached input tokens (clip_image_tokens), so image embeddings move with the prompts and the evaluation
+gallery is encoded again with the current prompts.
 """
 from __future__ import annotations
 
@@ -19,7 +22,8 @@ import torch
 
 from avcache.eval.retrieval import cross_modal_retrieval, random_cross_modal
 from avcache.pipeline.config import ConfigError, load_dataclass
-from avcache.train.models.brewclip import BrewClip, BrewClipConfig, PromptedTextTower, brewclip_loss
+from avcache.train.models.brewclip import (PROMPT_MODES, RENAMED_PROMPT_MODES, BrewClip, BrewClipConfig,
+                                           PromptedImageTower, PromptedTextTower, brewclip_loss)
 from avcache.train.data import CachedPairs, loader
 from avcache.train.items import NoItemsError
 from avcache.train.runs import Headline, RunDir, pick_device, seed_everything, to_device
@@ -32,6 +36,7 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "brewclip.yaml"
 OPTIMISERS = ("adamw", "adam")
 SCHEDULES = ("constant", "warmup_linear")
+PRECISIONS = ("float32", "bfloat16")
 
 
 @dataclass
@@ -56,6 +61,8 @@ class TrainConfig:
     final_lr: float = 0.0
     grad_clip: float = 1.0
     drop_last: bool = False         # skip an epoch's short last batch (few negatives for the in-batch InfoNCE)
+    precision: str = "float32"      # float32 | bfloat16: autocast of the training forward pass (the paper's mixed
+                                    # precision; bfloat16 needs no loss scaling); evaluation stays in float32
     select_on: str = "s2i_R@1"      # validation metric that picks the best checkpoint
     device: str = "auto"            # auto (the GPU when there is one) | cpu | cuda | cuda:<n>
 
@@ -72,12 +79,27 @@ class RecipeConfig:
 def load_recipe_config(path: str | Path | None = None, overrides=()) -> RecipeConfig:
     cfg = load_dataclass(RecipeConfig, Path(path) if path else DEFAULT_CONFIG, overrides)
     check_train_config(cfg.train)
+    prompt_mode(cfg)
     return cfg
+
+
+def prompt_mode(cfg: RecipeConfig) -> str:
+    """model.prompt_mode, checked before any data is read. The old names (fast, full) are refused, not mapped: a run
+    directory written with them would not resume under the new name (config.yaml is compared key for key)."""
+    mode = cfg.model.get("prompt_mode", BrewClipConfig.prompt_mode)
+    if mode in RENAMED_PROMPT_MODES:
+        raise ConfigError(f"model.prompt_mode {mode!r} is now {RENAMED_PROMPT_MODES[mode]!r}: set "
+                          f"model.prompt_mode={RENAMED_PROMPT_MODES[mode]}")
+    if mode not in PROMPT_MODES:
+        raise ConfigError(f"model.prompt_mode must be one of {PROMPT_MODES}, got {mode!r}")
+    return mode
 
 
 def check_train_config(train: TrainConfig) -> None:
     if train.optimiser not in OPTIMISERS:
         raise ConfigError(f"train.optimiser must be one of {OPTIMISERS}, got {train.optimiser!r}")
+    if train.precision not in PRECISIONS:
+        raise ConfigError(f"train.precision must be one of {PRECISIONS}, got {train.precision!r}")
     if train.schedule not in SCHEDULES:
         raise ConfigError(f"train.schedule must be one of {SCHEDULES}, got {train.schedule!r}")
     if train.schedule == "warmup_linear":
@@ -106,20 +128,53 @@ def make_optimiser(train: TrainConfig, parameters: list) -> torch.optim.Optimize
     return kind(parameters, lr=learning_rate(train, 0), weight_decay=train.weight_decay)
 
 
-def build_model(cfg: RecipeConfig, clip_dim: int, whisper_dim: int, store_root) -> BrewClip:
+def build_model(cfg: RecipeConfig, clip_dim: int, whisper_dim: int, store_root, clip_model=None) -> BrewClip:
+    """The model of cfg.model over the store's widths. The text and shared modes run the frozen CLIP that made the
+    store's features (`clip_model` instead, when given: an open_clip CLIP of the same widths)."""
     try:
         model_cfg = BrewClipConfig(clip_dim=clip_dim, whisper_dim=whisper_dim, **cfg.model)
     except TypeError as exc:
         known = sorted(f.name for f in dataclasses.fields(BrewClipConfig) if f.name not in ("clip_dim", "whisper_dim"))
         raise ConfigError(f"model: {exc}; known keys: {known}") from None
-    text_tower = None
-    if model_cfg.prompt_mode == "full" and model_cfg.channels != "e2e":
-        # The full mode runs the frozen CLIP text tower that made the store's transcript embeddings.
-        from avcache.features.store import FeatureStore
-        from avcache.features.clip import clip_of
+    if model_cfg.prompt_mode == "bias" or (model_cfg.prompt_mode == "text" and not model_cfg.uses_pipeline):
+        return BrewClip(model_cfg)  # no tower runs
+    if clip_model is None:
+        clip_model = store_clip(store_root, model_cfg.prompt_mode)
+    text_tower = PromptedTextTower(clip_model)
+    image_tower = PromptedImageTower(clip_model) if model_cfg.prompt_mode == "shared" else None
+    return BrewClip(model_cfg, text_tower if model_cfg.uses_pipeline else None, image_tower, text_tower.width)
 
-        text_tower = PromptedTextTower(clip_of(FeatureStore(store_root)["clip_transcript"]).model)
-    return BrewClip(model_cfg, text_tower)
+
+def store_clip(store_root, mode: str):
+    """The frozen CLIP that made the store's transcript embeddings (and, in shared mode, its image tokens)."""
+    from avcache.features.store import FeatureStore
+    from avcache.features.clip import clip_of
+
+    store = FeatureStore(store_root)
+    if mode == "shared":
+        made_by = {name: store[name].spec.encoder.get("checkpoint_sha256") for name in ("clip_transcript",
+                                                                                        "clip_image_tokens")}
+        if len(set(made_by.values())) != 1:
+            raise ConfigError(f"clip_transcript and clip_image_tokens were made by different CLIPs ({made_by}); the "
+                              f"shared prompts need one: extract them with the same profile")
+    return clip_of(store["clip_transcript"]).model
+
+
+def image_side(model: BrewClip, batch: dict) -> torch.Tensor:
+    """(B, D) the image of each caption: the prompted image tower over its tokens (shared) or the cached vector."""
+    if model.image_tower is not None:
+        return model.encode_images(batch["image_tokens"])
+    return batch["image"]
+
+
+@torch.no_grad()
+def gallery_embeddings(model: BrewClip, pairs: CachedPairs, batch_size: int) -> torch.Tensor:
+    """(Ni, D) the split's images: cached clip_image, or (shared mode) encoded again with the current prompts."""
+    if model.image_tower is None:
+        return pairs.images
+    rows = range(len(pairs.images))
+    return torch.cat([model.encode_images(pairs.gallery_tokens(rows[i:i + batch_size])).cpu()
+                      for i in range(0, len(rows), batch_size)])
 
 
 def forward(model: BrewClip, batch: dict) -> dict:
@@ -135,8 +190,9 @@ def evaluate(model: BrewClip, pairs: CachedPairs, batch_size: int) -> dict:
     model.eval()
     outputs = [forward(model, batch) for batch in loader(pairs, batch_size, shuffle=False)]
     out = {key: torch.cat([o[key] for o in outputs]) for key in outputs[0] if torch.is_tensor(outputs[0][key])}
-    loss, _ = brewclip_loss(out, pairs.images[pairs.groups], pairs.groups.to(out["fused"].device), model)
-    metrics = cross_modal_retrieval(out["fused"].cpu().numpy(), pairs.images.numpy(), pairs.groups.numpy())
+    images = gallery_embeddings(model, pairs, batch_size)  # (Ni, D)
+    loss, _ = brewclip_loss(out, images[pairs.groups], pairs.groups.to(out["fused"].device), model)
+    metrics = cross_modal_retrieval(out["fused"].cpu().numpy(), images.numpy(), pairs.groups.numpy())
     return {**metrics, "loss": float(loss)}
 
 
@@ -145,11 +201,12 @@ def main(store: str | Path, run: str | Path, config: str | Path | None = None, o
     cfg = load_recipe_config(config, [*overrides, f"store={Path(store).resolve()}"])
     device = pick_device(cfg.train.device)
     seed_everything(cfg.seed)
+    image_tokens = prompt_mode(cfg) == "shared"
     splits = {}
     for split in ("train", "val", "test"):
         try:
             splits[split] = CachedPairs(store, split, cfg.data.manifest, cfg.data.dataset, cfg.data.max_frames,
-                                        cfg.data.preload)
+                                        cfg.data.preload, image_tokens)
         except NoItemsError:
             if split != "val":  # without a validation split the last epoch is kept
                 raise
@@ -182,7 +239,8 @@ def main(store: str | Path, run: str | Path, config: str | Path | None = None, o
         losses = []
         for batch in loader(train_pairs, cfg.train.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch,
                             num_workers=cfg.data.num_workers, drop_last=cfg.train.drop_last):
-            loss, parts = brewclip_loss(forward(model, batch), batch["image"], batch["group"], model)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bfloat16"):
+                loss, parts = brewclip_loss(forward(model, batch), image_side(model, batch), batch["group"], model)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), cfg.train.grad_clip)

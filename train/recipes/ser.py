@@ -26,7 +26,8 @@ import yaml
 from safetensors.torch import load_file
 
 from avcache.pipeline.config import ConfigError, load_dataclass
-from avcache.train.models.brewclip import AcousticChannel, BrewClipConfig, SerHead, freeze_for_ser
+from avcache.train.models.brewclip import (RENAMED_PROMPT_MODES, AcousticChannel, BrewClipConfig, SerHead,
+                                           freeze_for_ser)
 from avcache.train.data import LabelledStates, loader
 from avcache.train.items import NoItemsError
 from avcache.train.runs import Headline, RunDir, pick_device, seed_everything, to_device
@@ -163,7 +164,12 @@ def build_acoustic(cfg: RecipeConfig, whisper_dim: int) -> AcousticChannel:
         raise ConfigError(f"init_from {run}: that run has no acoustic channel (pipeline-only); SER needs one")
     model_cfg = dict((yaml.safe_load((run / "config.yaml").read_text()) or {}).get("model") or {})
     clip_dim = weights["acoustic.out.weight"].shape[0]
-    acoustic = AcousticChannel(BrewClipConfig(clip_dim=clip_dim, whisper_dim=whisper_dim, **model_cfg))
+    # A run from before the prompt modes were renamed: its acoustic channel is the same under the new name.
+    mode = model_cfg.get("prompt_mode")
+    model_cfg["prompt_mode"] = RENAMED_PROMPT_MODES.get(mode, mode) if mode else BrewClipConfig.prompt_mode
+    prompts = weights.get("acoustic.prompts")  # (n, Wp): the shared mode's prompt tensor is as wide as CLIP's text
+    acoustic = AcousticChannel(BrewClipConfig(clip_dim=clip_dim, whisper_dim=whisper_dim, **model_cfg),
+                               prompt_width=None if prompts is None else prompts.shape[1])
     acoustic.load_state_dict(acoustic_weights)
     return acoustic
 
