@@ -112,14 +112,16 @@ def _dialogs(path: Path) -> tuple[dict, list[dict]]:
     return document, dialogs
 
 
-def write_submission(test_json: Path, answers: dict[str, str], out: Path) -> Path:
+def write_submission(test_json: Path, answers: dict[str, str], out: Path, drop_unanswered: bool = False) -> Path:
     """Copy an official AVSD test file with each dialog's "__UNDISCLOSED__" last answer replaced by `answers`.
 
     `answers` maps each dialog of the test file to its generated answer, keyed by image_id or by manifest item_id
     ("avsd:<image_id>"). Everything else in the file (other turns, caption, summary, top-level fields) is kept.
-    Raises ValueError when a dialog of the file has no answer, when an answer names no dialog of the file, when an
-    answer is not a non-empty string (or is "__UNDISCLOSED__" itself), or when a dialog's last answer is not
-    "__UNDISCLOSED__" (not a test file). Written atomically; `out` must not be `test_json`.
+    Raises ValueError when a dialog of the file has no answer (with `drop_unanswered`, such dialogs are left out of
+    the file instead: a partial submission, which the official evaluation does not score as a whole test set), when
+    an answer names no dialog of the file, when an answer is not a non-empty string (or is "__UNDISCLOSED__"
+    itself), or when a dialog's last answer is not "__UNDISCLOSED__" (not a test file). Written atomically; `out`
+    must not be `test_json`.
 
     Read back by the avsd adapter (under a test-file name, in place of the test file), the submission gives the same
     items with the generated answer as the dialog's last text (kind "answer") and no `undisclosed` flag. Do not save
@@ -138,6 +140,8 @@ def write_submission(test_json: Path, answers: dict[str, str], out: Path) -> Pat
                          f"is not {UNDISCLOSED!r}")
     wanted = {str(d["image_id"]) for d in dialogs}
     missing, extra = wanted - set(answers), set(answers) - wanted
+    if drop_unanswered:
+        missing = set()
     if missing or extra:
         parts = []
         if missing:
@@ -151,6 +155,7 @@ def write_submission(test_json: Path, answers: dict[str, str], out: Path) -> Pat
                          f"bad answer(s) for {_ids(bad)}")
 
     submission = copy.deepcopy(document)
+    submission["dialogs"] = [d for d in submission["dialogs"] if str(d["image_id"]) in answers]
     for dialog in submission["dialogs"]:
         dialog["dialog"][-1]["answer"] = answers[str(dialog["image_id"])]
     write_json_atomic(out, submission)

@@ -52,7 +52,7 @@ def test_the_paper_grids_have_their_rows():
         "avcache.train.recipes.bgtai", fromlist=["x"]).EFFICIENCY_STUDY)
     cues = {(c.config.name, c.axes["model.use_prefix"]) for c in load_grid("avsd_cues").cells}
     assert cues == {(f, p) for f in ("avsd_no_cues.yaml", "avsd_behaviour.yaml", "avsd_auditory.yaml", "avsd.yaml",
-                                     "avsd_trained_head.yaml") for p in (False, True)}
+                                     "avsd_trained_head.yaml", "avsd_auditory_tags.yaml") for p in (False, True)}
 
 
 def test_expansion_counts_names_and_override_order(tmp_path):

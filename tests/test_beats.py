@@ -1,10 +1,10 @@
-"""BEATs: official checkpoint format, shapes, padding, determinism, fbank, and (optionally) the official code."""
+"""BEATs: official checkpoint format, shapes, padding, determinism, fbank, and parity with the official code."""
 from __future__ import annotations
 
 import importlib
 import os
 import sys
-import types
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -191,40 +191,17 @@ def test_beats_encoder(tiny_ckpt):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# fbank
+# fbank (independent of the reference folder)
 # ---------------------------------------------------------------------------------------------------------------
-def _reference_fbank(x: np.ndarray, num_bins: int = 128) -> np.ndarray:
-    """Kaldi fbank as torchaudio computes it, written out in float64 numpy for scaled samples x."""
-    x = x.astype(np.float64)
-    n = 1 + (len(x) - 400) // 160
-    frames = x[np.arange(400)[None, :] + 160 * np.arange(n)[:, None]]
-    frames -= frames.mean(axis=1, keepdims=True)
-    frames -= 0.97 * np.concatenate([frames[:, :1], frames[:, :-1]], axis=1)
-    frames *= (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(400) / 399)) ** 0.85
-    power = np.abs(np.fft.rfft(frames, n=512)) ** 2  # (n, 257)
-
-    def mel(f):
-        return 1127.0 * np.log(1.0 + np.asarray(f) / 700.0)
-
-    lo, hi = mel(20.0), mel(8000.0)
-    d = (hi - lo) / (num_bins + 1)
-    i = np.arange(num_bins)[:, None]
-    m = mel(31.25 * np.arange(256))[None, :]
-    banks = np.maximum(0.0, np.minimum((m - (lo + i * d)) / d, ((lo + (i + 2) * d) - m) / d))
-    banks = np.concatenate([banks, np.zeros((num_bins, 1))], axis=1)
-    return np.log(np.maximum(power @ banks.T, np.finfo(np.float32).eps))
-
-
-def test_fbank_matches_reference_and_normalisation():
+def test_fbank_normalisation_and_empty_mel_bin():
     x = _audio(1.0)
-    ours = B.kaldi_fbank(torch.from_numpy(x * 32768)[None])[0].numpy()
-    ref = _reference_fbank(x * 32768)
-    assert ours.shape == ref.shape == (98, 128)
-    np.testing.assert_allclose(ours, ref, atol=2e-3)
+    raw = B.kaldi_fbank(torch.from_numpy(x * 32768)[None])[0].numpy()
+    assert raw.shape == (98, 128)
     # mel bin 3 catches no FFT bin at 128 bins: torchaudio (and BEATs) always see log(eps) there
-    np.testing.assert_allclose(ours[:, 3], np.log(np.finfo(np.float32).eps), rtol=1e-6)
+    np.testing.assert_array_equal(raw[:, 3], np.float32(np.log(np.finfo(np.float32).eps)))
+    assert (raw[:, [2, 4]] > 0).all()  # its neighbours do catch energy
     norm = B.beats_fbank(torch.from_numpy(x)).numpy()
-    np.testing.assert_allclose(norm, (ours - 15.41663) / (2 * 6.55582), atol=1e-6)
+    np.testing.assert_allclose(norm, (raw - 15.41663) / (2 * 6.55582), atol=1e-6)
 
 
 def test_fbank_matches_kaldi_native_fbank():
@@ -250,70 +227,291 @@ def test_fbank_matches_kaldi_native_fbank():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# against the official implementation (set AVCACHE_BEATS_OFFICIAL to a folder with BEATs.py, backbone.py,
-# modules.py from microsoft/unilm/beats)
+# parity with the official implementation
+#
+# The reference folder (default: ../shared/ref next to the repository; AVCACHE_BEATS_OFFICIAL overrides it) holds
+# microsoft/unilm beats/{BEATs,backbone,modules}.py and torchaudio's compliance/kaldi.py, unmodified. They are
+# imported in place -- never copied -- with sys.path and sys.modules restored afterwards, because "BEATs",
+# "backbone", "modules" and "torchaudio" are generic top-level names.
+#
+# Every parameter is set to seeded random values first (biases, LayerNorm weights and biases, grep_a, the
+# weight-norm g and v of the positional conv, the shared relative position bias table, the predictor), so that no
+# comparison can pass thanks to a symmetric init (zero biases, LayerNorm 1/0, grep_a = 1, ...).
 # ---------------------------------------------------------------------------------------------------------------
-@pytest.fixture
-def official(monkeypatch):
-    folder = os.environ.get("AVCACHE_BEATS_OFFICIAL")
-    if not folder or not (Path(folder) / "BEATs.py").is_file():
-        pytest.skip("AVCACHE_BEATS_OFFICIAL does not point to the official BEATs code")
-    calls = []
-
-    def fbank(waveform, **kwargs):
-        # stands in for torchaudio.compliance.kaldi.fbank: the official code still does its own scaling and
-        # normalisation around it, so both models see identical fbank input
-        calls.append(kwargs)
-        return B.kaldi_fbank(waveform, kwargs["num_mel_bins"])[0]
-
-    kaldi = types.ModuleType("torchaudio.compliance.kaldi")
-    kaldi.fbank = fbank
-    compliance = types.ModuleType("torchaudio.compliance")
-    compliance.kaldi = kaldi
-    torchaudio = types.ModuleType("torchaudio")
-    torchaudio.compliance = compliance
-    for name, mod in [("torchaudio", torchaudio), ("torchaudio.compliance", compliance),
-                      ("torchaudio.compliance.kaldi", kaldi)]:
-        monkeypatch.setitem(sys.modules, name, mod)
-    for name in ("BEATs", "backbone", "modules"):  # generic names: keep them out of sys.modules afterwards
-        monkeypatch.delitem(sys.modules, name, raising=False)
-    monkeypatch.syspath_prepend(folder)
-    module = importlib.import_module("BEATs")
-    yield module, calls
-    for name in ("BEATs", "backbone", "modules"):
-        sys.modules.pop(name, None)
+_REF_ENV = "AVCACHE_BEATS_OFFICIAL"
+_REF_DEFAULT = Path(__file__).resolve().parents[1] / ".." / "shared" / "ref"  # repo root / .. / shared / ref
+_REF_FILES = ("beats-official/BEATs.py", "beats-official/backbone.py", "beats-official/modules.py",
+              "torchaudio-shim/torchaudio/__init__.py", "torchaudio-shim/torchaudio/compliance/kaldi.py")
+_REF_TOP_MODULES = {"BEATs", "backbone", "modules", "torchaudio"}
+_LENGTHS = {"1s": 1.0, "3.3s": 3.3, "30s": 30.0}
+_KALDI_ARGS = {"num_mel_bins": 128, "sample_frequency": 16000, "frame_length": 25, "frame_shift": 10}  # as BEATs.py
 
 
-def _variant_configs():
-    tiny = B.tiny_beats_config()
-    pre_ln = B.tiny_beats_config()  # the other branches: pre-LN, plain bias, GLU FFN, projection, no predictor
-    pre_ln.embed_dim, pre_ln.layer_norm_first, pre_ln.deep_norm = 32, True, False
-    pre_ln.gru_rel_pos, pre_ln.activation_fn, pre_ln.finetuned_model = False, "glu", False
-    pre_ln.conv_pos = 15
-    return {"tiny": tiny, "pre_ln_glu": pre_ln}
+def _ref_folder() -> Path:
+    return Path(os.environ.get(_REF_ENV) or _REF_DEFAULT)
 
 
-@pytest.mark.parametrize("variant", ["tiny", "pre_ln_glu"])
-@pytest.mark.filterwarnings("ignore::FutureWarning")  # official code uses the old weight_norm API
-def test_matches_official_implementation(official, variant, tmp_path):
-    module, calls = official
-    cfg = _variant_configs()[variant]
-    torch.manual_seed(7)
+def _import_official(ref: Path):
+    """(official BEATs module, torchaudio.compliance.kaldi module), imported from `ref` without leaking names."""
+    saved_path = list(sys.path)
+    saved_mods = {n: m for n, m in sys.modules.items() if n.split(".")[0] in _REF_TOP_MODULES}
+    for name in saved_mods:
+        del sys.modules[name]
+    sys.path[:0] = [str(ref / "torchaudio-shim"), str(ref / "beats-official")]
+    try:
+        official = importlib.import_module("BEATs")
+        kaldi = importlib.import_module("torchaudio.compliance.kaldi")
+    finally:
+        sys.path[:] = saved_path
+        for name in [n for n in sys.modules if n.split(".")[0] in _REF_TOP_MODULES]:
+            del sys.modules[name]
+        sys.modules.update(saved_mods)
+    return official, kaldi
+
+
+@pytest.fixture(scope="module")
+def official():
+    ref = _ref_folder().resolve()
+    missing = [f for f in _REF_FILES if not (ref / f).is_file()]
+    if missing:
+        pytest.skip(f"official BEATs reference code not found: looked in {ref} (set by "
+                    f"{_REF_ENV + ' env var' if os.environ.get(_REF_ENV) else 'default ../shared/ref'}), "
+                    f"missing {missing}")
+    before = {n for n in sys.modules if n.split(".")[0] in _REF_TOP_MODULES}
+    module, kaldi = _import_official(ref)
+    assert {n for n in sys.modules if n.split(".")[0] in _REF_TOP_MODULES} == before  # nothing leaked
+    # the real kaldi.fbank from the reference folder, not a torchaudio installed elsewhere, nor our port
+    assert Path(kaldi.__file__).resolve() == ref / "torchaudio-shim/torchaudio/compliance/kaldi.py"
+    assert module.ta_kaldi is kaldi
+    return module, kaldi
+
+
+def _configs() -> dict:
+    """Tiny configs exercising every branch the official checkpoints (and the code) use."""
+    finetuned = B.tiny_beats_config()  # like BEATs_iter3+ AS2M fine-tuned: post-LN, deep norm, gated rel. pos.
+    pretrained = B.tiny_beats_config()  # like BEATs_iter3 (SSL): same encoder, no predictor -> tokens
+    pretrained.finetuned_model = False
+    pre_ln = B.tiny_beats_config()  # other branches: pre-LN, plain rel. bias, GLU FFN, odd conv_pos, no proj
+    pre_ln.embed_dim, pre_ln.layer_norm_first, pre_ln.deep_norm = 64, True, False
+    pre_ln.gru_rel_pos, pre_ln.activation_fn, pre_ln.finetuned_model, pre_ln.conv_pos = False, "glu", False, 15
+    return {"finetuned": finetuned, "pretrained": pretrained, "pre_ln_glu": pre_ln}
+
+
+def _perturbed_state(cfg: B.BEATsConfig, seed: int) -> dict:
+    """A state dict for `cfg` in which every entry holds seeded random values, none at its init value."""
+    model = B.BEATs(cfg)
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(shape, std=1.0, mean=0.0):
+        return mean + std * torch.randn(shape, generator=g)
+
+    state, rel_table = {}, None
+    for key, value in model.state_dict().items():
+        shape = value.shape
+        if key.endswith("relative_attention_bias.weight"):  # one table shared by all layers: same values
+            rel_table = randn(shape, 0.5) if rel_table is None else rel_table
+            new = rel_table
+        elif key.endswith("grep_a"):
+            new = 0.5 + 1.5 * torch.rand(shape, generator=g)
+        elif key.endswith("weight_g"):
+            new = value * (0.5 + torch.rand(shape, generator=g))
+        elif key.endswith("weight_v"):
+            new = randn(shape, float(value.std()))
+        elif "layer_norm" in key and key.endswith(".weight"):
+            new = randn(shape, 0.3, 1.0)
+        elif key.startswith("predictor."):
+            new = randn(shape, 0.3 if key.endswith("weight") else 1.0)
+        elif key.endswith("bias"):
+            new = randn(shape, 0.1)
+        else:  # projection / conv weights: fresh draws at the init's scale
+            new = randn(shape, float(value.std()))
+        state[key] = new.contiguous()
+    return state
+
+
+def test_perturbation_touches_every_parameter():
+    for cfg in _configs().values():
+        default = B.BEATs(cfg).state_dict()
+        state = _perturbed_state(cfg, 0)
+        assert state.keys() == default.keys()
+        for key, value in state.items():
+            assert value.shape == default[key].shape and value.dtype == torch.float32, key
+            assert not torch.equal(value, default[key]), key
+            assert value.numel() == 1 or value.flatten().unique().numel() > 1, key  # no constant tensors
+        assert torch.equal(_perturbed_state(cfg, 0)["layer_norm.bias"], state["layer_norm.bias"])  # seeded
+
+
+def _pair(module, variant: str, seed: int = 0):
+    """Our model and the official one, in eval mode, holding the same perturbed weights (both loaded strictly)."""
+    cfg = _configs()[variant]
+    state = _perturbed_state(cfg, seed)
     ours = B.BEATs(cfg)
-    B.save_beats_checkpoint(ours, tmp_path / "c.pt", None)
-    ours, _, _ = B.load_beats_checkpoint(tmp_path / "c.pt")
-    ckpt = torch.load(tmp_path / "c.pt", weights_only=True)
-    theirs = module.BEATs(module.BEATsConfig(ckpt["cfg"]))
-    theirs.load_state_dict(ckpt["model"], strict=True)  # our keys are exactly the official ones
+    ours.load_state_dict(state, strict=True)
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the official code uses torch's old weight_norm API
+        theirs = module.BEATs(module.BEATsConfig(cfg.to_dict()))
+    theirs.load_state_dict(state, strict=True)
     theirs.eval()
+    for key, value in theirs.state_dict().items():  # nothing the official model uses was left behind
+        assert torch.equal(value, state[key]), key
+    return ours.eval(), theirs
 
-    x = torch.from_numpy(np.stack([_audio(2.0, 0), _audio(2.0, 1)]))
-    with torch.no_grad():
-        ref_out, _ = theirs.extract_features(x)
-        out, _ = ours.extract_features(x)
-        assert calls[-1] == {"num_mel_bins": 128, "sample_frequency": 16000, "frame_length": 25, "frame_shift": 10}
-        torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=0)
-        if cfg.finetuned_model:  # also the hidden states under the predictor
-            theirs.predictor = None
-            ref_tokens, _ = theirs.extract_features(x)
-            torch.testing.assert_close(ours.encode(x)["tokens"], ref_tokens, atol=1e-5, rtol=0)
+
+@torch.no_grad()
+def _official_tokens(theirs, x, padding_mask=None):
+    """The official model's final hidden states (B, T', D); for a fine-tuned model, those under its predictor."""
+    predictor = theirs.predictor
+    theirs.predictor = None
+    try:
+        return theirs.extract_features(x, padding_mask=padding_mask)
+    finally:
+        theirs.predictor = predictor
+
+
+def _clips(seconds: float, n: int = 2) -> torch.Tensor:
+    return torch.from_numpy(np.stack([_audio(seconds, seed) for seed in range(n)]))  # (n, N)
+
+
+@pytest.mark.parametrize("length", list(_LENGTHS))
+def test_fbank_matches_official_kaldi(official, length):
+    module, kaldi = official
+    x = torch.from_numpy(_audio(_LENGTHS[length], 4))
+    theirs = kaldi.fbank(x[None] * 2 ** 15, **_KALDI_ARGS)  # (F, 128)
+    ours = B.kaldi_fbank(x[None] * 2 ** 15)[0]
+    assert ours.shape == theirs.shape == (B.num_fbank_frames(len(x)), 128)
+    assert torch.equal(ours, theirs), float((ours - theirs).abs().max())  # bit-identical
+    # and the whole preprocessing (int16 scaling, normalisation), batched here, per waveform there
+    batch = _clips(_LENGTHS[length])
+    ref = module.BEATs.preprocess(None, batch)  # preprocess uses no module state
+    assert torch.equal(B.BEATs.preprocess(None, batch), ref)
+
+
+# "pretrained" at 30 s would repeat "finetuned" at 30 s (same encoder, whose tokens that case compares too)
+@pytest.mark.parametrize("variant, length", [(v, n) for v in _configs() for n in _LENGTHS
+                                             if (v, n) != ("pretrained", "30s")])
+@torch.no_grad()
+def test_matches_official_unpadded(official, variant, length):
+    ours, theirs = _pair(official[0], variant)
+    seconds = _LENGTHS[length]
+    x = _clips(seconds, 1 if seconds > 10 else 2)  # (B, N), no padding; one 30 s clip keeps the test fast
+    n_tok = ours.num_tokens(B.num_fbank_frames(x.shape[1]))  # 48, 160, 1496: 30 s spans > max_distance tokens
+    ref_tokens, ref_pad = _official_tokens(theirs, x)
+    out = ours.encode(x)
+    assert ref_pad is None and out["tokens"].shape == ref_tokens.shape == (len(x), n_tok, ours.cfg.encoder_embed_dim)
+    torch.testing.assert_close(out["tokens"], ref_tokens, atol=1e-5, rtol=0)
+    if ours.cfg.finetuned_model:
+        ref_probs, _ = theirs.extract_features(x)  # official convention: probs when fine-tuned (else the tokens)
+        assert out["tag_probs"].shape == ref_probs.shape == (len(x), 527)
+        # not saturated, or the 1e-6 bound would be trivial
+        assert float(((ref_probs > 0.01) & (ref_probs < 0.99)).float().mean()) > 0.9
+        torch.testing.assert_close(out["tag_probs"], ref_probs, atol=1e-6, rtol=0)
+    if seconds < 10:  # our extract_features follows the official convention (the same numbers as encode)
+        feats, pad = ours.extract_features(x)
+        assert pad is None and torch.equal(feats, out["tag_probs"] if ours.cfg.finetuned_model else out["tokens"])
+
+
+def _official_valid_tokens(num_samples: int, batch_samples: int, patch: int = 16) -> int:
+    """How many tokens (a prefix, time-major) BEATs.forward_padding_mask keeps valid for a clip of
+    `num_samples` zero-padded to `batch_samples`: it reshapes the sample mask proportionally, first onto the F
+    fbank frames (chunks of batch_samples // F samples, not the real 400/160 framing), then onto the T' tokens
+    (chunks of F // T' frames, as if tokens were frame-major), and a chunk is padding only when all of it is."""
+    frames = B.num_fbank_frames(batch_samples)
+    tokens = (frames // patch) * (128 // patch)
+    valid_frames = min(frames, -(-num_samples // (batch_samples // frames)))  # ceil
+    return min(tokens, -(-valid_frames // (frames // tokens)))
+
+
+def _official_token_mask(module, num_samples: torch.Tensor, batch_samples: int) -> torch.Tensor:
+    """(M, T') the token padding masks official extract_features derives (its two forward_padding_mask calls)
+    for M clips of `num_samples` (M,) zero-padded to `batch_samples`."""
+    frames = B.num_fbank_frames(batch_samples)
+    pad = torch.arange(batch_samples)[None, :] >= num_samples[:, None]  # (M, N) True = pad
+    frame_pad = module.BEATs.forward_padding_mask(None, torch.empty(1, frames, 1), pad)  # uses no model state
+    tokens = (frames // 16) * 8
+    return module.BEATs.forward_padding_mask(None, torch.empty(1, tokens, 1), frame_pad)
+
+
+def test_official_token_mask_formula(official):
+    """_official_valid_tokens states the official mask exactly; compare it with ours over many lengths."""
+    seen = set()
+    for batch_samples in (5200, 20960, 52800):  # 31 frames (F // T' = 3), 129 and 328 frames (F // T' = 2)
+        lengths = torch.arange(2800, batch_samples + 1, 37)  # (M,) from the shortest valid clip
+        mask = _official_token_mask(official[0], lengths, batch_samples)  # (M, T')
+        n = torch.tensor([_official_valid_tokens(int(L), batch_samples) for L in lengths])  # (M,)
+        assert torch.equal(mask, torch.arange(mask.shape[1])[None, :] >= n[:, None]), batch_samples
+        ours = 8 * (B.num_fbank_frames(lengths) // 16)
+        seen |= set(torch.sign(n - ours).tolist())
+    assert seen == {-1, 0, 1}  # official keeps more, as many, and fewer tokens than ours, depending on lengths
+
+
+@pytest.mark.parametrize("variant", ["finetuned", "pre_ln_glu"])
+@torch.no_grad()
+def test_padded_batch_matches_official_where_it_should(official, variant):
+    """A batch of clips of different lengths, zero-padded at the end, with a sample padding mask.
+
+    The official code and ours deliberately disagree on which tokens of a padded clip are valid:
+      * official (BEATs.forward_padding_mask, applied to frames, then to tokens): a prefix of
+        ceil(ceil(L / (N // F)) / (F // T')) tokens for a clip of L samples in a batch of N samples with F fbank
+        frames and T' tokens (see _official_valid_tokens and test_official_token_mask_formula). The proportional
+        reshapes ignore the real 400/160 framing and the time-major token order (8 band tokens per 16-frame
+        block), so the kept prefix usually ends inside the block after the clip's last whole block: the first
+        bands of that partly padded block -- patches over the clip's last few frames (if any), the frames
+        straddling its end and pure padding -- join the attention keys and the mean under the predictor (here 65
+        instead of 64 and 50 instead of 48 tokens). With F // T' = 3 (batches of 24-31 frames) it can also drop
+        valid tokens. Neither is a bug to fix here: ours is the documented, deliberate choice (features/beats.py).
+      * ours: a token is valid exactly when its whole 16-frame block lies inside the clip's own fbank frames
+        (1 + (L - 400) // 160), i.e. 8 * (frames // 16) tokens -- so a padded clip gives what the clip alone gives.
+    So the padded clips' outputs are compared with the official model run on each clip alone, and the official
+    padded-batch output only where it is well-defined: the unpadded clip's row (its mask is all valid), and a
+    padded clip whose length makes both masks coincide.
+    """
+    ours, theirs = _pair(official[0], variant, seed=1)
+    lengths = [int(3.3 * SR), int(1.3 * SR), SR]  # the first is unpadded
+    clips = [torch.from_numpy(_audio(n / SR, seed)) for seed, n in enumerate(lengths)]
+    batch = torch.zeros(len(clips), max(lengths))
+    pad = torch.ones(len(clips), max(lengths), dtype=torch.bool)
+    for i, c in enumerate(clips):
+        batch[i, : len(c)], pad[i, : len(c)] = c, False
+
+    ref_tokens, ref_token_pad = _official_tokens(theirs, batch, pad)
+    out = ours.encode(batch, padding_mask=pad)
+    feats, token_pad = ours.extract_features(batch, padding_mask=pad)
+    assert torch.equal(token_pad, ~out["token_mask"]) and ref_token_pad.shape == token_pad.shape == (3, 160)
+    # the two masks, exactly: official keeps 160 / 65 / 50 tokens, we keep 160 / 64 / 48
+    ours_valid = [ours.num_tokens(B.num_fbank_frames(n)) for n in lengths]
+    theirs_valid = [_official_valid_tokens(n, max(lengths)) for n in lengths]
+    assert ours_valid == [160, 64, 48] and theirs_valid == [160, 65, 50]
+    for i in range(3):
+        assert token_pad[i].tolist() == [t >= ours_valid[i] for t in range(160)]
+        assert ref_token_pad[i].tolist() == [t >= theirs_valid[i] for t in range(160)]
+
+    # the unpadded clip's row agrees with the official batch row (rows never mix)
+    torch.testing.assert_close(out["tokens"][0], ref_tokens[0], atol=1e-5, rtol=0)
+    if ours.cfg.finetuned_model:
+        ref_probs, _ = theirs.extract_features(batch, padding_mask=pad)
+        torch.testing.assert_close(feats[0], ref_probs[0], atol=1e-6, rtol=0)
+    # every clip's valid tokens (and probs) agree with the official model run on that clip alone
+    for i, clip in enumerate(clips):
+        alone_tokens, _ = _official_tokens(theirs, clip[None])
+        assert alone_tokens.shape[1] == ours_valid[i]
+        torch.testing.assert_close(out["tokens"][i, : ours_valid[i]], alone_tokens[0], atol=1e-5, rtol=0)
+        if ours.cfg.finetuned_model:
+            alone_probs, _ = theirs.extract_features(clip[None])
+            torch.testing.assert_close(out["tag_probs"][i], alone_probs[0], atol=1e-6, rtol=0)
+
+    # a padded clip whose length makes the official mask coincide with ours: 20736 of 20960 samples (padding only
+    # inside fbank frame 128, which no 16-frame block reaches) -> both keep 64 tokens; then the official padded
+    # path (tokens zeroed before the positional conv, keys masked, masked mean of the logits) equals ours
+    short, full = 20736, 20960
+    assert _official_valid_tokens(short, full) == ours.num_tokens(B.num_fbank_frames(short)) == 64
+    batch2 = torch.stack([torch.from_numpy(_audio(full / SR, 5)), torch.zeros(full)])
+    batch2[1, :short] = torch.from_numpy(_audio(short / SR, 6))
+    pad2 = torch.zeros(2, full, dtype=torch.bool)
+    pad2[1, short:] = True
+    ref_tokens2, ref_pad2 = _official_tokens(theirs, batch2, pad2)
+    out2 = ours.encode(batch2, padding_mask=pad2)
+    assert torch.equal(ref_pad2, ~out2["token_mask"])
+    torch.testing.assert_close(out2["tokens"][out2["token_mask"]], ref_tokens2[~ref_pad2], atol=1e-5, rtol=0)
+    if ours.cfg.finetuned_model:
+        ref_probs2, _ = theirs.extract_features(batch2, padding_mask=pad2)
+        torch.testing.assert_close(out2["tag_probs"], ref_probs2, atol=1e-6, rtol=0)

@@ -9,12 +9,15 @@ generator and the most frequent training answer given to every question; the DST
 Ablations are configs: no cues, behavioural only, auditory only, both; the frame prefix; k frames; the trained
 behaviour head. `load_run` + `generate` answer other questions with a finished run.
 
-Ours where the paper is silent: every turn of a training dialogue is an example (the history is the turns
-before it); the cues are computed once per dialogue, from its context up to its last question; the frame prefix
-is the selected frames' CLIP embeddings through one linear layer.
+Ours where the paper is silent (docs/avsd.md has the whole paper-vs-ours table): every turn of a training dialogue
+is an example (the history is the turns before it); each turn has its own cues, chosen from q1, a1, ..., q(t)
+only, so no example's frames or cue text ever saw the answer it is trained to give; the frame prefix is the
+selected frames' CLIP embeddings through one linear layer; BART comes from the store's profile (tiny offline,
+facebook/bart-base on a real store), trained from scratch or fine-tuned with settings to match.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 import time
@@ -26,18 +29,24 @@ import torch
 
 from avcache.eval import dstc
 from avcache.eval.markdown import code_span
-from avcache.features.store import FeatureStore
+from avcache.features.durable import write_json_atomic
+from avcache.features.store import FeatureStore, StoreError
 from avcache.pipeline.config import ConfigError, load_dataclass
 from avcache.pipeline.datasets.avsd import UNDISCLOSED
-from avcache.train.cues import CueConfig, compute_cues, manifest_extra
+from avcache.train.cues import CueConfig, compute_cues, manifest_extra, turn_contexts, turn_key
 from avcache.train.items import store_items
 from avcache.train.runs import Headline, RunDir, pick_device, seed_everything, to_device
 
 NAME = "avsd"
 # baselines on the same test questions: the generator before training, and the most frequent training answer given
 # to every question (dstc.most_frequent_answer), all scored in one pass of the DSTC scorer
-BASELINES = {"untrained": "untrained model", "frequent_answer": "most frequent training answer"}
-HEADLINE = tuple(Headline(metric, untrained=f"untrained_{metric}", trivial=f"frequent_answer_{metric}")
+# baselines on the same test questions, all scored in one pass of the DSTC scorer: the generator before training;
+# the most frequent training answer given to every question (dstc.most_frequent_answer); the answer of the training
+# question nearest by CLIP text embedding. `trivial_<metric>` is the stronger of the two trivial ones.
+BASELINES = {"untrained": "untrained model", "frequent_answer": "most frequent training answer",
+             "nearest_question": "answer of the nearest training question (CLIP text)"}
+TRIVIAL = ("frequent_answer", "nearest_question")
+HEADLINE = tuple(Headline(metric, untrained=f"untrained_{metric}", trivial=f"trivial_{metric}")
                  for metric in ("BLEU_4", "METEOR", "ROUGE_L", "CIDEr"))
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "avsd.yaml"
 CUE_USES = ("both", "behaviour", "auditory", "none")
@@ -54,15 +63,18 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    bart: str = "tiny"                 # tiny (offline profile) | facebook/bart-base | a local directory
+    bart: str | None = None            # None: the store's profile | tiny (offline) | facebook/bart-base | a directory
     use_prefix: bool = False           # selected CLIP frames as a prefix of BART's encoder input
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 40
+    # None: by generator (GENERATOR_TRAINING): the tiny BART learns from scratch, a pretrained one is fine-tuned
+    epochs: int | None = None
     batch_size: int = 16
-    lr: float = 3e-3
+    lr: float | None = None
+    warmup_steps: int | None = None    # linear warm-up from 0 to lr over this many optimiser steps
+    schedule: str | None = None        # constant | linear (decay to 0 at the last step), after the warm-up
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     num_beams: int = 4
@@ -80,11 +92,63 @@ class RecipeConfig:
     store: str = ""
 
 
+SCHEDULES = ("constant", "linear")
+# Training settings by generator, for the ones a config leaves null. Ours (the paper gives none): the tiny random
+# BART needs a large constant rate to learn anything in seconds; fine-tuning BART-base follows the usual recipe
+# (AdamW 5e-5, warm-up, linear decay, a few epochs).
+GENERATOR_TRAINING = {
+    "from_scratch": {"epochs": 40, "lr": 3e-3, "warmup_steps": 0, "schedule": "constant"},
+    "fine_tune": {"epochs": 10, "lr": 5e-5, "warmup_steps": 500, "schedule": "linear"},
+}
+
+
 def load_recipe_config(path: str | Path | None = None, overrides=()) -> RecipeConfig:
     cfg = load_dataclass(RecipeConfig, Path(path) if path else DEFAULT_CONFIG, overrides)
     if cfg.data.cues not in CUE_USES:
         raise ConfigError(f"data.cues must be one of {CUE_USES}, got {cfg.data.cues!r}")
+    if cfg.train.schedule not in (None, *SCHEDULES):
+        raise ConfigError(f"train.schedule must be one of {SCHEDULES}, got {cfg.train.schedule!r}")
+    if isinstance(cfg.train.lr, str):  # YAML 1.1 reads 5e-5 (no dot) as a string
+        try:
+            cfg.train.lr = float(cfg.train.lr)
+        except ValueError:
+            raise ConfigError(f"train.lr must be a number, got {cfg.train.lr!r}") from None
     return cfg
+
+
+def resolve_generator(cfg: RecipeConfig, store: str | Path) -> RecipeConfig:
+    """The config with its generator and training settings made concrete: `model.bart` null -> the BART of the
+    profile the store was extracted with (features/profiles: tiny offline, facebook/bart-base for `real`); null
+    training settings -> GENERATOR_TRAINING for that BART. A store of real encoders refuses the tiny random BART:
+    its scores would say nothing about the method."""
+    from avcache.features.clip import encoders_of
+
+    try:
+        encoders = encoders_of(FeatureStore(store)["clip_frames"])
+    except StoreError:  # a store written by hand (tests): no profile to read
+        encoders = {}
+    bart = cfg.model.bart or (encoders.get("bart") or {}).get("model")
+    if not bart:
+        raise ConfigError(f"store {store}: its profile names no BART (`bart: {{model: ...}}`), so model.bart must: "
+                          f"facebook/bart-base, a local save_pretrained directory, or tiny")
+    real_encoders = bool(encoders) and (encoders.get("clip") or {}).get("pretrained") != "tiny"
+    if bart == "tiny" and real_encoders:
+        raise ConfigError(f"store {store} was extracted with real encoders ({encoders['clip'].get('model')}, "
+                          f"{encoders['clip'].get('pretrained')}), but model.bart is the tiny random BART of the "
+                          f"offline profile: its answers would mean nothing. Leave model.bart unset (the store's "
+                          f"profile gives {(encoders.get('bart') or {}).get('model')!r}) or name a pretrained BART")
+    defaults = GENERATOR_TRAINING["from_scratch" if bart == "tiny" else "fine_tune"]
+    train = dataclasses.replace(cfg.train, **{k: v for k, v in defaults.items() if getattr(cfg.train, k) is None})
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, bart=bart), train=train)
+
+
+def learning_rate(train: TrainConfig, step: int, total_steps: int) -> float:
+    """The rate of optimiser step `step` (0-based): linear warm-up, then constant or linear decay to 0."""
+    warm = min(1.0, (step + 1) / train.warmup_steps) if train.warmup_steps else 1.0
+    if train.schedule == "linear":
+        remaining = max(0, total_steps - max(step, train.warmup_steps))
+        warm *= remaining / max(1, total_steps - train.warmup_steps)
+    return train.lr * warm
 
 
 @dataclass
@@ -94,6 +158,7 @@ class Example:
     question: str
     answer: str | None                 # None: undisclosed (a test question)
     references: list[str]
+    turn: int                          # 1 = the dialogue's first question: its cues are `turn_key(item_id, turn)`
 
 
 def dialogues(manifest_rows: list[dict], split: str, every_turn: bool | None = None) -> list[Example]:
@@ -112,7 +177,8 @@ def dialogues(manifest_rows: list[dict], split: str, every_turn: bool | None = N
             last = t == len(turns) - 1
             if every_turn and answer is not None or last:
                 references = (extra.get("references") if last else None) or ([answer] if answer else [])
-                out.append(Example(row["item_id"], list(history), turn["question"], answer, list(references)))
+                out.append(Example(row["item_id"], list(history), turn["question"], answer, list(references),
+                                   t + 1))
             history += [turn["question"]] + ([answer] if answer else [])
     return out
 
@@ -132,11 +198,13 @@ def _official_test_files(rows: list[dict]) -> dict[str, Path]:
 
 
 def cue_text_for(row: dict, use: str) -> str:
-    if use == "none":
-        return ""
-    behaviour = row["behaviour"] if use in ("both", "behaviour") else []
-    auditory = row["auditory"] if use in ("both", "auditory") else []
-    parts = ([f"actions: {', '.join(behaviour)}"] if behaviour else []) + ([f"sounds: {', '.join(auditory)}"] if auditory else [])
+    """The cues the generator reads, of the kinds in use; a kind in use that found nothing says so ("sounds: none":
+    a silent clip, or no sound class close enough)."""
+    parts = []
+    if use in ("both", "behaviour"):
+        parts.append(f"actions: {', '.join(row['behaviour']) or 'none'}")
+    if use in ("both", "auditory"):
+        parts.append(f"sounds: {', '.join(row['auditory']) or 'none'}")
     return " ; ".join(parts)
 
 
@@ -147,9 +215,10 @@ class Setup:
     cfg: RecipeConfig
     cues: object                       # the cue FeatureSet
     frames: object                     # clip_frames
+    texts: object                      # clip_text: the dialogues' turns (the nearest-question baseline)
     rows: list[dict]                   # manifest rows of the cued items
     splits: dict[str, list[Example]]
-    cue_rows: dict[str, dict]
+    cue_rows: dict[str, dict]          # turn_key -> behaviour, auditory
     model: torch.nn.Module
     tokenizer: object
     spec: dict
@@ -157,7 +226,8 @@ class Setup:
 
 def setup(store: str | Path, cfg: RecipeConfig, log=print) -> Setup:
     """Cues computed once into the store if missing; dialogues from the manifest; BART by name or path (the tiny
-    profile training its tokenizer on the training dialogues and the cue texts)."""
+    profile training its tokenizer on the training dialogues and the cue texts). `cfg` must be resolved
+    (`resolve_generator`)."""
     from avcache.features.bart import create_bart
     from avcache.features.tiny import ensure_tiny_bart
     from avcache.train.models.generator import AnswerGenerator
@@ -165,12 +235,12 @@ def setup(store: str | Path, cfg: RecipeConfig, log=print) -> Setup:
     device = pick_device(cfg.train.device)
     seed_everything(cfg.seed)
     cues = compute_cues(store, cfg.cues, cfg.data.manifest, log=log)
-    frames = FeatureStore(store)["clip_frames"]
+    frames, texts = FeatureStore(store)["clip_frames"], FeatureStore(store)["clip_text"]
     rows = store_items(FeatureStore(store), cfg.data.manifest).to_pylist()
-    splits = {s: [e for e in dialogues(rows, s) if e.item_id in cues] for s in ("train", "val", "test")}
+    splits = {s: [e for e in dialogues(rows, s) if turn_key(e.item_id, e.turn) in cues] for s in ("train", "val", "test")}
     if not splits["train"] or not splits["test"]:
         raise ValueError(f"store {store}: no AVSD dialogues with cues in the train and test splits")
-    cue_rows = {i: cues.row(i) for i in cues.item_ids}
+    cue_rows = {r["item_id"]: r for r in cues.table(["item_id", "behaviour", "auditory"]).to_pylist()}
     log("[avsd] examples: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()) + f"; cues: {cfg.data.cues}")
     corpus = [t for e in splits["train"] for t in (*e.history, e.question, e.answer or "")]
     corpus += [cue_text_for(r, "both") for r in cue_rows.values()]
@@ -178,20 +248,26 @@ def setup(store: str | Path, cfg: RecipeConfig, log=print) -> Setup:
     bart, tokenizer, spec = create_bart(name)
     model = AnswerGenerator(bart, tokenizer, clip_dim=frames.spec.vectors["embedding"], use_prefix=cfg.model.use_prefix)
     model.to(device)
-    return Setup(cfg, cues, frames, rows, splits, cue_rows, model, tokenizer, spec)
+    return Setup(cfg, cues, frames, texts, rows, splits, cue_rows, model, tokenizer, spec)
+
+
+def example_cues(s: Setup, e: Example) -> tuple[str, np.ndarray]:
+    """The cue text an example's input holds and its selected frame indices: its own turn's, from q1..q(turn)."""
+    key = turn_key(e.item_id, e.turn)
+    return cue_text_for(s.cue_rows[key], s.cfg.data.cues), s.cues.sequence(key, "selected_frames")
 
 
 def batch_of(s: Setup, examples: list[Example], with_answers: bool) -> dict:
     from avcache.train.models.generator import build_inputs, collate
 
     cfg = s.cfg
-    inputs = [build_inputs(s.tokenizer, cue_text_for(s.cue_rows[e.item_id], cfg.data.cues), e.history, e.question,
-                           cfg.data.max_input_tokens) for e in examples]
+    cues = [example_cues(s, e) for e in examples]
+    inputs = [build_inputs(s.tokenizer, text, e.history, e.question, cfg.data.max_input_tokens)
+              for (text, _), e in zip(cues, examples)]
     batch = collate(s.tokenizer, inputs, [e.answer for e in examples] if with_answers else None,
                     cfg.data.max_answer_tokens)
     if cfg.model.use_prefix:
-        picked = [s.frames.sequence(e.item_id, "frames")[s.cues.sequence(e.item_id, "selected_frames")]
-                  for e in examples]
+        picked = [s.frames.sequence(e.item_id, "frames")[selected] for (_, selected), e in zip(cues, examples)]
         batch["prefix"] = torch.from_numpy(np.stack(picked).astype(np.float32))              # (B, k, D)
         batch["prefix_mask"] = torch.ones(batch["prefix"].shape[:2], dtype=torch.long)
     return to_device(batch, next(s.model.parameters()).device)
@@ -208,7 +284,7 @@ def without_history(examples: list[Example], share: float, seed: list[int]) -> l
     if share <= 0:
         return examples
     drop = np.random.default_rng([*seed, 1]).random(len(examples)) < share
-    return [Example(e.item_id, [], e.question, e.answer, e.references) if d else e for e, d in zip(examples, drop)]
+    return [dataclasses.replace(e, history=[]) if d else e for e, d in zip(examples, drop)]
 
 
 @torch.no_grad()
@@ -228,14 +304,17 @@ def generate(s: Setup, examples: list[Example]) -> list[str]:
 def load_run(run: str | Path, store: str | Path | None = None, log=print) -> Setup:
     """A finished run's setup with its best weights, to answer other questions (`generate`)."""
     cfg = load_recipe_config(Path(run) / "config.yaml", [f"store={Path(store).resolve()}"] if store else [])
-    s = setup(cfg.store, cfg, log)
+    s = setup(cfg.store, resolve_generator(cfg, cfg.store), log)
     RunDir(run, cfg).load_weights("best", s.model)
     return s
 
 
 def main(store: str | Path, run: str | Path, config=None, overrides=(), log=print) -> dict:
     # ---- setup ----------------------------------------------------------------------------------------------
-    cfg = load_recipe_config(config, [*overrides, f"store={Path(store).resolve()}"])
+    loaded = load_recipe_config(config, [*overrides, f"store={Path(store).resolve()}"])
+    cfg = resolve_generator(loaded, store)  # config.yaml keeps the config as given; generator.json the resolution
+    log(f"[avsd] generator {cfg.model.bart}: {cfg.train.epochs} epochs, lr {cfg.train.lr:g} ({cfg.train.schedule}, "
+        f"{cfg.train.warmup_steps} warm-up steps)")
     s = setup(store, cfg, log)
     model, splits = s.model, s.splits
 
@@ -245,8 +324,10 @@ def main(store: str | Path, run: str | Path, config=None, overrides=(), log=prin
         losses = [model(**batch_of(s, chunk, True)).loss.item() for chunk in batches(splits["val"], cfg.train.batch_size)]
         return float(np.mean(losses)) if losses else float("nan")
 
-    run_dir = RunDir(run, cfg, NAME)  # only once the data loaded: a bad store leaves no half-made run behind
+    run_dir = RunDir(run, loaded, NAME)  # only once the data loaded: a bad store leaves no half-made run behind
     state = run_dir.start()
+    write_json_atomic(run_dir.path / "generator.json", {"bart": cfg.model.bart, "checkpoint": s.spec.get("checkpoint"),
+                                                        **{k: getattr(cfg.train, k) for k in GENERATOR_TRAINING["fine_tune"]}})
     optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr,
                                   weight_decay=cfg.train.weight_decay)
     # The generator before training (random weights in the tiny profile, BART as published otherwise): one more
@@ -256,10 +337,14 @@ def main(store: str | Path, run: str | Path, config=None, overrides=(), log=prin
 
     # ---- train ----------------------------------------------------------------------------------------------
     started = time.monotonic()
+    steps_per_epoch = -(-len(splits["train"]) // cfg.train.batch_size)
     for epoch in range(start_epoch + 1, cfg.train.epochs + 1):
         model.train()
         losses = []
-        for chunk in batches(splits["train"], cfg.train.batch_size, shuffle_seed=[cfg.seed, epoch]):
+        for i, chunk in enumerate(batches(splits["train"], cfg.train.batch_size, shuffle_seed=[cfg.seed, epoch])):
+            step = (epoch - 1) * steps_per_epoch + i  # from the epoch, so a resumed run continues the schedule
+            for group in optimiser.param_groups:
+                group["lr"] = learning_rate(cfg.train, step, cfg.train.epochs * steps_per_epoch)
             loss = model(**batch_of(s, without_history(chunk, cfg.data.history_dropout, [cfg.seed, epoch]), True)).loss
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
@@ -282,22 +367,20 @@ def main(store: str | Path, run: str | Path, config=None, overrides=(), log=prin
     references = {e.item_id: e.references for e in splits["test"] if e.references}
     frequent = dstc.most_frequent_answer(e.answer for e in splits["train"] if e.answer)
     systems = {"": hypotheses, "untrained": dict(zip(test_ids, untrained)),
-               "frequent_answer": {k: frequent for k in references}}
+               "frequent_answer": {k: frequent for k in references},
+               "nearest_question": nearest_question_answers(s, splits["train"], splits["test"])}
     scored = dstc.evaluate_systems({name: {k: v for k, v in h.items() if k in references}
                                     for name, h in systems.items()}, references)
     scores, questions = scored[""]
     results = {**scores, **{f"{name}_{k}": v for name in BASELINES for k, v in scored[name][0].items()},
+               **{f"trivial_{k}": max(scored[name][0][k] for name in TRIVIAL) for k in scores},
                "test_questions": len(references), "epochs": cfg.train.epochs, "train_seconds": round(seconds, 2),
                "bart": s.spec.get("model")}
 
     # ---- save -----------------------------------------------------------------------------------------------
     labels = {**BASELINES, "frequent_answer": f"{BASELINES['frequent_answer']} {code_span(frequent, table_cell=True)}"}
     dstc.write_scores(scores, questions, run_dir.path, {labels[name]: scored[name][0] for name in BASELINES})
-    for source, path in _official_test_files(s.rows).items():  # the DSTC submission, beside the run's results
-        wanted = {r["item_id"] for r in s.rows if r["split"] == "test" and manifest_extra(r).get("source") == source}
-        if wanted <= set(hypotheses):
-            dstc.write_submission(path, {k: v for k, v in hypotheses.items() if k in wanted},
-                                  run_dir.path / f"submission_{source}")
+    write_submissions(s, hypotheses, run_dir.path, log)
     write_examples(s, splits["test"][:5], hypotheses, run_dir.path)
     run_dir.write_results({k: v for k, v in results.items() if not isinstance(v, str)})
     history = run_dir.history()
@@ -305,10 +388,54 @@ def main(store: str | Path, run: str | Path, config=None, overrides=(), log=prin
                  "loss", "BART answer generation")
     run_dir.close()
     log(f"[avsd] test: BLEU_4 {scores['BLEU_4']:.3f} (untrained {results['untrained_BLEU_4']:.3f}, "
-        f"the most frequent training answer {frequent!r} {results['frequent_answer_BLEU_4']:.3f}), CIDEr "
-        f"{scores['CIDEr']:.3f} (untrained {results['untrained_CIDEr']:.3f}, frequent answer "
-        f"{results['frequent_answer_CIDEr']:.3f}) -> {run_dir.path / 'results.json'}")
+        f"the most frequent training answer {frequent!r} {results['frequent_answer_BLEU_4']:.3f}, the nearest "
+        f"training question's answer {results['nearest_question_BLEU_4']:.3f}), CIDEr {scores['CIDEr']:.3f} "
+        f"(untrained {results['untrained_CIDEr']:.3f}, frequent answer {results['frequent_answer_CIDEr']:.3f}, "
+        f"nearest question {results['nearest_question_CIDEr']:.3f}) -> {run_dir.path / 'results.json'}")
     return results
+
+
+def nearest_question_answers(s: Setup, train: list[Example], test: list[Example]) -> dict[str, str]:
+    """A trivial baseline: each test question answered with the answer of the training question whose cached CLIP
+    text embedding is the most similar (cosine; ties to the first)."""
+    kinds = {r["item_id"]: r["text_kinds"] for r in s.rows}
+    cache: dict[str, np.ndarray] = {}
+
+    def questions(examples: list[Example]) -> np.ndarray:
+        out = []
+        for e in examples:
+            if e.item_id not in cache:
+                cache[e.item_id] = s.texts.sequence(e.item_id, "text_embeddings")         # (N texts, D)
+            out.append(cache[e.item_id][turn_contexts(kinds[e.item_id])[e.turn - 1][-1]])  # the turn's question
+        out = np.stack(out).astype(np.float32)
+        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)       # (N, D)
+
+    answered = [e for e in train if e.answer]
+    nearest = (questions(test) @ questions(answered).T).argmax(1)                         # (N test,)
+    return {e.item_id: answered[j].answer for e, j in zip(test, nearest)}
+
+
+def write_submissions(s: Setup, hypotheses: dict[str, str], out: Path, log=print) -> dict:
+    """The DSTC submission of each official test file the dialogues came from, beside the run's results: what can
+    be written is, and what cannot is said (log and submission_status.json), never an error after training."""
+    status = {"written": [], "not_written": {}, "unanswered": {}}
+    for source, path in _official_test_files(s.rows).items():
+        wanted = {r["item_id"] for r in s.rows if r["split"] == "test" and manifest_extra(r).get("source") == source}
+        answered = {k: v for k, v in hypotheses.items() if k in wanted}
+        try:
+            dstc.write_submission(path, answered, out / f"submission_{source}", drop_unanswered=True)
+        except ValueError as exc:  # e.g. a multi-reference file: its last answers are references, not a test file's
+            status["not_written"][source] = str(exc)
+            log(f"[avsd] no submission for {source}: {exc}")
+            continue
+        status["written"].append(f"submission_{source}")
+        if wanted - set(answered):
+            status["unanswered"][source] = sorted(wanted - set(answered))
+            log(f"[avsd] submission_{source} leaves out {len(wanted - set(answered))} of {len(wanted)} dialogues "
+                f"without a generated answer (no cues: see the store's failures); the DSTC evaluation of a partial "
+                f"file is not comparable with the full test set")
+    write_json_atomic(out / "submission_status.json", status)
+    return status
 
 
 def write_examples(s: Setup, examples: list[Example], hypotheses: dict[str, str], out: Path) -> Path:
@@ -321,7 +448,7 @@ def write_examples(s: Setup, examples: list[Example], hypotheses: dict[str, str]
     videos = {r["item_id"]: r.get("video_path") for r in s.rows}
     lines = ["# Generated answers", ""]
     for e in examples:
-        selected = s.cues.sequence(e.item_id, "selected_frames")
+        cue, selected = example_cues(s, e)
         seconds = s.frames.sequence(e.item_id, "timestamps")[selected]
         strip = f"examples/{thumbnail_name(e.item_id)}"
         try:
@@ -330,7 +457,7 @@ def write_examples(s: Setup, examples: list[Example], hypotheses: dict[str, str]
         except MediaError as exc:
             picture = escape_markdown(f"(frames not shown: {exc})")
         # Item ids, questions, answers and cue names are dataset text: escaped, so they show as written.
-        cue = escape_markdown(cue_text_for(s.cue_rows[e.item_id], s.cfg.data.cues) or "(none)")
+        cue = escape_markdown(cue or "(none)")
         lines += [f"## {code_span(e.item_id)}", "", picture, "",
                   f"- selected frames at {', '.join(f'{t:.2f}' for t in seconds)} s; cues: {cue}",
                   f"- Q: {escape_markdown(e.question)}", f"- generated: {escape_markdown(hypotheses[e.item_id])}",
