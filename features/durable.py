@@ -93,10 +93,49 @@ def arrow_file_bytes(table: pa.Table) -> pa.Buffer:
     return sink.getvalue()
 
 
+def arrow_stream_bytes(table: pa.Table) -> pa.Buffer:
+    """`table` as an uncompressed Arrow IPC *stream* image: what HF datasets (`Dataset.from_file`) memory-maps and
+    polars reads with `read_ipc_stream`; pyarrow maps it zero-copy just the same (`ipc.open_stream`)."""
+    sink = pa.BufferOutputStream()
+    with ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue()
+
+
+def write_arrow_stream(path: Path, table: pa.Table) -> None:
+    """Arrow IPC stream format, fsynced (built in memory and written by `write_bytes`, as `write_arrow`)."""
+    write_bytes(path, arrow_stream_bytes(table))
+
+
 def write_arrow(path: Path, table: pa.Table) -> None:
     """Arrow IPC file format, fsynced. Built in memory and written by `write_bytes`: pyarrow's own file sink
     reports a full disk without the file name."""
     write_bytes(path, arrow_file_bytes(table))
+
+
+def write_at(path: str | os.PathLike, offset: int, data: bytes) -> bool:
+    """Write `data` at byte `offset` of `path` (created if absent), cut the file just after it and fsync it.
+    Returns True when the file was created (its directory entry then needs a `fsync_dir`).
+
+    An append log that knows where its last complete record ends writes the next one there: whatever a failed
+    earlier attempt left beyond that point (half a line on a full disk) is overwritten or cut off, never kept in
+    front of a good record. Plain `os.write`, so an error is an OSError naming `path`."""
+    path = os.fspath(path)
+    created = not os.path.exists(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o666)
+    try:
+        try:
+            os.lseek(fd, offset, os.SEEK_SET)
+            view = memoryview(data).cast("B")
+            while view:
+                view = view[os.write(fd, view):]
+            os.ftruncate(fd, offset + len(data))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise error_naming(exc, path)
+    return created
 
 
 def write_arrow_atomic(path: Path, table: pa.Table) -> None:

@@ -2,24 +2,44 @@
 
 Layout (readable with plain pyarrow / h5py, no avcache code needed)::
 
-    STORE/<feature_set>/meta.json            spec, code version, timestamps, shard list with checksums
-    STORE/<feature_set>/shard-NNNNN.arrow    Arrow IPC *file* format, one row per item:
+    STORE/<feature_set>/meta.json            spec, code version, timestamps, shard list with checksums, and
+                                             "log": "commits.jsonl"
+    STORE/<feature_set>/commits.jsonl        commits since meta.json was last rewritten (may be absent): one JSON
+                                             object per line, a shard entry as in meta.json plus "scalars"
+    STORE/<feature_set>/shard-<16 hex>.arrow Arrow IPC *stream* format, one row per item:
                                              item_id, pooled vectors (fixed_size_list<float>[dim]), scalars
-    STORE/<feature_set>/shard-NNNNN.h5       one group per sequence column, one dataset per item named
+    STORE/<feature_set>/shard-<16 hex>.h5    one group per sequence column, one dataset per item named
                                              urllib.parse.quote(item_id, safe=""), plus a root dataset item_ids
     STORE/failures.arrow                     item_id, path, stage, reason, feature_set
     STORE/items.arrow                        the manifest rows extracted into the store (every column), one per
                                              item_id: trainers find their items here, wherever the store is
 
-Commit protocol: a shard is written to ``.shard-NNNNN.{h5,arrow}.tmp``, fsynced, renamed to its final name, and
-only then listed in meta.json (written atomically: tmp + fsync + rename + fsync of the directory). meta.json's
-shard list is the single source of truth, so a process killed at any instant leaves each item either committed
-exactly once (its shard is listed) or absent (its shard is not listed; the files are leftovers that readers
-ignore and the next writer removes). A commit that fails with an error (a full disk, a read-only file system:
-an ``OSError`` naming the file) removes its temporary files and keeps the rows buffered for a retry.
+The <16 hex> are random, so workers on any node name shards without asking anyone. Stores written before hold
+``shard-NNNNN`` shards in the Arrow IPC *file* format; readers tell the two apart by the file's first bytes
+("ARROW1" = file format), so they read either. One line reads a stream shard in each common tool::
 
-Every file meta.json names must lie inside the feature set's folder (no absolute path, no '..', no symlink
-leading out); readers refuse anything else with a StoreError before reading a byte.
+    datasets.Dataset.from_file(path)                              # HF datasets (memory-mapped)
+    polars.read_ipc_stream(path)                                  # polars (read_ipc is for the file format)
+    pyarrow.ipc.open_stream(pyarrow.memory_map(path)).read_all()  # pyarrow (zero-copy)
+
+The shards a feature set holds are meta.json's list followed by the complete lines of commits.jsonl (a shard
+meta.json lists already counts once: by name); its rows, scalars, updated and code_version are meta.json's
+updated by each line. A last line without its newline was cut short by a killed writer and is not a commit.
+
+Commit protocol. A shard is written, by `write_shard` on a worker or by the writer's own `flush`, to
+``.shard-<16 hex>.{h5,arrow}.tmp``, fsynced, renamed to its final name (the folder fsynced) and described by a
+commit record. The driver's `FeatureSetWriter.commit` checks the record and lists the shard: its first commit
+rewrites meta.json (atomically: tmp + fsync + rename + fsync of the directory) with the shard added and then
+removes commits.jsonl; every later commit appends one line to commits.jsonl and fsyncs it, a cost that does not
+grow with the store. `close()` compacts: meta.json rewritten with every shard, then the log removed. Listing is
+the single source of truth, so a process killed at any instant leaves each item either committed exactly once
+(its shard is listed) or absent (its shard is not listed; the files are leftovers that readers ignore and the
+next writer removes). A commit that fails with an error (a full disk, a read-only file system: an ``OSError``
+naming the file) removes its temporary files and keeps the rows buffered for a retry; a log line that failed
+half-way is overwritten by the next one.
+
+Every file meta.json or the log names must lie inside the feature set's folder (no absolute path, no '..', no
+symlink leading out); readers refuse anything else with a StoreError before reading a byte.
 """
 
 from __future__ import annotations
@@ -28,11 +48,14 @@ import contextlib
 import copy
 import dataclasses
 import errno
+import hashlib
 import io
 import json
 import math
 import os
 import re
+import secrets
+import stat
 import urllib.parse
 from collections import OrderedDict
 from pathlib import Path
@@ -49,10 +72,11 @@ from avcache.features.differences import nested_differences
 from avcache.features.durable import fsync_dir as _fsync_dir
 from avcache.features.durable import remove_quietly, utc_now
 from avcache.features.durable import sha256_of as _sha256
-from avcache.features.durable import write_arrow as _write_arrow
+from avcache.features.durable import write_arrow_stream as _write_arrow  # shards are IPC streams
 from avcache.features.durable import write_arrow_atomic
 from avcache.features.durable import write_bytes as _write_bytes
 from avcache.features.durable import write_json_atomic as _write_json_atomic
+from avcache.features.durable import write_at as _write_log_line
 
 try:  # advisory lock against two writers on one feature set; POSIX only
     import fcntl
@@ -61,6 +85,7 @@ except ImportError:  # pragma: no cover - non-POSIX
 
 FORMAT_VERSION = 1
 META_NAME = "meta.json"
+LOG_NAME = "commits.jsonl"
 FAILURES_NAME = "failures.arrow"
 ITEMS_NAME = "items.arrow"
 ITEMS_LOCK_NAME = ".items.lock"
@@ -72,9 +97,11 @@ FAILURES_SCHEMA = pa.schema([(c, pa.string()) for c in FAILURE_COLUMNS])
 
 # Files a killed writer may leave behind. Only these are ever removed: other files beside the shards (a FAISS
 # index, a user's notes) are not the store's to delete.
-_SHARD_RE = re.compile(r"^shard-(\d{5,})\.(arrow|h5)$")
+# Shards are named shard-<16 random hex digits>; stores written before workers wrote shards number them.
+_SHARD_RE = re.compile(r"^shard-(\d{5,}|[0-9a-f]{16})\.(arrow|h5)$")
+_WORKER_SHARD_RE = re.compile(r"^shard-[0-9a-f]{16}$")
 # meta.json goes through durable.write_json_atomic, whose temporary name carries the writer's pid.
-_TMP_RE = re.compile(r"^\.(shard-\d{5,}\.(arrow|h5)\.tmp|meta\.json\.tmp(-\d+)?)$")
+_TMP_RE = re.compile(r"^\.(shard-(\d{5,}|[0-9a-f]{16})\.(arrow|h5)\.tmp|meta\.json\.tmp(-\d+)?)$")
 
 _SCALAR_TYPES = {"bool": pa.bool_(), "int64": pa.int64(), "float64": pa.float64(),
                  "string": pa.string(), "list<string>": pa.list_(pa.string())}
@@ -83,6 +110,11 @@ _H5_MIN_CHUNK_ROWS = 64
 _H5_CACHE_SIZE = 8
 # Keys every shard entry of meta.json carries (the writer always writes them; readers index by them).
 _SHARD_KEYS = ("name", "arrow", "h5", "rows", "arrow_sha256", "h5_sha256")
+# A shard's meta.json entry, and the commit record write_shard returns for the driver (the entry and more).
+_ENTRY_KEYS = (*_SHARD_KEYS, "bytes", "code_version", "created")
+_RECORD_KEYS = (*_ENTRY_KEYS, "feature_set", "arrow_bytes", "h5_bytes", "scalars", "fingerprint", "item_ids")
+_ROW_KEYS = ("item_id", "scalars", "vectors", "sequences")
+_ARROW_FILE_MAGIC = b"ARROW1"  # first bytes of an Arrow IPC file (a stream starts with a message instead)
 # errno values meaning "this file system or file is not writable by us" (as opposed to a missing file).
 _NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
 STORE_REMEDY = "delete the feature set's folder and re-extract"
@@ -129,6 +161,23 @@ def _json_normal(value: Any, what: str) -> Any:
 
 
 def _read_meta(directory: Path) -> dict:
+    """meta.json with the complete lines of its commit log merged in: every committed shard, and rows, scalars,
+    updated and code_version as of the last commit."""
+    # The log is read first: a writer compacts by rewriting meta.json and only then removing the log, so a log
+    # read before meta.json can only repeat shards that meta.json lists too, never miss one.
+    log = _read_log(directory)
+    meta = _read_meta_file(directory)
+    if meta.get("log") is None or log is None:
+        return meta  # no commit since the last compaction (or a store written before the log existed)
+    if meta["log"] != LOG_NAME:
+        raise StoreError(f"{directory / META_NAME}: names commit log {meta['log']!r}, expected {LOG_NAME!r}; "
+                         f"the metadata is damaged ({STORE_REMEDY})")
+    entries = _log_entries(log, directory / LOG_NAME)
+    _check_shard_entries(entries, directory, directory / LOG_NAME)
+    return _with_log(meta, entries)
+
+
+def _read_meta_file(directory: Path) -> dict:
     path = directory / META_NAME
     if not path.is_file():
         raise StoreError(f"{directory}: no {META_NAME}; not a feature set (or nothing was ever written to it)")
@@ -141,6 +190,68 @@ def _read_meta(directory: Path) -> dict:
         raise StoreError(f"{path}: not a feature-set metadata file (no 'shards' list)")
     _check_shard_entries(meta["shards"], directory, path)
     return meta
+
+
+def _read_log(directory: Path) -> bytes | None:
+    """The commit log's bytes, None when there is none. A symlink leading out of the folder is refused."""
+    path = directory / LOG_NAME
+    if not os.path.lexists(path):
+        return None
+    problem = outside_problem(directory, LOG_NAME)
+    if problem:
+        raise StoreError(f"{path}: refusing to read the commit log ({problem}); {STORE_REMEDY}")
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except FileNotFoundError:
+        return None  # compacted away between the check and the open
+    except OSError as exc:
+        raise StoreError(f"{path}: unreadable commit log: {exc}") from exc
+
+
+def _log_entries(data: bytes, path: Path) -> list[dict]:
+    """The commits of a log: one JSON object per newline-terminated line. Bytes after the last newline are a
+    line that a killed writer never finished, which is not a commit."""
+    complete = data[:data.rfind(b"\n") + 1]
+    entries = []
+    for n, line in enumerate(complete.split(b"\n")[:-1], 1):
+        try:
+            entry = json.loads(line)
+        except ValueError as exc:
+            raise StoreError(f"{path}: line {n} is not JSON ({exc}); the commit log is damaged "
+                             f"({STORE_REMEDY})") from None
+        rows = entry.get("rows") if isinstance(entry, dict) else None
+        scalars = entry.get("scalars") if isinstance(entry, dict) else None
+        name = entry.get("name") if isinstance(entry, dict) else None
+        if not isinstance(name, str) or isinstance(rows, bool) or not isinstance(rows, int) or rows < 0 \
+                or not isinstance(scalars, dict) or any(kind not in _SCALAR_TYPES for kind in scalars.values()):
+            raise StoreError(f"{path}: line {n} is not a commit (an object with a 'name', int 'rows' and a "
+                             f"'scalars' map of {list(_SCALAR_TYPES)}); the commit log is damaged ({STORE_REMEDY})")
+        entries.append(entry)
+    return entries
+
+
+def _with_log(meta: dict, entries: list[dict]) -> dict:
+    """A copy of ``meta`` extended by the log's entries; a shard that meta.json lists already counts once (a
+    writer killed between rewriting meta.json and removing the log leaves both naming it)."""
+    meta = {**meta, "shards": list(meta["shards"]), "scalars": dict(meta.get("scalars") or {})}
+    names = {s["name"] for s in meta["shards"]}
+    for line in entries:
+        entry = {k: v for k, v in line.items() if k != "scalars"}
+        if entry["name"] not in names:
+            names.add(entry["name"])
+            _extend_meta(meta, entry, line["scalars"])
+    return meta
+
+
+def _extend_meta(meta: dict, entry: dict, scalars: dict) -> None:
+    """Count one committed shard in ``meta`` (in place): what every commit changes in the metadata."""
+    meta["shards"].append(entry)
+    meta["rows"] = int(meta.get("rows") or 0) + entry["rows"]
+    for column, kind in scalars.items():
+        meta["scalars"].setdefault(column, kind)
+    meta["code_version"] = entry.get("code_version", meta.get("code_version"))
+    meta["updated"] = entry.get("created", meta.get("updated"))
 
 
 def _check_shard_entries(shards: list, directory: Path, meta_path: Path) -> None:
@@ -390,6 +501,99 @@ def _prepare_sequence(value: Any, trailing: list, dtype: str, item_id: str, colu
     return _as_float(arr, dtype, item_id, column)
 
 
+def _check_item_id(item_id: Any) -> None:
+    if not isinstance(item_id, str) or not item_id or item_id in (".", ".."):
+        raise ValueError(f"item_id must be a non-empty string (not '.' or '..'), got {item_id!r}")
+
+
+def _check_columns(item_id: str, kind: str, given: dict, declared: dict) -> None:
+    # Every item carries every declared column, so readers never meet holes; an item whose
+    # features cannot be computed belongs in the failures table instead.
+    missing = sorted(set(declared) - set(given))
+    unknown = sorted(set(given) - set(declared))
+    if missing or unknown:
+        raise ValueError(f"item {item_id!r}: {kind} columns do not match the spec "
+                         f"(missing {missing}, not declared {unknown}; declared {sorted(declared)})")
+
+
+def _checked_scalar_types(types: Any, what: str) -> dict:
+    if not isinstance(types, dict) or any(not isinstance(c, str) or k not in _SCALAR_TYPES for c, k in types.items()):
+        raise ValueError(f"{what} must map scalar column names to one of {list(_SCALAR_TYPES)} "
+                         f"(FeatureSetWriter.scalar_types() gives it), got {types!r}")
+    return dict(types)
+
+
+class _RowChecker:
+    """Validates items against a spec and the scalar column types known so far, which valid items extend.
+
+    The in-process writer and the worker-side `write_shard` both go through it, so an item is accepted or refused
+    with the same error wherever it is written."""
+
+    def __init__(self, spec: FeatureSetSpec, scalar_types: dict):
+        self.spec = spec
+        self.scalar_types = scalar_types  # column -> kind; shared with the caller, extended in place
+
+    def prepare(self, item_id: str, scalars: dict, vectors: dict, sequences: dict) -> dict:
+        spec = self.spec
+        _check_columns(item_id, "vector", vectors, spec.vectors)
+        _check_columns(item_id, "sequence", sequences, spec.sequences)
+        return {
+            "item_id": item_id,
+            "scalars": self._prepare_scalars(item_id, scalars),
+            "vectors": {c: _prepare_vector(vectors[c], d, spec.dtype, item_id, c) for c, d in spec.vectors.items()},
+            "sequences": {c: _prepare_sequence(sequences[c], t, spec.dtype, item_id, c)
+                          for c, t in spec.sequences.items()},
+        }
+
+    def _prepare_scalars(self, item_id: str, scalars: dict) -> dict:
+        out = {}
+        taken = set(self.spec.vectors) | set(self.spec.sequences) | {"item_id"}
+        for column, value in scalars.items():
+            if column in taken or not isinstance(column, str) or not column:
+                raise ValueError(f"item {item_id!r}: scalar column {column!r} clashes with item_id or a "
+                                 f"vector/sequence column, or is not a non-empty string")
+            kind = _scalar_kind(value)
+            if kind == "invalid":
+                raise ValueError(f"item {item_id!r}, scalar {column!r}: unsupported value {value!r} of type "
+                                 f"{type(value).__name__} (use None, bool, int, float, str or a list of str)")
+            if kind == "float64" and not math.isfinite(float(value)):
+                raise ValueError(f"item {item_id!r}, scalar {column!r}: non-finite value {value!r} (use None)")
+            known = self.scalar_types.get(column)
+            if kind is not None and known is not None and kind != known:
+                if not (known == "float64" and kind == "int64"):  # ints widen into a float column
+                    raise ValueError(f"item {item_id!r}, scalar {column!r}: got a {kind} value but the column "
+                                     f"holds {known}")
+            out[column] = _python_scalar(value, kind)
+        # Record new column types only once the whole item is valid, so a rejected item leaves no trace.
+        for column, value in out.items():
+            kind = _scalar_kind(value)
+            if kind is not None and column not in self.scalar_types:
+                self.scalar_types[column] = kind
+        return out
+
+
+def _prepare_rows(checker: _RowChecker, rows) -> list[dict]:
+    """Rows as FeatureSetWriter.add takes them (dicts of item_id, scalars, vectors, sequences), validated."""
+    if isinstance(rows, (dict, str, bytes)):
+        raise ValueError(f"rows must be a list of row dicts, got a {type(rows).__name__}")
+    prepared, seen = [], set()
+    for n, row in enumerate(rows):
+        if not isinstance(row, dict) or "item_id" not in row or set(row) - set(_ROW_KEYS):
+            what = f"keys {sorted(map(str, row))}" if isinstance(row, dict) else f"a {type(row).__name__}"
+            raise ValueError(f"row {n}: expected a dict with 'item_id' and optionally 'scalars', 'vectors', "
+                             f"'sequences' (what FeatureSetWriter.add takes), got {what}")
+        item_id = row["item_id"]
+        _check_item_id(item_id)
+        if item_id in seen:
+            raise ValueError(f"item {item_id!r} appears twice in the rows given")
+        prepared.append(checker.prepare(item_id, row.get("scalars") or {}, row.get("vectors") or {},
+                                        row.get("sequences") or {}))
+        seen.add(item_id)
+    if not prepared:
+        raise ValueError("no rows given: a shard holds at least one item")
+    return prepared
+
+
 # --------------------------------------------------------------------------------------------------------------
 # shard files
 
@@ -444,9 +648,92 @@ def _shard_file(directory: Path, shard: dict, key: str) -> Path:
 
 
 def _open_arrow(path: Path) -> pa.Table:
-    """Memory-mapped read: the table's buffers point into the page cache, nothing is copied into RAM."""
+    """Memory-mapped read: the table's buffers point into the page cache, nothing is copied into RAM.
+
+    Shards are Arrow IPC streams; stores written before that hold IPC files, which start with the magic bytes
+    "ARROW1" (a stream starts with a message length), so both are read without any version flag."""
     with pa.memory_map(str(path), "r") as source:
-        return ipc.open_file(source).read_all()
+        if source.read(len(_ARROW_FILE_MAGIC)) == _ARROW_FILE_MAGIC:
+            source.seek(0)
+            return ipc.open_file(source).read_all()
+        source.seek(0)
+        return ipc.open_stream(source).read_all()
+
+
+def _new_shard_name() -> str:
+    # 64 random bits: workers on any number of nodes name shards without asking the driver or each other.
+    return f"shard-{secrets.token_hex(8)}"
+
+
+def _spec_digest(spec: FeatureSetSpec) -> str:
+    """sha256 of the spec's fingerprint: a commit record carries it so the driver can refuse a foreign shard."""
+    return hashlib.sha256(json.dumps(spec.fingerprint(), sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def _write_shard_files(directory: Path, spec: FeatureSetSpec, rows: list[dict], scalar_types: dict,
+                       code_version: str) -> dict:
+    """Write validated rows as ``<name>.h5`` + ``<name>.arrow`` (temporary names, fsync, rename, fsync of the
+    folder) and return the commit record. On failure no temporary file is left."""
+    name = _new_shard_name()
+    final = {"arrow": directory / f"{name}.arrow", "h5": directory / f"{name}.h5"}
+    tmp = {k: p.with_name(f".{p.name}.tmp") for k, p in final.items()}
+    # Scalar columns whose type is known (from any earlier row); a column that has only ever been None
+    # has no type yet and is left out until a real value arrives (readers fill the gap with nulls).
+    try:
+        _write_h5(tmp["h5"], rows, spec)
+        _write_arrow(tmp["arrow"], _arrow_table(rows, spec, scalar_types))
+        size = {k: tmp[k].stat().st_size for k in ("arrow", "h5")}
+        record = {"feature_set": spec.name, "name": name, "arrow": final["arrow"].name, "h5": final["h5"].name,
+                  "rows": len(rows), "arrow_sha256": _sha256(tmp["arrow"]), "h5_sha256": _sha256(tmp["h5"]),
+                  "arrow_bytes": size["arrow"], "h5_bytes": size["h5"], "bytes": size["arrow"] + size["h5"],
+                  "scalars": dict(scalar_types), "code_version": code_version, "created": utc_now(),
+                  "fingerprint": _spec_digest(spec), "item_ids": [r["item_id"] for r in rows]}
+        for key in ("h5", "arrow"):
+            os.replace(tmp[key], final[key])
+    except BaseException:
+        # A half-written tmp file would only hold space on a full disk.
+        remove_quietly(*tmp.values())
+        raise
+    _fsync_dir(directory)
+    return record
+
+
+def write_shard(feature_set_dir, spec: FeatureSetSpec, rows, *, scalar_types: dict | None = None,
+                code_version: str | None = None) -> dict:
+    """Worker side of a commit: validate ``rows`` and write them as one complete, fsynced shard; return its
+    commit record for the driver's `FeatureSetWriter.commit`.
+
+    ``feature_set_dir`` is ``STORE/<spec.name>``, created by the driver's writer (open it before sending work
+    out: opening removes unlisted shard files). ``rows`` are dicts with "item_id" and optionally "scalars",
+    "vectors", "sequences", as `FeatureSetWriter.add` takes them, validated exactly as add() validates them (the
+    same ValueErrors). ``scalar_types``: the driver's `FeatureSetWriter.scalar_types()`, so that a scalar column
+    is written with the type the feature set holds (an int into a float column); without it a shard whose column
+    types differ from the stored ones is refused at commit.
+
+    The shard's name (``shard-`` + 16 random hex digits) cannot collide across processes or nodes. No lock is
+    taken and meta.json is neither read nor written: until the driver commits the record, the files are not
+    data (readers ignore them; the next writer of the feature set removes them). The record is plain JSON data
+    (name, file names, sizes, sha256s, rows, item_ids, scalar types, spec fingerprint, code_version, created)."""
+    if not isinstance(spec, FeatureSetSpec):
+        raise TypeError(f"spec must be a FeatureSetSpec, got {type(spec).__name__}")
+    directory = Path(feature_set_dir)
+    if directory.name != spec.name:
+        raise ValueError(f"write_shard: {str(directory)!r} is not the folder of feature set {spec.name!r} "
+                         f"(pass STORE/{spec.name})")
+    if not directory.is_dir():
+        raise StoreError(f"{directory}: no such feature set folder; open the FeatureSetWriter on the driver "
+                         f"before sending rows to workers")
+    checker = _RowChecker(spec, _checked_scalar_types(scalar_types or {}, "scalar_types"))
+    prepared = _prepare_rows(checker, rows)
+    return _write_shard_files(directory, spec, prepared, dict(checker.scalar_types),
+                              code_version or _default_code_version())
+
+
+def _remove_log(directory: Path) -> None:
+    """Remove the commit log once meta.json lists all it holds (the removal made durable)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(directory / LOG_NAME)
+    _fsync_dir(directory)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -456,14 +743,19 @@ def _open_arrow(path: Path) -> pa.Table:
 class FeatureSetWriter:
     """Appends items to ``STORE/<spec.name>/`` in atomically committed shards.
 
+    Two ways in. In process: `add` validates and buffers items and commits a shard every ``rows_per_shard``
+    items (`flush` commits the rest). Scaled out: workers call `write_shard` and send back its record, which
+    `commit` checks and lists; the rows never pass through this process. Both end in the same commit.
+
     Use as a context manager. On leaving the block the buffered rows are flushed whatever the reason, including
     an exception or KeyboardInterrupt: every buffered row is a complete, validated item, and a shard commit is
     atomic, so flushing can only save work (a rerun skips committed items) and never leaves a half item, even if
     a second interrupt lands in the middle of the flush. If that flush itself fails while another exception is
-    propagating, the original exception is kept and the flush error is attached to it as a note.
+    propagating, the original exception is kept and the flush error is attached to it as a note. `close` then
+    compacts: meta.json is rewritten with every shard and the commit log removed.
 
-    One writer per feature set at a time (an advisory lock on ``.lock`` enforces it): shard numbers come from the
-    committed shard count, which two concurrent writers would both claim. A second writer fails at once, or with
+    One writer per feature set at a time (an advisory lock on ``.lock`` enforces it): the commit log and
+    meta.json have one author, which also knows every committed item id. A second writer fails at once, or with
     `wait=True` waits for the first to finish (and then finds its items committed).
     """
 
@@ -478,6 +770,13 @@ class FeatureSetWriter:
         self._provenance = _json_normal(provenance, "provenance") if provenance is not None else None
         self._buffer: dict[str, dict] = {}  # item_id -> prepared row; one dict store per add, so adds are atomic
         self._closed = False
+        self._digest = _spec_digest(spec)
+        # The first commit rewrites meta.json (with the provenance, the log pointer and whatever a killed writer
+        # left in the log); later ones append a line to the log, at _log_size, the end of its last good line.
+        self._meta_written = False
+        self._log_size = 0
+        self._log_lines = 0     # lines appended since meta.json was last written: what close() compacts
+        self._log_stale = False  # a log that meta.json already covers but that could not be removed
 
         # Refuse a mismatch before creating or touching anything.
         if (self.path / META_NAME).exists():
@@ -500,11 +799,13 @@ class FeatureSetWriter:
         else:
             now = utc_now()
             self.meta = {"format_version": FORMAT_VERSION, **self.spec.to_dict(), "code_version": self.code_version,
-                         "created": now, "updated": now, "scalars": {}, "shards": [], "rows": 0}
+                         "created": now, "updated": now, "scalars": {}, "shards": [], "rows": 0, "log": LOG_NAME}
             if self._provenance is not None:
                 self.meta["provenance"] = self._provenance
             _write_json_atomic(self.path / META_NAME, self.meta)
-        self._scalar_types: dict[str, str] = dict(self.meta.get("scalars", {}))
+        self.meta.setdefault("scalars", {})
+        self._scalar_types: dict[str, str] = dict(self.meta["scalars"])
+        self._names = {s["name"] for s in self.meta["shards"]}
         self._committed = self._load_committed_ids()
         self._remove_leftovers()
 
@@ -523,7 +824,7 @@ class FeatureSetWriter:
         return ids
 
     def _remove_leftovers(self) -> None:
-        """Delete shard/tmp files a killed writer left behind (not listed, so never part of the data)."""
+        """Delete shard/tmp files a killed writer or worker left behind (not listed, so never part of the data)."""
         listed = {s[k] for s in self.meta["shards"] for k in ("arrow", "h5")}
         for entry in os.listdir(self.path):
             if (_SHARD_RE.match(entry) and entry not in listed) or _TMP_RE.match(entry):
@@ -534,13 +835,22 @@ class FeatureSetWriter:
     def committed_ids(self) -> set[str]:
         return set(self._committed)
 
+    def scalar_types(self) -> dict[str, str]:
+        """Scalar column -> type as this writer knows them: send it to workers (`write_shard(scalar_types=...)`)."""
+        return dict(self._scalar_types)
+
     def add(self, item_id: str, *, scalars: dict | None = None, vectors: dict | None = None,
             sequences: dict | None = None) -> None:
         """Validate and buffer one complete item; commits a shard when the buffer reaches rows_per_shard."""
-        if self._closed:
-            raise StoreError(f"writer for {str(self.path)!r} is closed")
-        row = self._prepare(item_id, scalars or {}, vectors or {}, sequences or {})
-        self._buffer[item_id] = row
+        self._check_open()
+        _check_item_id(item_id)
+        if item_id in self._committed:
+            raise ValueError(f"item {item_id!r} is already committed in {str(self.path)!r} "
+                             f"(skip items in committed_ids())")
+        if item_id in self._buffer:
+            raise ValueError(f"item {item_id!r} was already added to this writer")
+        checker = _RowChecker(self.spec, self._scalar_types)
+        self._buffer[item_id] = checker.prepare(item_id, scalars or {}, vectors or {}, sequences or {})
         if len(self._buffer) >= self.rows_per_shard:
             self.flush()
 
@@ -548,17 +858,30 @@ class FeatureSetWriter:
         """Commit the buffered rows as one shard; returns its meta entry (None when nothing was buffered)."""
         if not self._buffer:
             return None
-        rows = list(self._buffer.values())
-        entry = self._commit_shard(rows)
-        self._committed.update(self._buffer)
-        self._buffer.clear()  # only after meta.json lists the shard: a failed commit keeps the rows for a retry
+        record = _write_shard_files(self.path, self.spec, list(self._buffer.values()), dict(self._scalar_types),
+                                    self.code_version)
+        entry = self._commit(record, from_buffer=True)
+        self._buffer.clear()  # only once the shard is listed: a failed commit keeps the rows for a retry
         return entry
+
+    def commit(self, record: dict) -> dict:
+        """Driver side of a commit: check a record that `write_shard` returned and list its shard; returns the
+        shard's meta entry. Costs the same whatever the number of shards already committed (one line appended to
+        the commit log, fsynced).
+
+        Refused with a StoreError, nothing changed, when the record does not fit: its files missing, outside the
+        folder or of another size than recorded, an item already committed (or repeated, or waiting in this
+        writer's buffer), a scalar column typed otherwise than stored, another spec. The refused shard's files
+        stay as leftovers, which the next writer removes."""
+        self._check_open()
+        return self._commit(record, from_buffer=False)
 
     def close(self) -> None:
         if self._closed:
             return
         try:
             self.flush()
+            self._compact()
         finally:
             self._closed = True
             self._lock.close()
@@ -580,96 +903,161 @@ class FeatureSetWriter:
     def buffered(self) -> int:
         return len(self._buffer)
 
-    # -- internals ----------------------------------------------------------------------------------------------
+    # -- commit -------------------------------------------------------------------------------------------------
 
-    def _prepare(self, item_id: str, scalars: dict, vectors: dict, sequences: dict) -> dict:
-        if not isinstance(item_id, str) or not item_id or item_id in (".", ".."):
-            raise ValueError(f"item_id must be a non-empty string (not '.' or '..'), got {item_id!r}")
-        if item_id in self._committed:
-            raise ValueError(f"item {item_id!r} is already committed in {str(self.path)!r} "
-                             f"(skip items in committed_ids())")
-        if item_id in self._buffer:
-            raise ValueError(f"item {item_id!r} was already added to this writer")
-        spec = self.spec
-        self._check_columns(item_id, "vector", vectors, spec.vectors)
-        self._check_columns(item_id, "sequence", sequences, spec.sequences)
-        return {
-            "item_id": item_id,
-            "scalars": self._prepare_scalars(item_id, scalars),
-            "vectors": {c: _prepare_vector(vectors[c], d, spec.dtype, item_id, c) for c, d in spec.vectors.items()},
-            "sequences": {c: _prepare_sequence(sequences[c], t, spec.dtype, item_id, c)
-                          for c, t in spec.sequences.items()},
-        }
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreError(f"writer for {str(self.path)!r} is closed")
 
-    @staticmethod
-    def _check_columns(item_id: str, kind: str, given: dict, declared: dict) -> None:
-        # Every item carries every declared column, so readers never meet holes; an item whose
-        # features cannot be computed belongs in the failures table instead.
-        missing = sorted(set(declared) - set(given))
-        unknown = sorted(set(given) - set(declared))
-        if missing or unknown:
-            raise ValueError(f"item {item_id!r}: {kind} columns do not match the spec "
-                             f"(missing {missing}, not declared {unknown}; declared {sorted(declared)})")
+    def _commit(self, record: dict, from_buffer: bool) -> dict:
+        entry, scalars, ids = _RecordCheck(self, record, from_buffer).result()
+        if self._meta_written:
+            self._append_to_log(entry, scalars)  # the commit point: a complete line
+        else:
+            self._write_meta_with(entry, scalars)  # the commit point: meta.json renamed into place
+        self._names.add(entry["name"])
+        self._committed.update(ids)
+        for column, kind in scalars.items():
+            self._scalar_types.setdefault(column, kind)
+        return dict(entry)
 
-    def _prepare_scalars(self, item_id: str, scalars: dict) -> dict:
-        out = {}
-        taken = set(self.spec.vectors) | set(self.spec.sequences) | {"item_id"}
-        for column, value in scalars.items():
-            if column in taken or not isinstance(column, str) or not column:
-                raise ValueError(f"item {item_id!r}: scalar column {column!r} clashes with item_id or a "
-                                 f"vector/sequence column, or is not a non-empty string")
-            kind = _scalar_kind(value)
-            if kind == "invalid":
-                raise ValueError(f"item {item_id!r}, scalar {column!r}: unsupported value {value!r} of type "
-                                 f"{type(value).__name__} (use None, bool, int, float, str or a list of str)")
-            if kind == "float64" and not math.isfinite(float(value)):
-                raise ValueError(f"item {item_id!r}, scalar {column!r}: non-finite value {value!r} (use None)")
-            known = self._scalar_types.get(column)
-            if kind is not None and known is not None and kind != known:
-                if not (known == "float64" and kind == "int64"):  # ints widen into a float column
-                    raise ValueError(f"item {item_id!r}, scalar {column!r}: got a {kind} value but the column "
-                                     f"holds {known}")
-            out[column] = _python_scalar(value, kind)
-        # Record new column types only once the whole item is valid, so a rejected item leaves no trace.
-        for column, value in out.items():
-            kind = _scalar_kind(value)
-            if kind is not None and column not in self._scalar_types:
-                self._scalar_types[column] = kind
-        return out
-
-    def _commit_shard(self, rows: list[dict]) -> dict:
-        index = len(self.meta["shards"])
-        name = f"shard-{index:05d}"
-        final = {"arrow": self.path / f"{name}.arrow", "h5": self.path / f"{name}.h5"}
-        tmp = {k: p.with_name(f".{p.name}.tmp") for k, p in final.items()}
-
-        # Scalar columns whose type is known (from any earlier row); a column that has only ever been None
-        # has no type yet and is left out until a real value arrives (readers fill the gap with nulls).
-        scalar_types = dict(self._scalar_types)
-        try:
-            _write_h5(tmp["h5"], rows, self.spec)
-            _write_arrow(tmp["arrow"], _arrow_table(rows, self.spec, scalar_types))
-            entry = {"name": name, "arrow": final["arrow"].name, "h5": final["h5"].name, "rows": len(rows),
-                     "arrow_sha256": _sha256(tmp["arrow"]), "h5_sha256": _sha256(tmp["h5"]),
-                     "bytes": tmp["arrow"].stat().st_size + tmp["h5"].stat().st_size,
-                     "code_version": self.code_version, "created": utc_now()}
-            for key in ("h5", "arrow"):
-                os.replace(tmp[key], final[key])
-        except BaseException:
-            # The caller keeps the rows buffered; a half-written tmp file would only hold space on a full disk.
-            remove_quietly(*tmp.values())
-            raise
-        _fsync_dir(self.path)
-
-        meta = copy.deepcopy(self.meta)
-        meta["shards"].append(entry)
-        meta["rows"] = sum(s["rows"] for s in meta["shards"])
-        meta["scalars"] = scalar_types
-        meta["code_version"] = self.code_version
-        meta["updated"] = entry["created"]
-        _write_json_atomic(self.path / META_NAME, meta)  # the commit point
+    def _write_meta_with(self, entry: dict, scalars: dict) -> None:
+        meta = {**self.meta, "shards": list(self.meta["shards"]), "scalars": dict(self.meta["scalars"]),
+                "log": LOG_NAME}
+        _extend_meta(meta, entry, scalars)
+        _write_json_atomic(self.path / META_NAME, meta)
         self.meta = meta
-        return entry
+        self._meta_written = True
+        self._drop_log()
+
+    def _append_to_log(self, entry: dict, scalars: dict) -> None:
+        if self._log_stale:  # it repeats meta.json; a line appended after it would still count, but remove it
+            _remove_log(self.path)
+            self._log_stale = False
+        line = (json.dumps({**entry, "scalars": scalars}, allow_nan=False) + "\n").encode("utf-8")
+        if _write_log_line(self.path / LOG_NAME, self._log_size, line):
+            _fsync_dir(self.path)  # the new log's directory entry, before the commit is reported
+        self._log_size += len(line)
+        self._log_lines += 1
+        _extend_meta(self.meta, entry, scalars)
+
+    def _compact(self) -> None:
+        """meta.json rewritten with every shard (atomically), then the log removed. Killed in between, both list
+        the log's shards, and readers count each once (by name)."""
+        if not self._log_lines:
+            return
+        meta = {**self.meta, "log": LOG_NAME}
+        _write_json_atomic(self.path / META_NAME, meta)
+        self.meta = meta
+        self._drop_log()
+
+    def _drop_log(self) -> None:
+        # Past the commit point: a failure here changes nothing readers see, so it is not raised (which would
+        # make the caller retry a commit that happened); the next append removes the log first.
+        self._log_size, self._log_lines = 0, 0
+        try:
+            _remove_log(self.path)
+            self._log_stale = False
+        except OSError:
+            self._log_stale = True
+
+
+class _RecordCheck:
+    """Everything `FeatureSetWriter.commit` checks before listing a worker's shard."""
+
+    def __init__(self, writer: FeatureSetWriter, record: Any, from_buffer: bool):
+        self.writer, self.record, self.from_buffer = writer, record, from_buffer
+
+    def refuse(self, why: str):
+        name = self.record.get("name") if isinstance(self.record, dict) else None
+        raise StoreError(f"{self.writer.path}: commit record {name!r} refused: {why}. Nothing was committed; "
+                         f"its shard files are leftovers that the next writer removes")
+
+    def result(self) -> tuple[dict, dict, list[str]]:
+        record = self.record
+        if not isinstance(record, dict):
+            self.refuse(f"expected the dict write_shard returns, got a {type(record).__name__}")
+        missing = [k for k in _RECORD_KEYS if k not in record]
+        if missing:
+            self.refuse(f"missing keys {missing} (records come from write_shard)")
+        self._check_spec()
+        self._check_files()
+        ids = self._check_ids()
+        scalars = self._check_scalars()
+        return {k: record[k] for k in _ENTRY_KEYS}, scalars, ids
+
+    def _check_spec(self) -> None:
+        writer, record = self.writer, self.record
+        if record["feature_set"] != writer.spec.name or record["fingerprint"] != writer._digest:
+            self.refuse(f"written for feature set {record['feature_set']!r} with spec fingerprint sha256 "
+                        f"{record['fingerprint']!r}, but this writer holds {writer.spec.name!r} with "
+                        f"{writer._digest!r} (the worker was given another spec)")
+        for key in ("code_version", "created", "arrow_sha256", "h5_sha256"):
+            if not isinstance(record[key], str) or not record[key]:
+                self.refuse(f"{key} must be a non-empty string, got {record[key]!r}")
+
+    def _check_files(self) -> None:
+        writer, record = self.writer, self.record
+        name = record["name"]
+        if not isinstance(name, str) or not _WORKER_SHARD_RE.match(name) \
+                or record["arrow"] != f"{name}.arrow" or record["h5"] != f"{name}.h5":
+            self.refuse("the shard must be named 'shard-' + 16 hex digits, its files <name>.arrow and <name>.h5")
+        if name in writer._names:
+            self.refuse("a shard of that name is already committed")
+        total = 0
+        for key in ("arrow", "h5"):
+            problem = outside_problem(writer.path, record[key])
+            if problem:
+                self.refuse(f"file {record[key]!r}: {problem}")
+            path = writer.path / record[key]
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                self.refuse(f"{path} does not exist")
+            if not stat.S_ISREG(st.st_mode):
+                self.refuse(f"{path} is not a regular file")
+            if st.st_size != record[f"{key}_bytes"]:
+                self.refuse(f"{path} has {st.st_size} bytes, the record says {record[f'{key}_bytes']!r}")
+            total += st.st_size
+        if record["bytes"] != total:
+            self.refuse(f"bytes {record['bytes']!r} is not the two files' {total}")
+
+    def _check_ids(self) -> list[str]:
+        writer, record = self.writer, self.record
+        ids, rows = record["item_ids"], record["rows"]
+        if not isinstance(ids, list) or not ids or not all(isinstance(i, str) and i for i in ids):
+            self.refuse("item_ids must be a non-empty list of non-empty strings")
+        if isinstance(rows, bool) or rows != len(ids):
+            self.refuse(f"rows is {rows!r} but {len(ids)} item ids are listed")
+        unique = set(ids)
+        if len(unique) != len(ids):
+            self.refuse(f"item ids repeated within the shard: {_few(i for i in unique if ids.count(i) > 1)}")
+        again = unique & writer._committed
+        if again:
+            self.refuse(f"{len(again)} item(s) already committed: {_few(again)}")
+        waiting = unique & writer._buffer.keys()
+        if waiting and not self.from_buffer:
+            self.refuse(f"{len(waiting)} item(s) also added to this writer and not yet flushed: {_few(waiting)}")
+        return ids
+
+    def _check_scalars(self) -> dict:
+        writer, scalars = self.writer, self.record["scalars"]
+        if not isinstance(scalars, dict):
+            self.refuse(f"scalars must map column names to types, got {scalars!r}")
+        taken = set(writer.spec.vectors) | set(writer.spec.sequences) | {"item_id"}
+        for column, kind in scalars.items():
+            if kind not in _SCALAR_TYPES or column in taken:
+                self.refuse(f"scalar column {column!r}: unknown type {kind!r} or a name the spec takes")
+            known = writer._scalar_types.get(column)
+            if known is not None and known != kind:
+                self.refuse(f"scalar column {column!r} holds {kind} in this shard but {known} in the feature set "
+                            f"(give write_shard scalar_types=writer.scalar_types() so workers write stored types)")
+        return dict(scalars)
+
+
+def _few(ids) -> str:
+    shown = sorted(ids)
+    return ", ".join(repr(i) for i in shown[:5]) + (f" and {len(shown) - 5} more" if len(shown) > 5 else "")
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -1,18 +1,18 @@
 """The extract job: manifest -> every configured feature set in the store, resumable and failure-tolerant."""
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from avcache.features.checkpoints import load_profile
-from avcache.features.store import FeatureSetSpec, FeatureSetWriter, FeatureStore
+from avcache.features.store import FeatureSetSpec, FeatureSetWriter, FeatureStore, StoreError
 from avcache.pipeline.config import ExtractConfig
 from avcache.pipeline.extractors import Context, Extractor, get_extractor, ordered
 from avcache.pipeline.manifest import failures_path_for, read_failures, read_manifest
 from avcache.pipeline.progress import Progress
+from avcache.pipeline.stages import WriteShard
 
 
 @dataclass
@@ -69,6 +69,8 @@ def _extract_feature_set(extractor: Extractor, ctx: Context, runner, manifest_pa
     spec = extractor.spec(ctx)  # before any work, so a mismatching store is refused up front
     provenance = {"manifest": str(manifest_path.resolve()), "profile": ctx.config.profile,
                   "encoders": ctx.profile, "config": ctx.config.to_dict()}
+    # Opened before any work goes out: opening removes the shard files a killed job left unlisted, which must not
+    # race with workers writing this job's shards.
     with FeatureSetWriter(ctx.store.root, spec, rows_per_shard=ctx.config.rows_per_shard, provenance=provenance) as writer:
         rows = extractor.select(ctx)
         done = writer.committed_ids()
@@ -77,8 +79,10 @@ def _extract_feature_set(extractor: Extractor, ctx: Context, runner, manifest_pa
         failures: list[dict] = []
         if pending:
             progress = Progress(extractor.name, len(pending))
-            for batch in runner.run(pending, extractor.build_stages(ctx)):
-                written, failed = _write_batch(batch, extractor, spec, writer, failures)
+            paths = {row["item_id"]: row["path"] for row in pending}
+            stages = [*extractor.build_stages(ctx), _write_stage(extractor, spec, writer, ctx.config.rows_per_shard)]
+            for batch in runner.run(pending, stages):
+                written, failed = _commit_batch(batch, writer, paths, failures)
                 result.written += written
                 result.failed += failed
                 progress.update(written + failed, failed)
@@ -90,26 +94,40 @@ def _extract_feature_set(extractor: Extractor, ctx: Context, runner, manifest_pa
     return result
 
 
+def _write_stage(extractor: Extractor, spec: FeatureSetSpec, writer: FeatureSetWriter,
+                 rows_per_shard: int) -> WriteShard:
+    """The stage that writes shards where the rows are, with exactly the declared columns: the scalars converted
+    to their declared dtypes, the vectors and sequences the spec holds (an optional vector the encoder lacks is
+    not). An absolute folder: workers on other nodes (or with another working directory) must find it."""
+    return WriteShard(str(writer.path.resolve()), spec, extractor.scalars, writer.scalar_types(), writer.code_version,
+                      batch_size=rows_per_shard)
+
+
 def _write_batch(batch: dict, extractor: Extractor, spec: FeatureSetSpec, writer: FeatureSetWriter,
                  failures: list[dict]) -> tuple[int, int]:
-    """Each good row of a batch into the store, with exactly the declared columns: the scalars converted to their
-    declared dtypes, the vectors and sequences the spec holds (an optional vector the encoder lacks is not)."""
+    """A batch of computed rows written from this process as one shard (the write stage run here) and committed;
+    -> (items written, failed). The job itself runs the write stage on the workers."""
+    stage = _write_stage(extractor, spec, writer, max(1, len(batch["item_id"])))
+    paths = {item_id: str(path) for item_id, path in zip(batch["item_id"], batch["path"])}
+    return _commit_batch(stage.process(batch), writer, paths, failures)
+
+
+def _commit_batch(batch: dict, writer: FeatureSetWriter, paths: dict, failures: list[dict]) -> tuple[int, int]:
+    """Commit the shard records of a WriteShard batch and collect its failure rows; -> (items written, failed).
+    A record the writer refuses (a foreign spec, an item already committed, a file gone) fails its items."""
     written = failed = 0
     for i, item_id in enumerate(batch["item_id"]):
-        error = batch["error"][i]
-        if not error:
+        if batch["record"][i]:
+            record = json.loads(batch["record"][i])
             try:
-                writer.add(
-                    item_id,
-                    scalars={column.name: column.value(batch[column.name][i]) for column in extractor.scalars},
-                    vectors={name: np.asarray(batch[name][i]) for name in spec.vectors},
-                    sequences={name: np.asarray(batch[name][i]) for name in spec.sequences},
-                )
-                written += 1
-                continue
-            except ValueError as exc:  # NaN features, wrong shapes or types: the item fails, the job goes on
-                error = f"store: {exc}"
-        stage, _, reason = error.partition(": ")
-        failures.append({"item_id": item_id, "path": str(batch["path"][i]), "stage": stage, "reason": reason})
+                writer.commit(record)
+                written += record["rows"]
+            except StoreError as exc:
+                failures.extend({"item_id": refused, "path": str(paths.get(refused, "")), "stage": "store",
+                                 "reason": str(exc)} for refused in record["item_ids"])
+                failed += record["rows"]
+            continue
+        failures.append({"item_id": item_id, "path": str(batch["path"][i]), "stage": batch["stage"][i],
+                         "reason": batch["reason"][i]})
         failed += 1
     return written, failed

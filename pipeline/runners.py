@@ -2,9 +2,10 @@
 
 LocalRunner runs in-process (tests, debugging). RayRunner is the one adapter to Ray Data: decoders as CPU
 tasks, model stages as actor pools (with `num_gpus` when the cluster has GPUs), streaming so decode and
-encode overlap. Ray is imported and started here and nowhere else: `start_ray` is how RayRunner and the
-ablation grids (train/ablate.py) get it. `end_leftover_ray_processes` clears what a killed driver left running before
-a local Ray starts."""
+encode overlap; the last stage of an extraction writes the shards on the workers. `feature_set_dataset` gives
+trainers on a cluster a feature set as a `ray.data.Dataset`. Ray is imported and started here and nowhere else:
+`start_ray` is how RayRunner and the ablation grids (train/ablate.py) get it. `end_leftover_ray_processes` clears
+what a killed driver left running before a local Ray starts."""
 from __future__ import annotations
 
 import logging
@@ -34,7 +35,9 @@ def batch_to_rows(batch: Batch) -> list[dict]:
 
 
 class LocalRunner:
-    """Sequential, in this process: each stage is set up once and fed batches of its own size."""
+    """Sequential, in this process: each stage is set up once and fed batches of its own size. Rows wait in front
+    of a stage until a whole batch is there (the last batch of a job may be smaller), so a stage with a larger
+    batch than the one before it (the shard writer: rows_per_shard) still gets full batches."""
 
     name = "local"
 
@@ -44,19 +47,25 @@ class LocalRunner:
     def run(self, rows: list[dict], stages: list[Stage]) -> Iterator[Batch]:
         for stage in stages:
             stage.setup()
+        waiting: list[list[dict]] = [[] for _ in stages]  # the rows in front of each stage
         first = stages[0].resources.batch_size
         for start in range(0, len(rows), first):
-            yield from self._through(rows_to_batch(rows[start:start + first]), stages)
+            waiting[0].extend(rows[start:start + first])
+            yield from self._drain(waiting, stages, final=False)
+        yield from self._drain(waiting, stages, final=True)
 
-    def _through(self, batch: Batch, stages: list[Stage]) -> Iterator[Batch]:
-        if not stages:
-            yield batch
-            return
-        stage, rest = stages[0], stages[1:]
-        size = stage.resources.batch_size
-        rows = batch_to_rows(batch)
-        for start in range(0, len(rows), size):
-            yield from self._through(stage.process(rows_to_batch(rows[start:start + size])), rest)
+    @staticmethod
+    def _drain(waiting: list[list[dict]], stages: list[Stage], final: bool) -> Iterator[Batch]:
+        """Run every stage over each full batch waiting in front of it (and, when final, over what is left)."""
+        for level, stage in enumerate(stages):
+            size = stage.resources.batch_size
+            while len(waiting[level]) >= size or (final and waiting[level]):
+                chunk, waiting[level] = waiting[level][:size], waiting[level][size:]
+                out = stage.process(rows_to_batch(chunk))
+                if level + 1 < len(stages):
+                    waiting[level + 1].extend(batch_to_rows(out))
+                else:
+                    yield out
 
     def close(self) -> None:
         pass
@@ -92,14 +101,15 @@ def _from_ray(batch: dict) -> Batch:
     return {key: [pickle.loads(v) for v in values] for key, values in batch.items()}
 
 
-def start_ray(num_cpus: int | None = None, log=print):
-    """Ray, started once per process -> the `ray` module. Attached to the cluster RAY_ADDRESS names, else a local one
-    of `num_cpus` (default: every core), started after ending what a killed driver left running. Workers' output
-    stays in Ray's logs (log_to_driver=False): extraction reports its own progress, a grid run writes its cell.log."""
+def start_ray(num_cpus: int | None = None, log=print, address: str | None = None):
+    """Ray, started once per process -> the `ray` module. Attached to the cluster `address` or RAY_ADDRESS names,
+    else a local one of `num_cpus` (default: every core), started after ending what a killed driver left running.
+    Workers' output stays in Ray's logs (log_to_driver=False): extraction reports its own progress, a grid run
+    writes its cell.log."""
     import ray
 
     if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS")
+        address = address or os.environ.get("RAY_ADDRESS")
         if address:
             ray.init(address=address, log_to_driver=False)
         else:
@@ -121,12 +131,13 @@ def ray_attached() -> bool:
 
 
 class RayRunner:
-    """Ray Data on the local machine (embedded `ray.init()`) or on the cluster named by RAY_ADDRESS."""
+    """Ray Data on the local machine (embedded `ray.init()`) or on the cluster named by `address` or RAY_ADDRESS.
+    The last stage of an extraction writes the shards on the workers, so what comes back is commit records."""
 
     name = "ray"
 
-    def __init__(self, num_cpus: int | None = None):
-        ray = start_ray(num_cpus)
+    def __init__(self, num_cpus: int | None = None, address: str | None = None):
+        ray = start_ray(num_cpus, address=address)
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # we print our own: items, rate, ETA
         ctx.verbose_stats_logs = False
@@ -158,6 +169,76 @@ class RayRunner:
 
     def close(self) -> None:
         pass
+
+
+# --------------------------------------------------------------------------------------------------------------
+# a feature set as a ray.data.Dataset, for trainers on a cluster
+
+# The store's scalar kinds as Arrow types: a shard lacks a scalar column that was only ever None when it was
+# written, and is given a null column of the feature set's type so that every block has one schema.
+_SCALAR_ARROW_TYPES = {"bool": "bool_", "int64": "int64", "float64": "float64", "string": "string"}
+
+
+def feature_set_dataset(store_root, name: str, sequences: bool = True):
+    """A `ray.data.Dataset` over the committed shards of feature set `name` in the store at `store_root` (a path
+    every node can read: the store's shared folder). One read task per shard, one row per item: item_id, the
+    scalars, each vector as a fixed-shape (dim,) tensor and, with `sequences`, each sequence column as a ragged
+    (T, *trailing) tensor read from the shard's HDF5 file. Only shards meta.json (and its commit log) lists are
+    read; leftovers of a killed job are not data."""
+    from avcache.features.store import FeatureSet
+
+    ray = start_ray()
+    with FeatureSet(Path(store_root).resolve() / name) as fs:  # StoreError/StoreKeyError for a bad store or name
+        layout = {"folder": str(fs.path), "vectors": list(fs.spec.vectors),
+                  "sequences": list(fs.spec.sequences) if sequences else [],
+                  "scalars": dict(fs.meta.get("scalars") or {})}
+        shards = [{"arrow": shard["arrow"], "h5": shard["h5"]} for shard in fs.meta["shards"]]
+    if not shards:
+        raise ValueError(f"feature set {name!r} in {store_root} holds no committed shard: nothing to read")
+    return (ray.data.from_items(shards, override_num_blocks=len(shards))
+            .map_batches(_read_shard, fn_kwargs={"layout": layout}, batch_size=1, batch_format="pyarrow"))
+
+
+def _read_shard(shards, layout: dict):
+    """One shard's rows as an Arrow table with Ray's tensor columns (a batch of exactly one shard entry)."""
+    import h5py
+    import pyarrow as pa
+    from ray.data.extensions import ArrowTensorArray, ArrowVariableShapedTensorArray
+
+    from avcache.features.store import h5_dataset_name
+
+    shard = shards.to_pylist()[0]
+    folder = Path(layout["folder"])
+    table = _read_arrow_shard(folder / shard["arrow"])
+    ids = table.column("item_id").to_pylist()
+    columns = {"item_id": table.column("item_id")}
+    for column, kind in layout["scalars"].items():
+        arrow_type = pa.list_(pa.string()) if kind == "list<string>" else getattr(pa, _SCALAR_ARROW_TYPES[kind])()
+        columns[column] = (table.column(column).cast(arrow_type) if column in table.column_names
+                           else pa.nulls(len(ids), arrow_type))
+    for column in layout["vectors"]:
+        vectors = table.column(column).combine_chunks()
+        dim = vectors.type.list_size
+        columns[column] = ArrowTensorArray.from_numpy(vectors.flatten().to_numpy().reshape(len(ids), dim))  # (N, D)
+    if layout["sequences"]:
+        with h5py.File(folder / shard["h5"], "r") as f:
+            for column in layout["sequences"]:
+                arrays = [f[column][h5_dataset_name(item_id)][()] for item_id in ids]  # each (T, *trailing)
+                # Variable-shaped even where a shard's sequences happen to be of one length, so that every block
+                # of the column has the same type.
+                columns[column] = ArrowVariableShapedTensorArray.from_numpy(arrays)
+    return pa.table(columns)
+
+
+def _read_arrow_shard(path: Path):
+    """A shard's Arrow table: IPC stream (today) or IPC file (stores written before), told apart by the magic."""
+    import pyarrow as pa
+    import pyarrow.ipc as ipc
+
+    with pa.memory_map(str(path), "r") as source:
+        is_file = source.read(6) == b"ARROW1"
+        source.seek(0)
+        return (ipc.open_file(source) if is_file else ipc.open_stream(source)).read_all()
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -6,11 +6,15 @@ A batch is a dict of equal-length columns (lists or arrays). Every row carries `
 unit test (LocalRunner) and on a cluster (RayRunner)."""
 from __future__ import annotations
 
+import json
+import os
+import socket
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from avcache.features.store import FeatureSetSpec, write_shard
 from avcache.pipeline.dtw import IGNORE, dtw_alignment
 from avcache.pipeline.media import MediaError, load_audio, load_image, load_video_frames
 
@@ -359,3 +363,72 @@ class GlossAlignmentStage(ModelStage):
             out.append({"gloss_embeddings": gloss, "alignment": alignment, "embedding": pooled,
                         "aligned": bool(len(gloss))})
         return out
+
+
+class WriteShard(Stage):
+    """The last stage of every extraction: the batch's good rows written as one shard into the store, where the rows
+    are (a worker node on a cluster, this process under LocalRunner). Returns a small batch instead of the
+    features: one row whose `record` is the shard's commit record (JSON) and `worker` the host and pid that wrote
+    it, and one failure row (item_id, path, stage, reason) per item that failed upstream or that the store
+    refuses. The driver commits the records and lists the failures; features never travel back to it. A store
+    that cannot be written at all (a full disk, the folder gone: StoreError, OSError) fails the job, not items.
+
+    Rows are built as the driver's writer used to take them: scalars through their columns' `value` (raw batch
+    values into the column's kind), the spec's vectors and sequences as arrays. `write_shard` validates exactly as
+    `FeatureSetWriter.add` does; it refuses a whole call for one bad row, so a refused batch is split in halves
+    until each bad row fails alone (the good rows still land, in a few smaller shards)."""
+
+    name = "write_shard"
+    outputs = ("record", "stage", "reason", "worker")
+
+    def __init__(self, directory: str, spec: FeatureSetSpec, scalars: tuple, scalar_types: dict, code_version: str,
+                 batch_size: int):
+        # `scalars`: the extractor's Scalar columns (picklable), passed in because extractors import this module.
+        self.directory, self.spec, self.scalars = directory, spec, tuple(scalars)
+        self.scalar_types, self.code_version = dict(scalar_types), code_version
+        self.resources = Resources(num_cpus=1, batch_size=batch_size)
+
+    def process(self, batch: Batch) -> Batch:
+        out: list[dict] = []
+        good: list[dict] = []
+        for i, item_id in enumerate(batch["item_id"]):
+            error = batch["error"][i]
+            if not error:
+                try:
+                    good.append(self._row(batch, i))
+                    continue
+                except ValueError as exc:  # a scalar of the wrong kind: the item fails, as the driver's add did
+                    error = f"store: {exc}"
+            out.append(_failure_row(item_id, batch["path"][i], error))
+        paths = dict(zip(batch["item_id"], batch["path"]))
+        self._write(good, dict(self.scalar_types), paths, out)
+        return {key: [row.get(key, "") for row in out] for key in ("item_id", "error", "path", *self.outputs)}
+
+    def _row(self, batch: Batch, i: int) -> dict:
+        return {"item_id": batch["item_id"][i],
+                "scalars": {column.name: column.value(batch[column.name][i]) for column in self.scalars},
+                "vectors": {name: np.asarray(batch[name][i]) for name in self.spec.vectors},
+                "sequences": {name: np.asarray(batch[name][i]) for name in self.spec.sequences}}
+
+    def _write(self, rows: list[dict], scalar_types: dict, paths: dict, out: list[dict]) -> dict:
+        """Write `rows` as one shard, or, when the store refuses one of them, each half in turn; -> the scalar
+        types known after them (a later half is written with the types an earlier one introduced, as add does)."""
+        if not rows:
+            return scalar_types
+        try:
+            record = write_shard(self.directory, self.spec, rows, scalar_types=scalar_types,
+                                 code_version=self.code_version)
+        except ValueError as exc:  # NaN features, wrong shapes or types
+            if len(rows) == 1:
+                out.append(_failure_row(rows[0]["item_id"], paths[rows[0]["item_id"]], f"store: {exc}"))
+                return scalar_types
+            half = len(rows) // 2
+            return self._write(rows[half:], self._write(rows[:half], scalar_types, paths, out), paths, out)
+        out.append({"item_id": "", "error": "", "path": "", "record": json.dumps(record),
+                    "worker": f"{socket.gethostname()}/{os.getpid()}"})
+        return {**scalar_types, **record["scalars"]}
+
+
+def _failure_row(item_id: str, path, error: str) -> dict:
+    stage, _, reason = error.partition(": ")
+    return {"item_id": item_id, "error": error, "path": str(path), "stage": stage, "reason": reason, "record": ""}

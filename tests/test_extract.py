@@ -224,3 +224,80 @@ def test_whisper_through_the_transformers_backend_profile(tmp_path):
     whisper = FeatureStore(tmp_path / "store")["whisper"]
     assert whisper.meta["encoder"]["backend"] == "transformers"
     assert whisper.sequence("w:0", "encoder_states").shape == (75, 64)  # 1.5 s at 50 states per second
+
+
+def assert_same_store(a_root, b_root, names) -> None:
+    """Every feature set of `names` holds the same items in both stores, with exactly equal scalars, vectors and
+    sequences (the item order and the shard boundaries may differ)."""
+    a_store, b_store = FeatureStore(a_root), FeatureStore(b_root)
+    for name in names:
+        a, b = a_store[name], b_store[name]
+        ids = sorted(a.item_ids)
+        assert ids == sorted(b.item_ids) and len(ids) == len(set(b.item_ids)), name
+        assert ids, f"{name}: nothing extracted, so nothing compared"
+        for column in a.spec.vectors:
+            assert np.array_equal(a.vectors(column, ids), b.vectors(column, ids)), (name, column)
+        for item_id in ids:
+            rows = a.row(item_id), b.row(item_id)
+            assert {k: v for k, v in rows[0].items() if k not in a.spec.vectors} == \
+                   {k: v for k, v in rows[1].items() if k not in b.spec.vectors}, (name, item_id)
+            for column in a.spec.sequences:
+                assert np.array_equal(a.sequence(item_id, column), b.sequence(item_id, column)), (name, column)
+        b.verify()
+
+
+@pytest.mark.slow
+def test_shards_written_by_ray_workers_equal_those_written_in_process(media_manifest, tmp_path):
+    from avcache.pipeline.runners import RayRunner
+
+    sets = ["clip_frames", "clip_text"]
+    config = load_config(overrides=[f"feature_sets=[{','.join(sets)}]", "rows_per_shard=4", "video.num_frames=4"])
+    local = extract(media_manifest, tmp_path / "local", config, LocalRunner(), log=lambda *a: None)
+    ray = extract(media_manifest, tmp_path / "ray", config, RayRunner(num_cpus=2), log=lambda *a: None)
+    counts = [(r.name, r.written, r.failed) for r in local.feature_sets]
+    assert [(r.name, r.written, r.failed) for r in ray.feature_sets] == counts
+    assert counts == [("clip_frames", 6, 1), ("clip_text", 7, 0)]
+    assert_same_store(tmp_path / "local", tmp_path / "ray", sets)
+    failures = {(f["feature_set"], f["item_id"], f["stage"], f["reason"])
+                for f in FeatureStore(tmp_path / "local").failures().to_pylist()}
+    assert failures == {(f["feature_set"], f["item_id"], f["stage"], f["reason"])
+                        for f in FeatureStore(tmp_path / "ray").failures().to_pylist()}
+    # rows_per_shard=4 reaches the writer stage: 7 clip_text items make two shards (4 + 3) in process
+    assert [s["rows"] for s in FeatureStore(tmp_path / "local")["clip_text"].meta["shards"]] == [4, 3]
+
+
+def test_write_stage_fails_bad_rows_alone_and_the_driver_fails_a_refused_record(tmp_path):
+    from avcache.features.store import FeatureSetSpec, FeatureSetWriter
+    from avcache.pipeline.extract import _commit_batch
+    from avcache.pipeline.extractors import Scalar
+    from avcache.pipeline.stages import WriteShard
+
+    spec = FeatureSetSpec(name="toy", extractor="toy", encoder={"name": "e"}, preprocessing={}, vectors={"v": 2},
+                          sequences={"s": [2]})
+    ids = [f"x:{i}" for i in range(6)]
+    vectors = [np.full(2, i, np.float32) for i in range(6)]
+    vectors[2] = np.array([np.nan, 0], np.float32)  # the store refuses NaN: this item alone fails
+    batch = {"item_id": ids, "path": [f"/m/{i}" for i in ids], "error": ["", "decode_image: file not found", *[""] * 4],
+             "v": vectors, "s": [np.ones((i + 1, 2), np.float32) for i in range(6)],
+             "label": ["a", None, "b", 3, "c", "d"]}  # x:3's int in a string column fails at the row, before writing
+    with FeatureSetWriter(tmp_path, spec) as writer:
+        stage = WriteShard(str(writer.path), spec, (Scalar("label", "string"),), writer.scalar_types(),
+                           writer.code_version, batch_size=8)
+        out = stage.process(batch)
+        failures: list[dict] = []
+        assert _commit_batch(out, writer, {}, failures) == (3, 3)
+        by_id = {f["item_id"]: (f["stage"], f["reason"]) for f in failures}
+        assert by_id["x:1"] == ("decode_image", "file not found")
+        assert by_id["x:2"] == ("store", "item 'x:2', column 'v': 1 non-finite value(s) (NaN/inf)")
+        assert by_id["x:3"][0] == "store" and "expected string" in by_id["x:3"][1]
+        assert sorted(writer.committed_ids()) == ["x:0", "x:4", "x:5"]
+        # the refused batch was halved until x:2 stood alone: [x:0] and [x:4, x:5] were written
+        assert [s["rows"] for s in writer.meta["shards"]] == [1, 2]
+        # The same records again: the writer refuses them (items already committed); their items fail, no crash.
+        failures.clear()
+        assert _commit_batch(out, writer, {"x:0": "/m/x:0"}, failures) == (0, 6)
+        refused = [f for f in failures if f["stage"] == "store" and "already committed" in f["reason"]]
+        assert sorted(f["item_id"] for f in refused) == ["x:0", "x:4", "x:5"]
+        assert {f["path"] for f in refused} == {"/m/x:0", ""}
+    fs = FeatureStore(tmp_path)["toy"]
+    assert fs.row("x:4")["label"] == "c" and fs.sequence("x:5", "s").shape == (6, 2)

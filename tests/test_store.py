@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -57,6 +58,18 @@ def write_items(root, ids, spec=None, rows_per_shard=4, **kw):
         for i in ids:
             w.add(item_id(i), **make_item(i))
     return spec
+
+
+SHARD_NAME = re.compile(r"^shard-[0-9a-f]{16}$")  # what new shards are called
+
+
+def shard_names(directory: Path) -> list[str]:
+    """The committed shards' names, in commit order (meta.json plus its commit log)."""
+    return [s["name"] for s in FeatureSet(directory).meta["shards"]]
+
+
+def listed_files(directory: Path) -> list[str]:
+    return sorted(f"{name}.{ext}" for name in shard_names(directory) for ext in ("arrow", "h5"))
 
 
 def snapshot(directory: Path) -> dict:
@@ -120,7 +133,8 @@ def test_meta_contents(tmp_path):
     assert meta["scalars"] == {"label": "string", "duration": "float64", "n_frames": "int64", "ok": "bool",
                                "words": "list<string>"}
     assert meta["created"].endswith("+00:00") and meta["updated"] >= meta["created"]
-    assert [s["name"] for s in meta["shards"]] == ["shard-00000", "shard-00001"]
+    assert len(meta["shards"]) == 2 and all(SHARD_NAME.match(s["name"]) for s in meta["shards"])
+    assert meta["log"] == "commits.jsonl" and not (tmp_path / "clip_frames" / "commits.jsonl").exists()  # compacted
     assert [s["rows"] for s in meta["shards"]] == [4, 2]
     for s in meta["shards"]:
         assert set(s) >= {"name", "arrow", "h5", "rows", "arrow_sha256", "h5_sha256", "bytes"}
@@ -136,8 +150,8 @@ def test_shard_rollover(tmp_path):
             assert w.buffered == (i + 1) % 3  # a shard is committed as soon as the buffer is full
         assert w.flush() == {**w.meta["shards"][-1]} and w.flush() is None
     directory = tmp_path / "clip_frames"
-    assert sorted(p.name for p in directory.glob("shard-*")) == [
-        f"shard-0000{n}.{ext}" for n in range(3) for ext in ("arrow", "h5")]
+    assert sorted(p.name for p in directory.glob("shard-*")) == listed_files(directory)
+    assert len(shard_names(directory)) == 3
     fs = FeatureSet(directory)
     assert [s["rows"] for s in fs.meta["shards"]] == [3, 3, 1]
     assert fs.item_ids == [item_id(i) for i in range(7)]
@@ -151,7 +165,7 @@ def test_files_readable_with_plain_libraries(tmp_path):
     shard = meta["shards"][1]  # items 3, 4
 
     with pa.memory_map(str(directory / shard["arrow"])) as source:
-        table = ipc.open_file(source).read_all()
+        table = ipc.open_stream(source).read_all()  # shards are Arrow IPC streams
     assert table.column("item_id").to_pylist() == [item_id(3), item_id(4)]
     assert table.schema.field("pooled").type == pa.list_(pa.float32(), 4)
     pooled = table.column("pooled").combine_chunks().flatten().to_numpy().reshape(-1, 4)
@@ -175,6 +189,7 @@ def test_files_readable_with_plain_libraries(tmp_path):
 
 def test_reopen_adds_only_new_items(tmp_path):
     write_items(tmp_path, range(5), rows_per_shard=2)
+    first = shard_names(tmp_path / "clip_frames")
     with FeatureSetWriter(tmp_path, make_spec(), rows_per_shard=2) as w:
         assert w.committed_ids() == {item_id(i) for i in range(5)}
         for i in range(8):
@@ -182,7 +197,8 @@ def test_reopen_adds_only_new_items(tmp_path):
                 w.add(item_id(i), **make_item(i))
     fs = FeatureSet(tmp_path / "clip_frames")
     assert fs.item_ids == [item_id(i) for i in range(8)]
-    assert [s["name"] for s in fs.meta["shards"]] == [f"shard-{n:05d}" for n in range(5)]
+    names = [s["name"] for s in fs.meta["shards"]]
+    assert len(names) == len(set(names)) == 5 and names[:3] == first
     assert fs.meta["rows"] == 8
     fs.verify()
 
@@ -290,12 +306,13 @@ def test_crash_before_meta_write_leaves_items_uncommitted(tmp_path, monkeypatch)
     monkeypatch.undo()
 
     # The renamed shard files exist, but meta.json does not list them.
-    assert (directory / "shard-00001.arrow").exists() and (directory / "meta.json").read_bytes() == meta_before
+    unlisted = sorted(set(p.name for p in directory.glob("shard-*")) - set(listed_files(directory)))
+    assert len(unlisted) == 2 and (directory / "meta.json").read_bytes() == meta_before
     fs = FeatureSet(directory)
     assert fs.item_ids == [item_id(0), item_id(1)]
     with FeatureSetWriter(tmp_path, make_spec(), rows_per_shard=2) as w:
         assert w.committed_ids() == {item_id(0), item_id(1)}
-        assert not (directory / "shard-00001.arrow").exists()  # leftovers removed by the next writer
+        assert not any((directory / name).exists() for name in unlisted)  # leftovers removed by the next writer
         for i in range(2, 5):
             w.add(item_id(i), **make_item(i))
     fs = FeatureSet(directory)
@@ -329,14 +346,16 @@ def test_killed_process_leaves_consistent_store(tmp_path, point):
     proc = subprocess.run([sys.executable, "-c", script, point], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 17, proc.stderr
     directory = tmp_path / "clip_frames"
-    assert any(p.name.startswith(".shard-") or p.name == "shard-00001.arrow" for p in directory.iterdir())
+    listed = listed_files(directory)
+    assert any(p.name.startswith(".shard-") or (p.name.startswith("shard-") and p.name not in listed)
+               for p in directory.iterdir())
 
     assert FeatureSet(directory).item_ids == [item_id(i) for i in range(3)]
     write_items(tmp_path, range(3, 6), rows_per_shard=3)
     fs = FeatureSet(directory)
     assert fs.item_ids == [item_id(i) for i in range(6)]
-    assert sorted(p.name for p in directory.iterdir() if p.name != ".lock") == [
-        "meta.json", "shard-00000.arrow", "shard-00000.h5", "shard-00001.arrow", "shard-00001.h5"]
+    assert len(fs.meta["shards"]) == 2
+    assert sorted(p.name for p in directory.iterdir() if p.name != ".lock") == ["meta.json", *listed_files(directory)]
     fs.verify()
 
 
@@ -346,7 +365,9 @@ def test_leftover_files_ignored_by_reader(tmp_path):
     (directory / ".shard-00001.arrow.tmp").write_bytes(b"partial")
     (directory / ".shard-00001.h5.tmp").write_bytes(b"partial")
     (directory / ".meta.json.tmp-4242").write_bytes(b"{partial")  # a writer killed inside the meta write
-    (directory / "shard-00007.arrow").write_bytes(b"garbage")
+    (directory / "shard-00007.arrow").write_bytes(b"garbage")  # the names stores used to number shards with
+    (directory / "shard-0123456789abcdef.h5").write_bytes(b"garbage")  # a worker's shard, never committed
+    (directory / ".shard-0123456789abcdef.h5.tmp").write_bytes(b"partial")
     (directory / "index.faiss").write_bytes(b"not ours")
     fs = FeatureSet(directory)
     assert fs.item_ids == [item_id(i) for i in range(3)] and fs.table().num_rows == 3
@@ -354,7 +375,7 @@ def test_leftover_files_ignored_by_reader(tmp_path):
     with FeatureSetWriter(tmp_path, make_spec()):
         pass
     remaining = sorted(p.name for p in directory.iterdir())
-    assert remaining == [".lock", "index.faiss", "meta.json", "shard-00000.arrow", "shard-00000.h5"]
+    assert remaining == [".lock", "index.faiss", "meta.json", *listed_files(directory)]
 
 
 def test_exception_in_with_block_flushes_complete_items(tmp_path):
@@ -372,13 +393,14 @@ def test_verify_catches_corruption_and_missing_files(tmp_path):
     write_items(tmp_path, range(5), rows_per_shard=3)
     directory = tmp_path / "clip_frames"
     FeatureSet(directory).verify()
-    data = bytearray((directory / "shard-00001.h5").read_bytes())
+    first, second = shard_names(directory)
+    data = bytearray((directory / f"{second}.h5").read_bytes())
     data[len(data) // 2] ^= 0xFF
-    (directory / "shard-00001.h5").write_bytes(bytes(data))
-    with pytest.raises(StoreError, match=r"shard-00001\.h5: checksum mismatch"):
+    (directory / f"{second}.h5").write_bytes(bytes(data))
+    with pytest.raises(StoreError, match=rf"{second}\.h5: checksum mismatch"):
         FeatureSet(directory).verify()
-    (directory / "shard-00000.arrow").unlink()
-    with pytest.raises(StoreError, match=r"shard-00000\.arrow: listed in meta.json but missing"):
+    (directory / f"{first}.arrow").unlink()
+    with pytest.raises(StoreError, match=rf"{first}\.arrow: listed in meta.json but missing"):
         FeatureSet(directory).verify()
 
 
