@@ -1,6 +1,7 @@
 """`make bench`: on the same items, wall time of decode alone, encode alone and the whole streaming pipeline;
-then the default FAISS index against exact search (eval/index_bench.py) and BrewCLIP training fed from the store
-against the same training fed from memory (eval/train_bench.py).
+then the default FAISS index against exact search (eval/index_bench.py), BrewCLIP training fed from the store
+against the same training fed from memory (eval/train_bench.py), the store's commit cost and the driver's work per
+item (eval/store_bench.py), and avcache's `extract` against the plain loop a user would write (eval/loop_bench.py).
 
 Ray Data streams decode (CPU tasks) into encode (actor pool), so the whole should take about as long as the
 slower of the two, not their sum. Each figure is one run on this machine, all measured in the same process,
@@ -34,9 +35,21 @@ def _drain(batches) -> tuple[list[dict], float]:
 
 
 def run_bench(out: Path, items: int = 24, feature_sets=BENCH_FEATURE_SETS, index_vectors: int = 1_000_000,
-              train_images: int = 256) -> dict:
+              train_images: int = 256, commit_shards: int = 4000, driver_items: int = 200,
+              loop_images: int = 400, loop_rounds: int = 2) -> dict:
+    """Every figure into out/bench.json and out/bench.md. A size of 0 skips that bench: index_vectors (FAISS),
+    train_images (training), commit_shards (the store's commit and driver-work benches), loop_images (avcache
+    against the plain loop, on the full-size seeded ViT-B-32: minutes)."""
     out.mkdir(parents=True, exist_ok=True)
     results = _pipeline_bench(out, items, feature_sets)
+    if commit_shards:
+        from avcache.eval.store_bench import run_store_bench
+
+        results.update(run_store_bench(out, commit_shards=commit_shards, driver_items=driver_items))
+    if loop_images:
+        from avcache.eval.loop_bench import run_loop_bench
+
+        results.update(run_loop_bench(out, images=loop_images, rounds=loop_rounds))
     if index_vectors:
         from avcache.eval.index_bench import run_index_bench
 
@@ -118,4 +131,8 @@ def _write_markdown(path: Path, results: dict, feature_sets) -> None:
                   f"| store / memory | {r['train_store_over_memory']} | |"]
         if "train_epoch_s_with_encoders" in r:
             lines.append(f"| frozen encoders run again (Whisper per caption) | - | {r['train_epoch_s_with_encoders']} |")
+    from avcache.eval.loop_bench import loop_markdown
+    from avcache.eval.store_bench import store_markdown
+
+    lines += store_markdown(results) + loop_markdown(results)
     path.write_text("\n".join(lines) + "\n")

@@ -123,6 +123,25 @@ def tiny_beats_config() -> BEATsConfig:
     )
 
 
+def iter3_as2m_config() -> BEATsConfig:
+    """The cfg of the official BEATs_iter3_plus_AS2M_finetuned_on_AS2M checkpoints: 512-channel patch embedding
+    projected to a 12-layer, 768-wide, 12-head deep-norm encoder with gated relative position bias, and the
+    527-tag AudioSet head. Dropouts are 0 (inference only; they hold no weights)."""
+    return BEATsConfig(
+        input_patch_size=16, embed_dim=512, conv_bias=False,
+        encoder_layers=12, encoder_embed_dim=768, encoder_ffn_embed_dim=3072, encoder_attention_heads=12,
+        activation_fn="gelu", layer_norm_first=False, deep_norm=True,
+        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, encoder_layerdrop=0.0,
+        conv_pos=128, conv_pos_groups=16,
+        relative_position_embedding=True, num_buckets=320, max_distance=800, gru_rel_pos=True,
+        finetuned_model=True, predictor_dropout=0.0, predictor_class=527,
+    )
+
+
+# named sizes the full-random profile builds with seeded random weights (features.tiny.ensure_seeded_beats)
+SEEDED_BEATS = {"iter3": iter3_as2m_config}
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # fbank: torch port of torchaudio.compliance.kaldi.fbank with BEATs' arguments
 # ----------------------------------------------------------------------------------------------------------------
@@ -564,6 +583,17 @@ def build_tiny_beats(seed: int = 0) -> tuple[BEATs, dict]:
         torch.manual_seed(seed)
         model = BEATs(tiny_beats_config())
     label_dict = {i: f"/m/tiny{i:03d}" for i in range(model.cfg.predictor_class)}
+    return model.eval(), label_dict
+
+
+def build_seeded_beats(size: str, seed: int = 0) -> tuple[BEATs, dict]:
+    """Random full-size BEATs of a SEEDED_BEATS size, identical for identical seeds; the global RNG untouched."""
+    if size not in SEEDED_BEATS:
+        raise ValueError(f"unknown seeded BEATs size {size!r}: use one of {sorted(SEEDED_BEATS)}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = BEATs(SEEDED_BEATS[size]())
+    label_dict = {i: f"/m/random{i:03d}" for i in range(model.cfg.predictor_class)}
     return model.eval(), label_dict
 
 

