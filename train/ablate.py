@@ -29,7 +29,7 @@ from typing import Callable, Iterator
 import yaml
 
 from avcache.features.durable import sha256_of
-from avcache.features.store import ITEMS_NAME
+from avcache.features.store import ITEMS_NAME, FeatureSet, StoreError
 from avcache.pipeline.config import ConfigError, read_yaml_mapping
 from avcache.pipeline.runners import ray_attached, start_ray
 from avcache.train.recipes import RECIPES, recipe
@@ -258,9 +258,9 @@ def store_version(store) -> str:
 
     state = []
     for meta_path in sorted(Path(store).glob("*/meta.json")):
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (OSError, ValueError):
+        try:  # through the reader: a job still writing has shards in the commit log that meta.json lists later
+            meta = FeatureSet(meta_path.parent).meta
+        except (OSError, ValueError, StoreError):
             continue  # a damaged feature set: the recipe that reads it will say so
         if meta.get("extractor") in EXTRACTORS:
             state.append([meta_path.parent.name, meta.get("rows"), meta.get("updated"),
