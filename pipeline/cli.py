@@ -47,8 +47,9 @@ def cmd_extract(args) -> int:
         config.feature_sets = args.feature_sets.split(",")
     report = extract(args.manifest, args.store, config, make_runner(args.runner))
     for fs in report.feature_sets:
+        shared = f" (one pass with {', '.join(fs.pass_with)})" if fs.pass_with else ""
         print(f"{fs.name}: {fs.written} written, {fs.already_done} already stored, {fs.failed} failed "
-              f"of {fs.selected} items in {fs.seconds:.1f}s")
+              f"of {fs.selected} items in {fs.seconds:.1f}s{shared}")
     print(f"extract: {report.failed} failed items in {report.seconds:.1f}s -> {args.store}")
     if report.failed:
         print(f"failures are listed in {Path(args.store) / 'failures.arrow'}", file=sys.stderr)

@@ -176,6 +176,14 @@ class Extractor:
     def build_stages(self, ctx: Context) -> list[Stage]:
         return [stage(**arguments(ctx)) for stage, arguments in self.stages]
 
+    def decoder(self, ctx: Context) -> tuple[type[Stage], dict] | None:
+        """The first stage as (class, arguments) when it is a decoder followed by this set's own stages, else None.
+        Feature sets with equal decoders share one pass (extract.py): each item is decoded once for all of them."""
+        if len(self.stages) < 2 or not self.stages[0][0].decodes:
+            return None
+        stage, arguments = self.stages[0]
+        return stage, arguments(ctx)
+
     def spec(self, ctx: Context) -> FeatureSetSpec:
         encoder = self.encoder(ctx)
         vectors = {c.name: self._dim(encoder, c, c.dim) for c in self.columns

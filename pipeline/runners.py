@@ -20,7 +20,7 @@ from typing import Iterator
 
 import numpy as np
 
-from avcache.pipeline.stages import Batch, Stage
+from avcache.pipeline.stages import Batch, Stage, StageChain
 
 
 def rows_to_batch(rows: list[dict]) -> Batch:
@@ -71,6 +71,29 @@ class LocalRunner:
         pass
 
 
+def fit_actor_pools(stages: list[Stage], cpus: float, gpus: float) -> list[Stage]:
+    """`stages` as they fit the cluster: an actor holds its CPUs and GPUs for the whole job, so when the model
+    stages' pools and one CPU for the decode and write tasks do not fit (two encoders of one pass on a 2-core
+    machine), each run of consecutive model stages shares one actor (StageChain); else each keeps its own pool."""
+    models = [stage for stage in stages if stage.uses_model]
+    need_cpus = sum(s.resources.num_cpus * s.resources.concurrency for s in models) + 1
+    need_gpus = sum(s.resources.num_gpus * s.resources.concurrency for s in models)
+    if len(models) < 2 or (need_cpus <= cpus and need_gpus <= gpus):
+        return list(stages)
+    fitted: list[Stage] = []
+    run: list[Stage] = []
+    for stage in [*stages, None]:  # None: the end, closing the last run
+        if stage is not None and stage.uses_model:
+            run.append(stage)
+            continue
+        if run:
+            fitted.append(run[0] if len(run) == 1 else StageChain(run))
+            run = []
+        if stage is not None:
+            fitted.append(stage)
+    return fitted
+
+
 class _StageActor:
     """Ray Data calls this class once per actor (setup) and then per batch."""
 
@@ -114,8 +137,11 @@ def start_ray(num_cpus: int | None = None, log=print, address: str | None = None
             ray.init(address=address, log_to_driver=False)
         else:
             end_leftover_ray_processes(log)
-            ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False,
-                     configure_logging=False)
+            # address="local": a new instance of our own. With no address, Ray attaches to whatever cluster a
+            # `ray start` on this machine left named in /tmp/ray (another user's job, a test's cluster), and then
+            # refuses num_cpus.
+            ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+                     log_to_driver=False, configure_logging=False)
     return ray
 
 
@@ -148,6 +174,8 @@ class RayRunner:
         return float(self.ray.cluster_resources().get("GPU", 0.0))
 
     def run(self, rows: list[dict], stages: list[Stage]) -> Iterator[Batch]:
+        resources = self.ray.cluster_resources()
+        stages = fit_actor_pools(stages, resources.get("CPU", 0.0), resources.get("GPU", 0.0))
         pickled = [{key: _pickled(value) for key, value in row.items()} for row in rows]
         ds = self.ray.data.from_items(pickled, override_num_blocks=max(1, min(len(rows) // 4, 64)))
         for stage in stages:

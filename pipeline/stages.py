@@ -33,6 +33,7 @@ class Resources:
 class Stage:
     name = "stage"
     uses_model = False  # model stages run on an actor pool; the others as plain tasks
+    decodes = False  # a decoder: feature sets starting with the same one (equal arguments) share one pass
     resources = Resources()
     # The batch columns the stage fills in, on the class: feature sets are checked against them when registered.
     outputs: tuple[str, ...] = ()
@@ -90,6 +91,7 @@ class PerItemStage(Stage):
 
 class DecodeVideo(PerItemStage):
     name = "decode_video"
+    decodes = True
     outputs = ("frames", "timestamps", "fps", "duration")
 
     def __init__(self, num_frames: int = 8, batch_size: int = 4):
@@ -102,6 +104,7 @@ class DecodeVideo(PerItemStage):
 
 class DecodeAudio(PerItemStage):
     name = "decode_audio"
+    decodes = True
     outputs = ("waveform", "duration")
 
     def __init__(self, sample_rate: int = 16000, max_seconds: float | None = None, min_source_rate: int = 8000,
@@ -116,6 +119,7 @@ class DecodeAudio(PerItemStage):
 
 class DecodeImage(PerItemStage):
     name = "decode_image"
+    decodes = True
     outputs = ("image",)
 
     def __init__(self, batch_size: int = 16):
@@ -289,10 +293,17 @@ class WhisperStage(ModelStage):
 
 
 def _limit_threads(resources: Resources) -> None:
-    # Torch defaults to every core; several workers on one node would then fight over them.
+    """Torch's threads in a model actor. Torch defaults to every core, and several actors on one node would fight
+    over them, so a GPU actor keeps to its reserved CPUs. A CPU actor reserves one CPU (so decode tasks always
+    find one) but runs its matmuls on the node's cores shared among its pool's actors: decode is light beside a
+    forward pass (3 ms against 60-100 ms a 640x480 image on ViT-B-32), and one thread left the second core of a
+    2-core machine idle while a plain loop used both (issue 17)."""
     import torch
 
-    torch.set_num_threads(max(1, int(resources.num_cpus)))
+    threads = max(1, int(resources.num_cpus))
+    if not resources.num_gpus:
+        threads = max(threads, (os.cpu_count() or 1) // max(1, resources.concurrency))
+    torch.set_num_threads(threads)
 
 
 class GlossStage(PerItemStage):
@@ -432,3 +443,118 @@ class WriteShard(Stage):
 def _failure_row(item_id: str, path, error: str) -> dict:
     stage, _, reason = error.partition(": ")
     return {"item_id": item_id, "error": error, "path": str(path), "stage": stage, "reason": reason, "record": ""}
+
+
+# -- one pass shared by several feature sets ------------------------------------------------------------------
+#
+# Feature sets whose first stage is the same decoder run as one pass: the decoder's columns are shared, and
+# every later stage belongs to one feature set. Each row lists the sets it is still pending for (PENDING): a
+# set's stages see only those rows, so a resumed item is decoded once and encoded only for the sets that lack it.
+# A set's own columns (its encoders' outputs, its `error`, selection fields that differ from the shared row) are
+# kept as "<set>::<column>", so two encoders both filling `embedding` (beats, whisper) never overwrite each other.
+
+PENDING = "pending_sets"
+SET_SEPARATOR = "::"
+
+
+def set_column(feature_set: str, column: str) -> str:
+    return f"{feature_set}{SET_SEPARATOR}{column}"
+
+
+def pending_rows(batch: Batch, feature_set: str) -> list[int]:
+    return [i for i, sets in enumerate(batch[PENDING]) if feature_set in sets]
+
+
+def set_view(batch: Batch, feature_set: str, rows: list[int]) -> Batch:
+    """Rows `rows` of a shared batch as feature set `feature_set` sees them: the shared columns, overlaid by the
+    set's own (its `error` replaces the shared one once its first stage has run); other sets' columns are left out."""
+    prefix = feature_set + SET_SEPARATOR
+    view = {key: [values[i] for i in rows] for key, values in batch.items() if SET_SEPARATOR not in key}
+    for key, values in batch.items():
+        if key.startswith(prefix):
+            view[key[len(prefix):]] = [values[i] for i in rows]
+    return view
+
+
+class ForFeatureSet(Stage):
+    """One feature set's stage in a shared pass: runs `stage` over the rows pending for the set (its view) and keeps
+    what it fills in (and its errors) as the set's own columns. A failure here fails the item in this set only."""
+
+    def __init__(self, feature_set: str, stage: Stage):
+        self.feature_set, self.stage = feature_set, stage
+        self.name, self.uses_model, self.resources = stage.name, stage.uses_model, stage.resources
+        self.outputs = tuple(set_column(feature_set, column) for column in (*stage.outputs, "error"))
+
+    def setup(self) -> None:
+        self.stage.setup()
+
+    def process(self, batch: Batch) -> Batch:
+        n = batch_size_of(batch)
+        out = {key: list(values) for key, values in batch.items()}
+        for column in (*self.stage.outputs, "error"):
+            out.setdefault(set_column(self.feature_set, column), [""] * n if column == "error" else [None] * n)
+        rows = pending_rows(batch, self.feature_set)
+        if rows:
+            result = self.stage.process(set_view(batch, self.feature_set, rows))
+            for column in (*self.stage.outputs, "error"):
+                key = set_column(self.feature_set, column)
+                for j, i in enumerate(rows):
+                    out[key][i] = result[column][j]
+        return out
+
+
+class WriteFeatureSets(Stage):
+    """The last stage of a shared pass: each feature set's WriteShard over the rows pending for it (its view), so
+    each set writes its own shard of the batch. Returns the WriteShard rows of every set, each with `feature_set`
+    naming the set whose writer commits its record (or lists its failure)."""
+
+    name = "write_shard"
+    outputs = ("feature_set", *WriteShard.outputs)
+
+    def __init__(self, writers: dict[str, WriteShard], batch_size: int):
+        self.writers = dict(writers)
+        self.resources = Resources(num_cpus=1, batch_size=batch_size)
+
+    def process(self, batch: Batch) -> Batch:
+        keys = ("item_id", "error", "path", *self.outputs)
+        out: Batch = {key: [] for key in keys}
+        for name, writer in self.writers.items():
+            rows = pending_rows(batch, name)
+            if not rows:
+                continue
+            written = writer.process(set_view(batch, name, rows))
+            written["feature_set"] = [name] * batch_size_of(written)
+            for key in keys:
+                out[key].extend(written[key])
+        return out
+
+
+class StageChain(Stage):
+    """Model stages run one after the other in one worker: on a machine without the CPUs (or GPUs) for one actor
+    pool per encoder besides the decode and write tasks, a pass's encoders share one actor (RayRunner decides).
+    Each stage still gets batches of its own size (at most): the chain's batch is cut into them."""
+
+    uses_model = True
+
+    def __init__(self, stages: list[Stage]):
+        if not stages:
+            raise ValueError("a stage chain needs at least one stage")
+        self.stages = list(stages)
+        self.name = "+".join(stage.name for stage in self.stages)
+        self.outputs = tuple(column for stage in self.stages for column in stage.outputs)
+        each = [stage.resources for stage in self.stages]
+        self.resources = Resources(num_cpus=max(r.num_cpus for r in each), num_gpus=max(r.num_gpus for r in each),
+                                   batch_size=max(r.batch_size for r in each),
+                                   concurrency=min(r.concurrency for r in each))
+
+    def setup(self) -> None:
+        for stage in self.stages:
+            stage.setup()
+
+    def process(self, batch: Batch) -> Batch:
+        for stage in self.stages:
+            size = stage.resources.batch_size
+            parts = [stage.process({key: values[start:start + size] for key, values in batch.items()})
+                     for start in range(0, batch_size_of(batch), size)]
+            batch = {key: [v for part in parts for v in part[key]] for key in parts[0]} if parts else batch
+        return batch
