@@ -31,7 +31,7 @@ FROM ?=
 
 .DEFAULT_GOAL := help
 # `train` is also a folder (train/): without .PHONY make would take the target as up to date
-.PHONY: help setup synth manifest extract info index search eval-retrieval train train-retrieval train-ser train-aligner aligner-efficiency train-generator ablate bench demo report test lint test-browser clean
+.PHONY: help setup synth manifest extract info index search eval-retrieval train train-retrieval train-ser train-aligner aligner-efficiency train-generator ablate bench demo report test test-heavy lint test-browser clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -100,8 +100,11 @@ demo: $(STAMP) ## synth -> extract -> index -> zero-shot retrieval -> each metho
 report: $(STAMP) ## OUT/report.md + report_files/ + self-contained report.html from what is found: OUT=<dir> [FROM="dir1 dir2"]
 	$(BIN)/avcache report --out $(OUT) $(if $(FROM),--from $(FROM))
 
-test: $(STAMP) test-browser lint ## the layer contracts, then the whole test suite
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+test: $(STAMP) test-browser lint ## the layer contracts, then the test suite (all but the heavy tests)
+	$(BIN)/python -m pytest -q -m "not heavy" $(PYTEST_ARGS)
+
+test-heavy: $(STAMP) ## the heavy tests: a multi-node Ray cluster with a killed node, full-size seeded checkpoints (~2 min, 1.2 GB)
+	$(BIN)/python -m pytest -q -m heavy $(PYTEST_ARGS)
 
 lint: $(STAMP) ## the one-way layers of docs/ARCHITECTURE.md (import-linter contracts in pyproject.toml)
 	$(BIN)/lint-imports --no-cache

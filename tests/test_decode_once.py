@@ -248,6 +248,7 @@ def test_encoders_sharing_one_actor_store_what_separate_ones_do(media, tmp_path)
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # tests/test_extract.py compares Ray and in-process stores in make test
 def test_ray_pass_equals_the_in_process_pass(media, tmp_path):
     from test_extract import assert_same_store
 

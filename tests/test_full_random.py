@@ -11,6 +11,7 @@ def profile():
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_full_random_encoders_give_the_real_widths(profile):
     from avcache.features.beats import BeatsEncoder
     from avcache.features.clip import clip_model, create_clip
@@ -35,6 +36,7 @@ def test_full_random_encoders_give_the_real_widths(profile):
     assert result.states.shape == (25, 512)
 
 
+@pytest.mark.heavy
 @pytest.mark.slow  # writes about 1.2 GB of checkpoints on first use
 def test_seeded_checkpoints_are_resolved_by_the_tiny_paths(profile):
     """Each section names a seeded checkpoint that the ordinary load paths resolve (no hub name, no tag)."""

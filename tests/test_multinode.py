@@ -17,9 +17,10 @@ from avcache.features.store import FeatureStore
 from avcache.pipeline.config import load_config
 from avcache.pipeline.extract import extract
 from avcache.pipeline.manifest import write_manifest
-from avcache.pipeline.runners import LocalRunner, RayRunner, _ray_processes
+from avcache.pipeline.runners import LocalRunner, RayRunner
+from test_ray_leftovers import running, wait_for
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc (Linux only)")]
+pytestmark = [pytest.mark.slow, pytest.mark.heavy, pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc (Linux only)")]
 
 ITEMS = 24
 SETS = ["clip_image"]  # one cheap feature set: each Ray job pays its actor start-up (~10 s here)
@@ -123,17 +124,4 @@ def test_extraction_on_two_worker_nodes_survives_losing_one(manifest, tmp_path):
     finally:
         ray.shutdown()
         cluster.shutdown()
-    assert _wait(lambda: not _session_processes(session)), f"Ray processes left: {_session_processes(session)}"
-
-
-def _session_processes(session: str) -> dict[int, str]:
-    return {p.pid: p.command for p in _ray_processes() if p.session == session and p.state != "Z"}
-
-
-def _wait(condition, seconds: float = 30.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.2)
-    return False
+    assert wait_for(lambda: not running(session)), f"Ray processes left: {running(session)}"
