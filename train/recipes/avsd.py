@@ -125,12 +125,14 @@ def resolve_generator(cfg: RecipeConfig, store: str | Path) -> RecipeConfig:
 
     try:
         encoders = encoders_of(FeatureStore(store)["clip_frames"])
-    except StoreError:  # a store written by hand (tests): no profile to read
-        encoders = {}
+    except StoreError as exc:  # no clip_frames yet, or a store written by hand (tests): no profile to read
+        encoders, unknown = {}, f"its profile cannot be read ({exc})"
+    else:
+        unknown = "its profile names no BART (`bart: {model: ...}`)"
     bart = cfg.model.bart or (encoders.get("bart") or {}).get("model")
     if not bart:
-        raise ConfigError(f"store {store}: its profile names no BART (`bart: {{model: ...}}`), so model.bart must: "
-                          f"facebook/bart-base, a local save_pretrained directory, or tiny")
+        raise ConfigError(f"store {store}: {unknown}, so model.bart must name one: facebook/bart-base, a local "
+                          f"save_pretrained directory, or tiny")
     real_encoders = bool(encoders) and (encoders.get("clip") or {}).get("pretrained") != "tiny"
     if bart == "tiny" and real_encoders:
         raise ConfigError(f"store {store} was extracted with real encoders ({encoders['clip'].get('model')}, "
