@@ -1,7 +1,9 @@
 """`make bench`: on the same items, wall time of decode alone, encode alone and the whole streaming pipeline;
 then the default FAISS index against exact search (eval/index_bench.py), BrewCLIP training fed from the store
 against the same training fed from memory (eval/train_bench.py), the store's commit cost and the driver's work per
-item (eval/store_bench.py), and avcache's `extract` against the plain loop a user would write (eval/loop_bench.py).
+item (eval/store_bench.py), avcache's `extract` against the plain loop a user would write for CLIP
+(eval/loop_bench.py) and for Whisper (eval/whisper_loop_bench.py), and decoding: decodes per item, one job for
+every feature set against a job per set, and clip_frames on 480p video (eval/decode_bench.py).
 
 Ray Data streams decode (CPU tasks) into encode (actor pool), so the whole should take about as long as the
 slower of the two, not their sum. Each figure is one run on this machine, all measured in the same process,
@@ -36,12 +38,18 @@ def _drain(batches) -> tuple[list[dict], float]:
 
 def run_bench(out: Path, items: int = 24, feature_sets=BENCH_FEATURE_SETS, index_vectors: int = 1_000_000,
               train_images: int = 256, commit_shards: int = 4000, driver_items: int = 200,
-              loop_images: int = 400, loop_rounds: int = 2) -> dict:
+              loop_images: int = 400, loop_rounds: int = 2, whisper_items: int = 48, decode_videos: int = 8) -> dict:
     """Every figure into out/bench.json and out/bench.md. A size of 0 skips that bench: index_vectors (FAISS),
-    train_images (training), commit_shards (the store's commit and driver-work benches), loop_images (avcache
-    against the plain loop, on the full-size seeded ViT-B-32: minutes)."""
+    train_images (training), commit_shards (the store's commit and driver-work benches), loop_images and
+    whisper_items (avcache against the plain loops, CLIP on the full-size seeded ViT-B-32: minutes), decode_videos
+    (the decode benches: decodes per item and one job against separate jobs on `items` synthetic scenes, and
+    clip_frames on that many 480p videos)."""
     out.mkdir(parents=True, exist_ok=True)
     results = _pipeline_bench(out, items, feature_sets)
+    if decode_videos:
+        from avcache.eval.decode_bench import run_decode_bench
+
+        results.update(run_decode_bench(out, items=items, videos=decode_videos, runner="auto"))
     if commit_shards:
         from avcache.eval.store_bench import run_store_bench
 
@@ -50,6 +58,10 @@ def run_bench(out: Path, items: int = 24, feature_sets=BENCH_FEATURE_SETS, index
         from avcache.eval.loop_bench import run_loop_bench
 
         results.update(run_loop_bench(out, images=loop_images, rounds=loop_rounds))
+    if whisper_items:
+        from avcache.eval.whisper_loop_bench import run_whisper_loop_bench
+
+        results.update(run_whisper_loop_bench(out, items=whisper_items, rounds=loop_rounds, runner="auto"))
     if index_vectors:
         from avcache.eval.index_bench import run_index_bench
 
@@ -131,8 +143,11 @@ def _write_markdown(path: Path, results: dict, feature_sets) -> None:
                   f"| store / memory | {r['train_store_over_memory']} | |"]
         if "train_epoch_s_with_encoders" in r:
             lines.append(f"| frozen encoders run again (Whisper per caption) | - | {r['train_epoch_s_with_encoders']} |")
+    from avcache.eval.decode_bench import decode_markdown
     from avcache.eval.loop_bench import loop_markdown
     from avcache.eval.store_bench import store_markdown
+    from avcache.eval.whisper_loop_bench import whisper_loop_markdown
 
-    lines += store_markdown(results) + loop_markdown(results)
+    lines += (store_markdown(results) + decode_markdown(results) + loop_markdown(results)
+              + whisper_loop_markdown(results))
     path.write_text("\n".join(lines) + "\n")

@@ -77,6 +77,50 @@ def clip_spec(model: str, pretrained: str | None) -> dict:
     }
 
 
+def clip_preprocess_cfg(model: str, pretrained: str | None) -> dict:
+    """open_clip's image preprocessing for (model, pretrained) as a plain dict, without building the model: what
+    `create_model_and_transforms` settles on for a built-in name (defaults, a registry tag's mean/std/resize, the
+    tower's input size). Decoders run it beside the decode (Stage `preprocess`), off the encoder's critical path;
+    `check_preprocess` compares it with the loaded model's at setup, so a divergence fails loudly, never silently."""
+    from dataclasses import asdict
+
+    from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+
+    if model not in open_clip.list_models():
+        raise ValueError(f"unknown open_clip model {model!r}")
+    cfg = asdict(PreprocessCfg())
+    checkpoint = resolve_clip_checkpoint(model, pretrained)
+    if checkpoint and not Path(checkpoint).is_file():
+        cfg = merge_preprocess_dict(cfg, open_clip.get_pretrained_cfg(model, checkpoint) or {})
+    size = open_clip.get_model_config(model)["vision_cfg"].get("image_size", 224)
+    cfg["size"] = _pair(size)
+    return {key: list(value) if isinstance(value, tuple) else value for key, value in cfg.items()}
+
+
+def clip_transform(cfg: dict) -> Callable[[Image.Image], torch.Tensor]:
+    """The evaluation transform of a `clip_preprocess_cfg` dict: PIL image -> (3, S, S) float32 tensor."""
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    return image_transform_v2(PreprocessCfg(**_as_tuples(cfg)), is_train=False)
+
+
+def check_preprocess(model: torch.nn.Module, cfg: dict) -> None:
+    """Refuse pixels prepared with `cfg` for a model whose own preprocessing differs (another size, mean, resize)."""
+    own = {**_as_tuples(dict(model.visual.preprocess_cfg)), "size": _pair(model.visual.preprocess_cfg["size"])}
+    given = {**_as_tuples(cfg), "size": _pair(cfg["size"])}
+    if own != given:
+        raise ValueError(f"the decoder prepared CLIP pixels with {given}, but the loaded model preprocesses with "
+                         f"{own}: its embeddings would not be the model's")
+
+
+def _pair(size) -> tuple[int, int]:
+    return (int(size), int(size)) if isinstance(size, (int, float)) else (int(size[0]), int(size[-1]))
+
+
+def _as_tuples(cfg: dict) -> dict:
+    return {key: tuple(value) if isinstance(value, list) else value for key, value in cfg.items()}
+
+
 def vit_token_shape(vision: dict) -> dict:
     """open_clip vision config -> {"vision_tokens": T, "vision_width": W} of its ViT's input sequence (class token
     plus one per patch: 50 x 768 for ViT-B/32), or {} when the tower is not open_clip's VisionTransformer."""
@@ -123,12 +167,19 @@ class ClipEncoder:
         # bf16 autocast only on GPU: the CPU path stays in fp32 so tiny-model tests are exact.
         return torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
 
+    def pixels(self, images: list[np.ndarray | Image.Image]) -> torch.Tensor:
+        """The model's input: each image through `preprocess`, except (3, S, S) float32 arrays, which a decoder
+        already prepared with the same preprocessing (`clip_transform`; checked at stage setup)."""
+        return torch.stack([torch.from_numpy(im) if _is_prepared(im) else self.preprocess(_as_pil(im))
+                            for im in images]).to(self.device)  # (N, 3, S, S)
+
     @torch.inference_mode()
     def encode_images(self, images: list[np.ndarray | Image.Image]) -> np.ndarray:
-        """(N, H, W, 3) uint8 frames or PIL images -> (N, D) L2-normalised float32."""
+        """(N, H, W, 3) uint8 frames, PIL images or prepared (3, S, S) float32 pixels -> (N, D) L2-normalised
+        float32."""
         if len(images) == 0:
             return np.zeros((0, self.spec["dim"]), np.float32)
-        pixels = torch.stack([self.preprocess(_as_pil(im)) for im in images]).to(self.device)  # (N, 3, S, S)
+        pixels = self.pixels(images)  # (N, 3, S, S)
         with self._autocast():
             features = self.model.encode_image(pixels)
         return _normalise(features)
@@ -149,7 +200,7 @@ class ClipEncoder:
         visual = vision_transformer(self.model)
         if len(images) == 0:
             return np.zeros((0, *visual.positional_embedding.shape), np.float32)
-        pixels = torch.stack([self.preprocess(_as_pil(im)) for im in images]).to(self.device)  # (N, 3, S, S)
+        pixels = self.pixels(images)  # (N, 3, S, S)
         # fp32 even on GPU: one convolution is cheap, and bf16 here would round what every later epoch reads.
         return vit_input_tokens(visual, pixels.float()).float().cpu().numpy()
 
@@ -192,6 +243,10 @@ def save_clip_checkpoint(model: torch.nn.Module, path: Path) -> None:
     tmp = path.with_suffix(".tmp")
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
     tmp.replace(path)
+
+
+def _is_prepared(image) -> bool:
+    return isinstance(image, np.ndarray) and image.dtype == np.float32 and image.ndim == 3 and image.shape[0] == 3
 
 
 def _as_pil(image) -> Image.Image:

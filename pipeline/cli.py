@@ -45,7 +45,7 @@ def cmd_extract(args) -> int:
     config = load_config(args.config, args.set)
     if args.feature_sets:
         config.feature_sets = args.feature_sets.split(",")
-    report = extract(args.manifest, args.store, config, make_runner(args.runner))
+    report = extract(args.manifest, args.store, config, make_runner(args.runner, config.ray.encoder_actors))
     for fs in report.feature_sets:
         shared = f" (one pass with {', '.join(fs.pass_with)})" if fs.pass_with else ""
         print(f"{fs.name}: {fs.written} written, {fs.already_done} already stored, {fs.failed} failed "
@@ -154,7 +154,8 @@ def cmd_bench(args) -> int:
 
     results = run_bench(Path(args.out), items=args.items, index_vectors=args.index_vectors,
                         train_images=args.train_images, loop_images=args.loop_images,
-                        commit_shards=args.commit_shards)
+                        loop_rounds=args.loop_rounds, whisper_items=args.whisper_items,
+                        decode_videos=args.decode_videos, commit_shards=args.commit_shards)
     print(json.dumps(results, indent=2))
     return 0
 
@@ -208,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, default=None, help="extraction YAML (default: pipeline/configs/default.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.add_argument("--feature-sets", default=None, help="comma-separated subset of the config's feature sets")
-    p.add_argument("--runner", choices=["ray", "local"], default="ray")
+    p.add_argument("--runner", choices=["auto", "threads", "ray", "local"], default="auto",
+                   help="auto: Ray on a cluster (RAY_ADDRESS) or with several GPUs, else threads in this process")
     p.set_defaults(run=cmd_extract)
 
     p = verbs.add_parser("info", help="read a store back: feature sets, rows, dims, failures")
@@ -278,6 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-images", type=int, default=256, help="images of the training benchmark (0 skips it)")
     p.add_argument("--loop-images", type=int, default=400,
                    help="JPEGs of the avcache-against-a-plain-loop benchmark (0 skips it)")
+    p.add_argument("--loop-rounds", type=int, default=2, help="alternating runs of each plain-loop benchmark")
+    p.add_argument("--whisper-items", type=int, default=48,
+                   help="WAVs of the avcache-against-a-faster-whisper-loop benchmark (0 skips it)")
+    p.add_argument("--decode-videos", type=int, default=8,
+                   help="480p videos of the decode benchmark, which also counts decodes per item (0 skips it)")
     p.add_argument("--commit-shards", type=int, default=4000, help="shards of the store commit benchmark (0 skips it)")
     p.set_defaults(run=cmd_bench)
 
@@ -285,7 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
     p.add_argument("--items", type=int, default=24)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--runner", choices=["ray", "local"], default="ray")
+    p.add_argument("--runner", choices=["auto", "threads", "ray", "local"], default="auto",
+                   help="auto: Ray on a cluster (RAY_ADDRESS) or with several GPUs, else threads in this process")
     p.set_defaults(run=cmd_demo)
 
     p = verbs.add_parser("report", help="gather demo / eval / run / ablation / bench outputs into report.md + .html")

@@ -40,7 +40,7 @@ DEMO_TRAINING: dict[str, tuple[str, list[str]]] = {
 }
 
 
-def run_demo(out: Path, items: int = 24, seed: int = 0, runner: str = "ray") -> int:
+def run_demo(out: Path, items: int = 24, seed: int = 0, runner: str = "auto") -> int:
     out = Path(out)
     data, store, manifest = out / "data", out / "store", out / "manifest.arrow"
     timings: dict[str, float] = {}
@@ -57,7 +57,7 @@ def run_demo(out: Path, items: int = 24, seed: int = 0, runner: str = "ray") -> 
     config = load_config()
     # The brewclip grid's prompted rows run the image tower over its cached input tokens (prompt_mode: shared).
     config.feature_sets = [*config.feature_sets, "clip_image_tokens"]
-    report = timed("extract", extract, manifest, store, config, make_runner(runner))
+    report = timed("extract", extract, manifest, store, config, make_runner(runner, config.ray.encoder_actors))
     for fs in report.feature_sets:  # a pass that decoded several sets at once is one line
         name = "+".join(sorted((fs.name, *fs.pass_with)))
         timings.setdefault(f"extract/{name}", fs.seconds)

@@ -382,12 +382,25 @@ def _clip_stage(ctx: Context, batch_size: int, **extra) -> dict:
     return {"model": model, "pretrained": pretrained, "resources": _model_resources(ctx, batch_size), **extra}
 
 
+def _clip_image_stage(ctx: Context, batch_size: int) -> dict:
+    """A CLIP image stage's arguments: it checks at setup that the decoder prepared pixels as its model does."""
+    return _clip_stage(ctx, batch_size, preprocess=_clip_preprocess(ctx))
+
+
+def _clip_preprocess(ctx: Context) -> dict:
+    from avcache.features.clip import clip_preprocess_cfg
+
+    return clip_preprocess_cfg(*_clip_model(ctx))
+
+
+# The image and video decoders feed only CLIP image towers, so they also run CLIP's preprocessing (ClipPrepare).
 def _video_decoder(ctx: Context) -> dict:
-    return {"num_frames": ctx.config.video.num_frames, "batch_size": ctx.config.batch_size.decode}
+    return {"num_frames": ctx.config.video.num_frames, "batch_size": ctx.config.batch_size.decode,
+            "preprocess": _clip_preprocess(ctx)}
 
 
 def _image_decoder(ctx: Context) -> dict:
-    return {"batch_size": ctx.config.batch_size.decode}
+    return {"batch_size": ctx.config.batch_size.decode, "preprocess": _clip_preprocess(ctx)}
 
 
 def _audio_decoder(ctx: Context) -> dict:
@@ -412,7 +425,7 @@ register_extractor(Extractor(
     name="clip_frames",
     select=rows_with("video_path"),
     stages=((DecodeVideo, _video_decoder),
-            (ClipFramesStage, lambda ctx: _clip_stage(
+            (ClipFramesStage, lambda ctx: _clip_image_stage(
                 ctx, max(1, ctx.config.batch_size.clip // ctx.config.video.num_frames)))),
     columns=(Vector("embedding", dim="dim"), Sequence("frames", trailing=("dim",)), Sequence("timestamps"),
              Scalar("fps", "float64"), Scalar("duration", "float64")),
@@ -426,7 +439,7 @@ register_extractor(Extractor(
     name="clip_image",
     select=rows_with("image_path"),
     stages=((DecodeImage, _image_decoder),
-            (ClipImageStage, lambda ctx: _clip_stage(ctx, ctx.config.batch_size.clip))),
+            (ClipImageStage, lambda ctx: _clip_image_stage(ctx, ctx.config.batch_size.clip))),
     columns=(Vector("embedding", dim="dim"),),
     encoder=_clip_encoder,
     preprocessing=lambda ctx, encoder: _clip_preprocessing(encoder),
@@ -448,7 +461,7 @@ register_extractor(Extractor(
     name="clip_image_tokens",
     select=rows_with("image_path"),
     stages=((DecodeImage, _image_decoder),
-            (ClipImageTokensStage, lambda ctx: _clip_stage(ctx, ctx.config.batch_size.clip))),
+            (ClipImageTokensStage, lambda ctx: _clip_image_stage(ctx, ctx.config.batch_size.clip))),
     columns=(Sequence("tokens", trailing=("vision_width",)),),
     encoder=_clip_vit_encoder,
     preprocessing=lambda ctx, encoder: {**_clip_preprocessing(encoder), "vision_tokens": encoder["vision_tokens"],

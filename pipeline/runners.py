@@ -1,8 +1,10 @@
 """Runners turn a list of item rows and a chain of stages into output batches.
 
-LocalRunner runs in-process (tests, debugging). RayRunner is the one adapter to Ray Data: decoders as CPU
-tasks, model stages as actor pools (with `num_gpus` when the cluster has GPUs), streaming so decode and
-encode overlap; the last stage of an extraction writes the shards on the workers. `feature_set_dataset` gives
+LocalRunner runs in-process, one stage after another (tests, debugging). ThreadRunner streams in-process, each
+stage in its own threads, so decode overlaps encode with no start-up beyond loading the models: one machine's
+default. RayRunner is the one adapter to Ray Data: decoders as CPU tasks, model stages as actor pools (with
+`num_gpus` when the cluster has GPUs), streaming so decode and encode overlap; a cluster's runner. With either,
+the last stage of an extraction writes the shards where the rows are. `feature_set_dataset` gives
 trainers on a cluster a feature set as a `ray.data.Dataset`. Ray is imported and started here and nowhere else:
 `start_ray` is how RayRunner and the ablation grids (train/ablate.py) get it. `end_leftover_ray_processes` clears
 what a killed driver left running before a local Ray starts."""
@@ -11,9 +13,13 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import queue
 import re
 import signal
+import threading
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -69,6 +75,139 @@ class LocalRunner:
 
     def close(self) -> None:
         pass
+
+
+class ThreadRunner:
+    """One process, streaming: every stage runs in its own thread (a decoder in `decode_threads` threads), joined
+    by bounded queues, so decoding the next batch overlaps encoding this one, as under Ray Data, without Ray's
+    start-up, a second process importing torch and loading the model, or pickling between stages. The heavy
+    work releases the GIL (torch, PIL, decord, soundfile, CTranslate2). Batching as LocalRunner's: each stage
+    gets full batches of its own size (the last may be smaller), and batches come out in input order. A model
+    stage runs once in the process, whatever its `concurrency`: more actors per model need RayRunner."""
+
+    name = "threads"
+
+    def __init__(self, decode_threads: int | None = None, queue_batches: int = 2):
+        # One core is the encoder's; the decoders share the rest (at least one thread).
+        self.decode_threads = decode_threads or max(1, (os.cpu_count() or 1) - 1)
+        self.queue_batches = queue_batches
+
+    def cluster_gpus(self) -> float:
+        return float(_visible_gpus())
+
+    def run(self, rows: list[dict], stages: list[Stage]) -> Iterator[Batch]:
+        stop = threading.Event()
+        # queues[i] feeds stage i; the last one carries the last stage's batches out. Each holds `queue_batches` of
+        # the next stage's batches, so an encoder finishing a batch finds the next one decoded (8-image decode
+        # batches in front of a 32-image encoder: 8 of them).
+        sizes = [stage.resources.batch_size for stage in stages]
+        queues = [queue.Queue(maxsize=self.queue_batches * -(-sizes[i] // sizes[i - 1]) if 0 < i < len(stages)
+                              else self.queue_batches) for i in range(len(stages) + 1)]
+        threads = [threading.Thread(target=self._feed, args=(rows, stages[0].resources.batch_size, queues[0], stop),
+                                    name="avcache-feed", daemon=True)]
+        for i, stage in enumerate(stages):
+            workers = self.decode_threads if stage.decodes else 1
+            threads.append(threading.Thread(
+                target=self._work, args=(stage, workers, queues[i], queues[i + 1], stop, i + 1 == len(stages)),
+                name=f"avcache-{stage.name}", daemon=True))
+        for thread in threads:
+            thread.start()
+        try:
+            while True:
+                item = _take(queues[-1], stop)
+                if item is _END:
+                    return
+                if isinstance(item, _Failed):
+                    raise item.error
+                yield item
+        finally:
+            stop.set()  # a consumer that stops early (or a failure) ends every thread at its next queue operation
+            for thread in threads:
+                thread.join()
+
+    @staticmethod
+    def _feed(rows: list[dict], size: int, out: queue.Queue, stop: threading.Event) -> None:
+        for start in range(0, len(rows), size):
+            if not _give(out, rows[start:start + size], stop):
+                return
+        _give(out, _END, stop)
+
+    @staticmethod
+    def _work(stage: Stage, workers: int, inbox: queue.Queue, out: queue.Queue, stop: threading.Event,
+              last: bool) -> None:
+        """Run `stage` over full batches of the rows arriving in `inbox`, in order; pass on rows (or, for the last
+        stage, its batches), then _END, or the first exception as _Failed."""
+        in_flight: deque = deque()  # a decoder's batches under way in its pool, oldest first
+
+        def emit(batch: Batch) -> bool:
+            return _give(out, batch if last else batch_to_rows(batch), stop)
+
+        try:
+            stage.setup()
+            size = stage.resources.batch_size
+            waiting: list[dict] = []
+            with ThreadPoolExecutor(workers, thread_name_prefix=f"avcache-{stage.name}") as pool:
+                while True:
+                    item = _take(inbox, stop)
+                    if item is None:  # stopped
+                        return
+                    if isinstance(item, _Failed):  # a stage before this one failed: pass it on
+                        _give(out, item, stop)
+                        return
+                    final = item is _END
+                    if not final:
+                        waiting.extend(item)
+                    while len(waiting) >= size or (final and waiting):
+                        chunk, waiting = waiting[:size], waiting[size:]
+                        in_flight.append(pool.submit(stage.process, rows_to_batch(chunk)))
+                        while len(in_flight) > (0 if workers == 1 else workers):
+                            if not emit(in_flight.popleft().result()):
+                                return
+                    if final:
+                        while in_flight:
+                            if not emit(in_flight.popleft().result()):
+                                return
+                        _give(out, _END, stop)
+                        return
+        except BaseException as exc:  # the job stops on it: raised again in the consumer's thread
+            for future in in_flight:
+                future.cancel()
+            _give(out, _Failed(exc), stop)
+
+
+_END = object()  # the end of a stage's input
+
+
+@dataclass
+class _Failed:
+    error: BaseException
+
+
+def _give(q: queue.Queue, item, stop: threading.Event) -> bool:
+    """Put `item` unless the run is stopped meanwhile. -> whether it was put."""
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def _take(q: queue.Queue, stop: threading.Event):
+    """The next item, or None once the run is stopped."""
+    while not stop.is_set():
+        try:
+            return q.get(timeout=0.1)
+        except queue.Empty:
+            continue
+    return None
+
+
+def _visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count()
 
 
 def fit_actor_pools(stages: list[Stage], cpus: float, gpus: float) -> list[Stage]:
@@ -378,9 +517,25 @@ def _signal(pid: int, sig: int) -> None:
         pass
 
 
-def make_runner(name: str):
+RUNNERS = ("auto", "threads", "ray", "local")
+
+
+def resolve_runner(name: str, encoder_actors: int = 1) -> str:
+    """The runner `name` stands for. "auto": Ray where there is a cluster to use (RAY_ADDRESS names one, or this
+    process already runs Ray), more than one GPU to spread actors over, or several actors per encoder asked for
+    (`encoder_actors`); else "threads", which on one machine has none of Ray's start-up to pay."""
+    if name not in RUNNERS:
+        raise ValueError(f"runner must be one of {', '.join(RUNNERS)}, not {name!r}")
+    if name != "auto":
+        return name
+    return "ray" if ray_attached() or encoder_actors > 1 or _visible_gpus() > 1 else "threads"
+
+
+def make_runner(name: str, encoder_actors: int = 1):
+    """The runner `name` stands for (resolve_runner), ready to run."""
+    name = resolve_runner(name, encoder_actors)
+    if name == "threads":
+        return ThreadRunner()
     if name == "local":
         return LocalRunner()
-    if name == "ray":
-        return RayRunner()
-    raise ValueError(f"runner must be 'ray' or 'local', not {name!r}")
+    return RayRunner()

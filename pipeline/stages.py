@@ -94,12 +94,19 @@ class DecodeVideo(PerItemStage):
     decodes = True
     outputs = ("frames", "timestamps", "fps", "duration")
 
-    def __init__(self, num_frames: int = 8, batch_size: int = 4):
+    def __init__(self, num_frames: int = 8, batch_size: int = 4, preprocess: dict | None = None):
         self.num_frames = num_frames
+        self.clip = ClipPrepare(preprocess)
         self.resources = Resources(num_cpus=1, batch_size=batch_size, memory=512 * 2**20)
 
+    def setup(self) -> None:
+        self.clip.setup()
+
     def process_item(self, row: dict) -> dict:
-        return load_video_frames(row["video_path"], self.num_frames)
+        decoded = load_video_frames(row["video_path"], self.num_frames)
+        if self.clip.preprocess is not None:
+            decoded["frames"] = np.stack([self.clip(frame) for frame in decoded["frames"]])  # (T, 3, S, S)
+        return decoded
 
 
 class DecodeAudio(PerItemStage):
@@ -122,11 +129,39 @@ class DecodeImage(PerItemStage):
     decodes = True
     outputs = ("image",)
 
-    def __init__(self, batch_size: int = 16):
+    def __init__(self, batch_size: int = 16, preprocess: dict | None = None):
+        self.clip = ClipPrepare(preprocess)
         self.resources = Resources(num_cpus=1, batch_size=batch_size, memory=256 * 2**20)
 
+    def setup(self) -> None:
+        self.clip.setup()
+
     def process_item(self, row: dict) -> dict:
-        return {"image": load_image(row["image_path"])}
+        image = load_image(row["image_path"])  # (H, W, 3) uint8
+        return {"image": image if self.clip.preprocess is None else self.clip(image)}
+
+
+class ClipPrepare:
+    """CLIP's image preprocessing run by a decoder: (H, W, 3) uint8 -> (3, S, S) float32 (`preprocess`: a
+    clip_preprocess_cfg dict; None leaves images as decoded). In the decoder, the resize and normalisation overlap
+    the encoder's forward pass instead of preceding it on the encoder's worker, as a DataLoader worker's transform
+    does in a plain loop."""
+
+    def __init__(self, preprocess: dict | None):
+        self.preprocess = preprocess
+        self.transform = None
+
+    def setup(self) -> None:
+        if self.preprocess is not None and self.transform is None:
+            from avcache.features.clip import clip_transform
+
+            self.transform = clip_transform(self.preprocess)
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        from PIL import Image
+
+        self.setup()
+        return self.transform(Image.fromarray(np.asarray(image, np.uint8))).numpy()
 
 
 class ModelStage(Stage):
@@ -169,14 +204,17 @@ class ClipImageStage(ModelStage):
     name = "clip_image"
     outputs = ("embedding",)
 
-    def __init__(self, model: str, pretrained: str | None, resources: Resources):
+    def __init__(self, model: str, pretrained: str | None, resources: Resources, preprocess: dict | None = None):
         self.model_name, self.pretrained, self.resources = model, pretrained, resources
+        self.preprocess = preprocess  # what the decoder prepared its pixels with, when it did
 
     def setup(self) -> None:
-        from avcache.features.clip import create_clip
+        from avcache.features.clip import check_preprocess, create_clip
 
         _limit_threads(self.resources)
         self.encoder, _, _ = create_clip(self.model_name, self.pretrained, device=self.device())
+        if self.preprocess is not None:
+            check_preprocess(self.encoder.model, self.preprocess)
 
     def encode(self, rows: list[dict]) -> list[dict]:
         vectors = self.encoder.encode_images([row["image"] for row in rows])  # (B, D)

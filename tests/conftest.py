@@ -74,7 +74,7 @@ def spoken_caption_store(tmp_path_factory):
     from avcache.pipeline.config import load_config
     from avcache.pipeline.extract import extract
     from avcache.pipeline.manifest import read_manifest, write_manifest
-    from avcache.pipeline.runners import LocalRunner
+    from avcache.pipeline.runners import ThreadRunner
     from avcache.pipeline.synth import write_synthetic
 
     root = tmp_path_factory.mktemp("spoken")
@@ -83,7 +83,9 @@ def spoken_caption_store(tmp_path_factory):
     rows = [r for r in read_manifest(root / "all.arrow").to_pylist() if r["dataset"] == "flickr8k_audio"]
     write_manifest(rows, root / "manifest.arrow")
     config = load_config(overrides=["feature_sets=[clip_image,clip_text,clip_transcript]", "rows_per_shard=32"])
-    report = extract(root / "manifest.arrow", root / "store", config, LocalRunner(), log=lambda *a: None)
+    # ThreadRunner: one machine's default, which overlaps decode and encode (its stores equal LocalRunner's:
+    # tests/test_thread_runner.py).
+    report = extract(root / "manifest.arrow", root / "store", config, ThreadRunner(), log=lambda *a: None)
     assert report.failed == 0
     return root
 
@@ -96,7 +98,7 @@ def video_dialogue_store(tmp_path_factory):
     from avcache.pipeline.config import load_config
     from avcache.pipeline.extract import extract
     from avcache.pipeline.manifest import read_manifest, write_manifest
-    from avcache.pipeline.runners import LocalRunner
+    from avcache.pipeline.runners import ThreadRunner
     from avcache.pipeline.synth import write_synthetic
 
     root = tmp_path_factory.mktemp("videos")
@@ -106,7 +108,7 @@ def video_dialogue_store(tmp_path_factory):
     write_manifest(rows, root / "manifest.arrow")
     sets = "clip_frames,clip_text,clip_vocab,beats,whisper,gloss,gloss_alignment"
     config = load_config(overrides=[f"feature_sets=[{sets}]"])
-    assert extract(root / "manifest.arrow", root / "store", config, LocalRunner(), log=lambda *a: None).failed == 0
+    assert extract(root / "manifest.arrow", root / "store", config, ThreadRunner(), log=lambda *a: None).failed == 0
     return root
 
 

@@ -12,7 +12,7 @@ from avcache.features.store import FeatureSet
 @pytest.mark.slow
 def test_bench_writes_every_figure(tmp_path):
     results = run_bench(tmp_path, items=4, feature_sets=("clip_image",), index_vectors=120_000, train_images=16,
-                        commit_shards=20, driver_items=4, loop_images=0)
+                        commit_shards=20, driver_items=4, loop_images=0, whisper_items=0, decode_videos=0)
     written = json.loads((tmp_path / "bench.json").read_text())
     assert written == results
     for key in ("decode_s", "encode_s", "pipeline_s", "setup_s", "pipeline_over_slowest", "pipeline_over_sum"):
@@ -28,6 +28,7 @@ def test_bench_writes_every_figure(tmp_path):
     assert written["commit_shards"] == 20 and written["driver_items"] == 4
     assert "| driver-side / worker-side driver CPU |" in (tmp_path / "bench.md").read_text()
     assert "loop_wall_s" not in written and not (tmp_path / "store_bench").exists()
+    assert "whisper_loop_wall_s" not in written and "frames480_pipeline_s" not in written
 
 
 def test_commit_bench_times_an_early_and_a_late_commit(tmp_path):
@@ -80,17 +81,24 @@ def test_loop_bench_images_are_deterministic_jpegs(tmp_path):
 
 
 def test_loop_summary_and_markdown():
+    def run(wall, setup, work, runner="threads"):
+        return {"wall_s": wall, "setup_s": setup, "runner_start_s": setup / 2, "work_s": work, "runner": runner}
+
     runs = {"loop": [{"wall_s": 40.0, "setup_s": 5.0, "work_s": 30.0}, {"wall_s": 44.0, "setup_s": 7.0, "work_s": 34.0}],
-            "avcache": [{"wall_s": 80.0, "setup_s": 9.0, "ray_start_s": 4.0, "work_s": 60.0},
-                        {"wall_s": 90.0, "setup_s": 11.0, "ray_start_s": 6.0, "work_s": 70.0}]}
-    fixed = {"loop": {"wall_s": 12.0}, "avcache": {"wall_s": 40.0, "work_s": 25.0}}
+            "avcache": [run(36.0, 8.0, 26.0), run(40.0, 10.0, 28.0)],
+            "ray": [run(80.0, 9.0, 60.0, "ray"), run(90.0, 11.0, 70.0, "ray")]}
+    fixed = {"loop": {"wall_s": 12.0}, "avcache": {"wall_s": 11.0, "work_s": 2.0},
+             "ray": {"wall_s": 40.0, "work_s": 25.0}}
     diag = {"loop_diag_decode_ms": 5.0, "loop_diag_preprocess_ms": 8.0, "loop_diag_encode_ms_1_thread": 150.0,
             "loop_diag_encode_ms_2_threads": 90.0, "loop_diag_torch_threads": 2, "loop_diag_pickle_ms": 0.4,
             "loop_diag_decoded_kb": 921.6, "loop_diag_sha256_s": 1.5}
     results = _summary(400, 2, runs, fixed, 1e-7, diag)
-    assert (results["loop_wall_s"], results["loop_avcache_wall_s"], results["loop_avcache_over_loop"]) == (42.0, 85.0, 2.024)
-    assert results["loop_avcache_ray_start_s"] == 5.0 and results["loop_avcache_wall_s_2_images"] == 40.0
+    assert (results["loop_wall_s"], results["loop_avcache_wall_s"], results["loop_avcache_over_loop"]) == (42.0, 38.0, 0.905)
+    assert (results["loop_ray_wall_s"], results["loop_ray_over_loop"]) == (85.0, 2.024)
+    assert results["loop_avcache_runner"] == "threads" and results["loop_ray_runner_start_s"] == 5.0
+    assert results["loop_avcache_wall_s_2_images"] == 11.0 and results["loop_ray_wall_s_2_images"] == 40.0
     lines = loop_markdown(results)
-    assert "| avcache / loop | 2.024 | | |" in lines
+    assert "| avcache `extract`, runner auto (threads) | 38.0 | 9.0 | 11.0 | 0.905 |" in lines
+    assert "| avcache `extract`, runner ray | 85.0 | 10.0 | 40.0 | 2.024 |" in lines
     assert "ViT-B-32 forward 150.0 ms on 1 torch thread vs 90.0 ms on 2" in lines[-1]
     assert loop_markdown({}) == []

@@ -8,6 +8,7 @@ import pytest
 import soundfile
 from PIL import Image
 
+from avcache.features.checkpoints import load_profile
 from avcache.features.store import FeatureStore
 from avcache.pipeline import stages
 from avcache.pipeline.cli import main as cli_main
@@ -76,7 +77,8 @@ def _config(sets):
 
 
 def _ctx(sets=()):
-    return Context(config=_config(sets), profile={}, manifest=None, store=None)
+    # The profile's CLIP: the image and video decoders run its preprocessing, so it is part of their arguments.
+    return Context(config=_config(sets), profile=load_profile("tiny"), manifest=None, store=None)
 
 
 def _names(passes):

@@ -170,7 +170,9 @@ def test_items_missing_from_the_gloss_set_are_glossed_directly(video_manifest, t
         assert rows[item_id]["frames"].shape == (NUM_FRAMES, ctx.store["clip_frames"].spec.vectors["embedding"])
 
 
-@pytest.mark.slow
+# Heavy: make test already sends gloss_alignment through Ray in test_end_to_end's every-feature-set run; this one
+# compares it value for value with the local runner.
+@pytest.mark.heavy
 def test_gloss_alignment_through_ray_matches_the_local_runner(video_manifest, tmp_path):
     from avcache.pipeline.runners import RayRunner
 
