@@ -125,6 +125,9 @@ class ThreadRunner:
             for thread in threads:
                 thread.join()
 
+    def close(self) -> None:
+        pass  # every run ends its threads before it returns
+
     @staticmethod
     def _feed(rows: list[dict], size: int, out: queue.Queue, stop: threading.Event) -> None:
         for start in range(0, len(rows), size):

@@ -105,8 +105,10 @@ def test_a_consumer_that_stops_early_ends_every_thread():
     assert _no_runner_threads()
 
 
-def test_no_rows_give_no_batches():
-    assert _run(ThreadRunner(), [], [Record("d", 2, decodes=True)]) == []
+def test_no_rows_give_no_batches_and_close_is_a_runners():
+    runner = ThreadRunner()
+    assert _run(runner, [], [Record("d", 2, decodes=True)]) == []
+    runner.close()  # as every runner has: a caller written for RayRunner closes it
 
 
 def test_a_store_from_threads_equals_one_from_the_local_runner(tmp_path):
