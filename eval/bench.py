@@ -24,7 +24,7 @@ from avcache.pipeline.adapters import build_manifest
 from avcache.pipeline.config import load_config
 from avcache.pipeline.extractors import Context, get_extractor
 from avcache.pipeline.manifest import read_manifest
-from avcache.pipeline.runners import RayRunner, batch_to_rows
+from avcache.pipeline.runners import RayRunner, batch_to_rows, resolve_runner
 from avcache.pipeline.synth import write_synthetic
 
 BENCH_FEATURE_SETS = ("clip_frames", "beats", "whisper")
@@ -45,11 +45,14 @@ def run_bench(out: Path, items: int = 24, feature_sets=BENCH_FEATURE_SETS, index
     (the decode benches: decodes per item and one job against separate jobs on `items` synthetic scenes, and
     clip_frames on that many 480p videos)."""
     out.mkdir(parents=True, exist_ok=True)
+    # The runner `make extract` picks here, named before this process starts Ray for the pipeline figures (after
+    # which "auto" would see a Ray at hand).
+    default_runner = resolve_runner("auto")
     results = _pipeline_bench(out, items, feature_sets)
     if decode_videos:
         from avcache.eval.decode_bench import run_decode_bench
 
-        results.update(run_decode_bench(out, items=items, videos=decode_videos, runner="auto"))
+        results.update(run_decode_bench(out, items=items, videos=decode_videos, runner=default_runner))
     if commit_shards:
         from avcache.eval.store_bench import run_store_bench
 
@@ -61,7 +64,7 @@ def run_bench(out: Path, items: int = 24, feature_sets=BENCH_FEATURE_SETS, index
     if whisper_items:
         from avcache.eval.whisper_loop_bench import run_whisper_loop_bench
 
-        results.update(run_whisper_loop_bench(out, items=whisper_items, rounds=loop_rounds, runner="auto"))
+        results.update(run_whisper_loop_bench(out, items=whisper_items, rounds=loop_rounds, runner=default_runner))
     if index_vectors:
         from avcache.eval.index_bench import run_index_bench
 
