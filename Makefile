@@ -91,8 +91,8 @@ train-generator: $(STAMP) ## = make train RECIPE=avsd (AVSD answers with cues + 
 ablate: $(STAMP) ## every cell of a grid, table + plots in OUT: GRID=<train/grids/*.yaml or name> STORE=<dir> OUT=<dir> [SET="k=v ..."] [SEEDS=0,1]
 	$(BIN)/avcache ablate --grid $(GRID) --store $(STORE) --out $(OUT) $(foreach s,$(SET),--set $(s)) $(if $(SEEDS),--seeds $(SEEDS))
 
-bench: $(STAMP) ## extraction times, FAISS recall/QPS at 1M x 512, training from the store vs memory: OUT=<dir>
-	$(BIN)/avcache bench --out $(OUT) --index-vectors $(INDEX_VECTORS)
+bench: $(STAMP) ## extraction times, FAISS recall/QPS at 1M x 512, training from the store vs memory: OUT=<dir> [RUNNER=auto]
+	$(BIN)/avcache bench --out $(OUT) --index-vectors $(INDEX_VECTORS) --runner $(RUNNER)
 
 demo: $(STAMP) ## synth -> extract -> index -> zero-shot retrieval -> each method trained -> report: [OUT=<dir>]
 	$(BIN)/avcache demo --out $(OUT) --items $(ITEMS) --seed $(SEED) --runner $(RUNNER)

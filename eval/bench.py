@@ -5,11 +5,13 @@ item (eval/store_bench.py), avcache's `extract` against the plain loop a user wo
 (eval/loop_bench.py) and for Whisper (eval/whisper_loop_bench.py), and decoding: decodes per item, one job for
 every feature set against a job per set, and clip_frames on 480p video (eval/decode_bench.py).
 
-Ray Data streams decode (CPU tasks) into encode (actor pool), so the whole should take about as long as the
-slower of the two, not their sum. Each figure is one run on this machine, all measured in the same process,
-after one untimed warm-up run (imports, page cache, Ray's worker pool). Every run through a model stage also
-starts its actors (a fresh process importing torch and loading the model); `setup_s`, the encode of a single
-item, shows that fixed cost, which dominates tiny models on a few items."""
+The pipeline part runs on the runner `make extract` picks here (`runner`, default "auto": ThreadRunner on one
+machine, RayRunner on a cluster), which streams decode into encode, so the whole should take about as long as the
+slower of the two, not their sum. Each figure is one run on this machine, all measured in the same process, after
+one untimed warm-up run (imports, page cache, Ray's worker pool). Every run through a model stage also sets it up
+(loads the model; on Ray, in a fresh actor process importing torch); `setup_s`, the encode of a single item,
+shows that fixed cost, which dominates tiny models on a few items. Ray, where a part started it in this process,
+is stopped before the next part, so its idle processes take no cores from the timings after it."""
 from __future__ import annotations
 
 import json
@@ -24,7 +26,7 @@ from avcache.pipeline.adapters import build_manifest
 from avcache.pipeline.config import load_config
 from avcache.pipeline.extractors import Context, get_extractor
 from avcache.pipeline.manifest import read_manifest
-from avcache.pipeline.runners import RayRunner, batch_to_rows, resolve_runner
+from avcache.pipeline.runners import batch_to_rows, make_runner, resolve_runner, stop_ray
 from avcache.pipeline.synth import write_synthetic
 
 BENCH_FEATURE_SETS = ("clip_frames", "beats", "whisper")
@@ -38,21 +40,23 @@ def _drain(batches) -> tuple[list[dict], float]:
 
 def run_bench(out: Path, items: int = 24, feature_sets=BENCH_FEATURE_SETS, index_vectors: int = 1_000_000,
               train_images: int = 256, commit_shards: int = 4000, driver_items: int = 200,
-              loop_images: int = 400, loop_rounds: int = 2, whisper_items: int = 48, decode_videos: int = 8) -> dict:
+              loop_images: int = 400, loop_rounds: int = 2, whisper_items: int = 48, decode_videos: int = 8,
+              runner: str = "auto") -> dict:
     """Every figure into out/bench.json and out/bench.md. A size of 0 skips that bench: index_vectors (FAISS),
     train_images (training), commit_shards (the store's commit and driver-work benches), loop_images and
     whisper_items (avcache against the plain loops, CLIP on the full-size seeded ViT-B-32: minutes), decode_videos
     (the decode benches: decodes per item and one job against separate jobs on `items` synthetic scenes, and
-    clip_frames on that many 480p videos)."""
+    clip_frames on that many 480p videos). `runner` (make_runner's names) runs the pipeline, decode and Whisper
+    parts; the CLIP loop part runs "auto" and Ray each in a fresh process, whatever it is."""
     out.mkdir(parents=True, exist_ok=True)
-    # The runner `make extract` picks here, named before this process starts Ray for the pipeline figures (after
-    # which "auto" would see a Ray at hand).
-    default_runner = resolve_runner("auto")
-    results = _pipeline_bench(out, items, feature_sets)
+    # Named once, before any part starts Ray in this process (after which "auto" would see a Ray at hand).
+    runner = resolve_runner(runner)
+    results = _pipeline_bench(out, items, feature_sets, runner)
     if decode_videos:
         from avcache.eval.decode_bench import run_decode_bench
 
-        results.update(run_decode_bench(out, items=items, videos=decode_videos, runner=default_runner))
+        results.update(run_decode_bench(out, items=items, videos=decode_videos, runner=runner))
+        stop_ray()  # its separate jobs as before issue 17 ran on Ray
     if commit_shards:
         from avcache.eval.store_bench import run_store_bench
 
@@ -64,7 +68,7 @@ def run_bench(out: Path, items: int = 24, feature_sets=BENCH_FEATURE_SETS, index
     if whisper_items:
         from avcache.eval.whisper_loop_bench import run_whisper_loop_bench
 
-        results.update(run_whisper_loop_bench(out, items=whisper_items, rounds=loop_rounds, runner=default_runner))
+        results.update(run_whisper_loop_bench(out, items=whisper_items, rounds=loop_rounds, runner=runner))
     if index_vectors:
         from avcache.eval.index_bench import run_index_bench
 
@@ -80,17 +84,18 @@ def run_bench(out: Path, items: int = 24, feature_sets=BENCH_FEATURE_SETS, index
     return results
 
 
-def _pipeline_bench(out: Path, items: int, feature_sets) -> dict:
+def _pipeline_bench(out: Path, items: int, feature_sets, runner_name: str) -> dict:
     data, manifest_path = out / "bench_data", out / "bench_manifest.arrow"
     if not manifest_path.is_file():
         write_synthetic(data, items=items, seed=0)
         build_manifest("synthetic", data, manifest_path)
     config = load_config()
-    runner = RayRunner()
+    runner = make_runner(runner_name)
     ctx = Context(config=config, profile=load_profile(config.profile), manifest=read_manifest(manifest_path),
                   store=FeatureStore(out / "bench_store"))
     results: dict[str, float | int | str] = {
-        "cpus": os.cpu_count(), "python": platform.python_version(), "items_synthetic_scenes": items}
+        "cpus": os.cpu_count(), "python": platform.python_version(), "items_synthetic_scenes": items,
+        "pipeline_runner": runner.name}
     for name in feature_sets:
         extractor = get_extractor(name)
         rows = extractor.select(ctx)
@@ -114,13 +119,15 @@ def _pipeline_bench(out: Path, items: int, feature_sets) -> dict:
             f"{name}_items_per_s": round(len(rows) / t_whole, 2),
         })
         print(f"[bench] {name}: decode {t_decode:.2f}s, encode {t_encode:.2f}s, pipeline {t_whole:.2f}s, "
-              f"actor setup {t_setup:.2f}s ({len(rows)} items)", flush=True)
+              f"model setup {t_setup:.2f}s ({len(rows)} items, runner {runner.name})", flush=True)
+    runner.close()
     return results
 
 
 def _write_markdown(path: Path, results: dict, feature_sets) -> None:
-    lines = ["# avcache bench", "", f"{results['cpus']} CPUs, Python {results['python']}, one run each.", "",
-             "| feature set | items | decode s | encode s | pipeline s | actor setup s | pipeline / slowest "
+    lines = ["# avcache bench", "", f"{results['cpus']} CPUs, Python {results['python']}, one run each; the "
+             f"pipeline on runner {results['pipeline_runner']}.", "",
+             "| feature set | items | decode s | encode s | pipeline s | model setup s | pipeline / slowest "
              "| pipeline / sum |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name in feature_sets:

@@ -197,7 +197,7 @@ def _timed(batches) -> tuple[list[dict], float]:
 
 def frames480_bench(manifest: Path, root: Path, runner) -> dict:
     """clip_frames with the full-random ViT-B-32 on `manifest`'s videos: decode alone, encode alone on the decoded
-    rows, a single-item encode (actor set-up), the whole pipeline; after an untimed warm-up on one batch."""
+    rows, a single-item encode (the model's set-up), the whole pipeline; after an untimed warm-up on one batch."""
     config = load_config(overrides=[f"profile={FRAMES_PROFILE}"])
     ctx = Context(config=config, profile=load_profile(config.profile), manifest=read_manifest(manifest),
                   store=FeatureStore(root / "frames480_store"))
@@ -307,7 +307,7 @@ def _frames480_markdown(r: dict) -> list[str]:
             f"weights (profile full-random), {r['frames480_runner']} runner, {r['frames480_failed']} failed:", "",
             "| run | s | ms per video | goal |", "|---|---:|---:|---|",
             f"| decode alone | {r['frames480_decode_s']} | {r['frames480_decode_ms_per_item']} | |",
-            f"| encode alone (of which actor set-up {r['frames480_setup_s']} s) | {r['frames480_encode_s']} | "
+            f"| encode alone (of which model set-up {r['frames480_setup_s']} s) | {r['frames480_encode_s']} | "
             f"{r['frames480_encode_ms_per_item']} | |",
             f"| pipeline | {r['frames480_pipeline_s']} | {r['frames480_pipeline_ms_per_item']} | |",
             f"| pipeline / slower of decode and encode | {r['frames480_pipeline_over_slowest']} | | <= 1.15 |"]

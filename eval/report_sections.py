@@ -296,7 +296,7 @@ def section_performance(page: Page, ctx: Context) -> None:
                   "on the same items after a warm-up.")
         cols = ["items", "decode_s", "encode_s", "pipeline_s", "setup_s", "pipeline_over_slowest", "pipeline_over_sum",
                 "items_per_s"]
-        page.table(["feature set", "items", "decode s", "encode s", "pipeline s", "actor setup s", "pipeline / slowest",
+        page.table(["feature set", "items", "decode s", "encode s", "pipeline s", "model setup s", "pipeline / slowest",
                     "pipeline / sum", "items/s"], [[s, *[bench.get(f"{s}_{c}", "-") for c in cols]] for s in sets])
         series = {s: [bench.get(f"{s}_{c}") for c in ("decode_s", "encode_s", "pipeline_s")] for s in sets}
         figure = _grouped_bars(ctx.draw / "bench_extraction.png", series,

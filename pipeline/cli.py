@@ -10,6 +10,9 @@ import sys
 import traceback
 from pathlib import Path
 
+# pipeline.runners.RUNNERS, written out: the CLI imports the pipeline only once a verb runs
+RUNNER_NAMES = ["auto", "threads", "ray", "local"]
+
 EXIT_ITEMS_FAILED = 3  # the job finished, but some items are listed in failures.arrow
 
 
@@ -155,7 +158,7 @@ def cmd_bench(args) -> int:
     results = run_bench(Path(args.out), items=args.items, index_vectors=args.index_vectors,
                         train_images=args.train_images, loop_images=args.loop_images,
                         loop_rounds=args.loop_rounds, whisper_items=args.whisper_items,
-                        decode_videos=args.decode_videos, commit_shards=args.commit_shards)
+                        decode_videos=args.decode_videos, commit_shards=args.commit_shards, runner=args.runner)
     print(json.dumps(results, indent=2))
     return 0
 
@@ -209,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, default=None, help="extraction YAML (default: pipeline/configs/default.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.add_argument("--feature-sets", default=None, help="comma-separated subset of the config's feature sets")
-    p.add_argument("--runner", choices=["auto", "threads", "ray", "local"], default="auto",
+    p.add_argument("--runner", choices=RUNNER_NAMES, default="auto",
                    help="auto: Ray on a cluster (RAY_ADDRESS) or with several GPUs, else threads in this process")
     p.set_defaults(run=cmd_extract)
 
@@ -286,13 +289,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-videos", type=int, default=8,
                    help="480p videos of the decode benchmark, which also counts decodes per item (0 skips it)")
     p.add_argument("--commit-shards", type=int, default=4000, help="shards of the store commit benchmark (0 skips it)")
+    p.add_argument("--runner", choices=RUNNER_NAMES, default="auto",
+                   help="runner of the pipeline, decode and Whisper parts (auto: the one `extract` picks here)")
     p.set_defaults(run=cmd_bench)
 
     p = verbs.add_parser("demo", help="synth -> extract -> index -> retrieval -> train each method -> report")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
     p.add_argument("--items", type=int, default=24)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--runner", choices=["auto", "threads", "ray", "local"], default="auto",
+    p.add_argument("--runner", choices=RUNNER_NAMES, default="auto",
                    help="auto: Ray on a cluster (RAY_ADDRESS) or with several GPUs, else threads in this process")
     p.set_defaults(run=cmd_demo)
 

@@ -298,6 +298,16 @@ def ray_attached() -> bool:
     return ray.is_initialized()
 
 
+def stop_ray() -> None:
+    """Leave Ray, if this process runs it: a local Ray it started ends with it (its idle processes hold cores and
+    memory), a cluster it attached to keeps running. Never imports Ray."""
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+
+
 class RayRunner:
     """Ray Data on the local machine (embedded `ray.init()`) or on the cluster named by `address` or RAY_ADDRESS.
     The last stage of an extraction writes the shards on the workers, so what comes back is commit records."""

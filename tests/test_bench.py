@@ -12,9 +12,11 @@ from avcache.features.store import FeatureSet
 @pytest.mark.slow
 def test_bench_writes_every_figure(tmp_path):
     results = run_bench(tmp_path, items=4, feature_sets=("clip_image",), index_vectors=120_000, train_images=16,
-                        commit_shards=20, driver_items=4, loop_images=0, whisper_items=0, decode_videos=0)
+                        commit_shards=20, driver_items=4, loop_images=0, whisper_items=0, decode_videos=0,
+                        runner="threads")
     written = json.loads((tmp_path / "bench.json").read_text())
-    assert written == results
+    assert written == results and written["pipeline_runner"] == "threads"
+    assert "the pipeline on runner threads" in (tmp_path / "bench.md").read_text()
     for key in ("decode_s", "encode_s", "pipeline_s", "setup_s", "pipeline_over_slowest", "pipeline_over_sum"):
         assert written[f"clip_image_{key}"] > 0, key
     assert written["clip_image_items"] == 8 and written["clip_image_failed"] == 0  # 2 captioned images per scene

@@ -144,3 +144,9 @@ def test_auto_picks_threads_on_one_machine_and_ray_where_it_helps(monkeypatch):
     assert resolve_runner("local") == "local" and resolve_runner("threads") == "threads"
     with pytest.raises(ValueError, match="runner must be one of auto, threads, ray, local, not 'dask'"):
         resolve_runner("dask")
+
+
+def test_the_cli_offers_every_runner():
+    from avcache.pipeline.cli import RUNNER_NAMES
+
+    assert tuple(RUNNER_NAMES) == runners.RUNNERS
