@@ -15,7 +15,7 @@ from avcache.pipeline.config import ExtractConfig
 from avcache.pipeline.extractors import Context, Extractor, get_extractor, ordered
 from avcache.pipeline.manifest import failures_path_for, read_failures, read_manifest
 from avcache.pipeline.progress import Progress
-from avcache.pipeline.stages import PENDING, ForFeatureSet, WriteFeatureSets, WriteShard, set_column
+from avcache.pipeline.stages import PENDING, ForFeatureSet, WriteFeatureSets, WriteShard, one_clip_per_job, set_column
 
 
 @dataclass
@@ -62,8 +62,9 @@ def extract(manifest_path: str | Path, store_root: str | Path, config: ExtractCo
     num_gpus = (1.0 if gpus > 0 else 0.0) if gpus_per_actor == "auto" else float(gpus_per_actor)
     ctx = Context(config=config, profile=load_profile(config.profile), manifest=manifest, store=store, num_gpus=num_gpus)
     order = ordered(config.feature_sets)
-    for extractors in plan_passes(order, ctx):
-        report.feature_sets.extend(_extract_pass(extractors, ctx, runner, manifest_path, log))
+    with one_clip_per_job():  # in-process runners load CLIP once for all its passes
+        for extractors in plan_passes(order, ctx):
+            report.feature_sets.extend(_extract_pass(extractors, ctx, runner, manifest_path, log))
     report.feature_sets.sort(key=lambda r: order.index(r.name))  # reported in config order, as before
     report.seconds = time.monotonic() - start
     return report

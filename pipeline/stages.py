@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -209,10 +211,10 @@ class ClipImageStage(ModelStage):
         self.preprocess = preprocess  # what the decoder prepared its pixels with, when it did
 
     def setup(self) -> None:
-        from avcache.features.clip import check_preprocess, create_clip
+        from avcache.features.clip import check_preprocess
 
         _limit_threads(self.resources)
-        self.encoder, _, _ = create_clip(self.model_name, self.pretrained, device=self.device())
+        self.encoder = _job_clip(self.model_name, self.pretrained, self.device())
         if self.preprocess is not None:
             check_preprocess(self.encoder.model, self.preprocess)
 
@@ -269,10 +271,8 @@ class ClipTextStage(ModelStage):
         self.allow_empty = allow_empty  # an empty Whisper transcript is an answer ("no speech"), not a failure
 
     def setup(self) -> None:
-        from avcache.features.clip import create_clip
-
         _limit_threads(self.resources)
-        self.encoder, _, _ = create_clip(self.model_name, self.pretrained, device=self.device())
+        self.encoder = _job_clip(self.model_name, self.pretrained, self.device())
 
     def encode(self, rows: list[dict]) -> list[dict]:
         texts = [list(row["texts"]) for row in rows]
@@ -288,6 +288,45 @@ class ClipTextStage(ModelStage):
             out.append({"text_embeddings": emb, "token_ids": tok,
                         "embedding": pooled / max(np.linalg.norm(pooled), 1e-12)})
         return out
+
+
+_job_clips: dict[tuple, Any] | None = None  # the CLIP encoders of the in-process job under way, by arguments
+_job_clips_lock = threading.Lock()
+
+
+@contextmanager
+def one_clip_per_job():
+    """Within, CLIP stages set up in this process share one encoder per (model, pretrained, device): a job's
+    clip_frames, clip_image, clip_text, clip_transcript and clip_vocab run in up to five passes, and on an
+    in-process runner (threads, local) the model is then loaded once, not once a pass. Ray's actors are other
+    processes and load their own. Only CLIP is kept: it is the one model several passes use, and keeping every
+    model of a job would hold them all in (GPU) memory at once. The encoders are dropped on exit."""
+    global _job_clips
+    with _job_clips_lock:
+        outer, _job_clips = _job_clips, ({} if _job_clips is None else _job_clips)
+    try:
+        yield
+    finally:
+        with _job_clips_lock:
+            _job_clips = outer
+
+
+def _job_clip(model: str, pretrained: str | None, device: str):
+    """A ClipEncoder: the job's shared one (one_clip_per_job), else a fresh one. Forward passes run under
+    inference mode and change no state, so stages in concurrent threads may share it."""
+    from avcache.features.clip import create_clip
+
+    with _job_clips_lock:
+        if _job_clips is None:
+            shared = None
+        else:
+            shared = _job_clips.setdefault((model, pretrained, device), {"lock": threading.Lock()})
+    if shared is None:
+        return create_clip(model, pretrained, device=device)[0]
+    with shared["lock"]:  # a second stage waits for the first one's load rather than loading it again
+        if "encoder" not in shared:
+            shared["encoder"] = create_clip(model, pretrained, device=device)[0]
+        return shared["encoder"]
 
 
 class BeatsStage(ModelStage):
@@ -380,10 +419,8 @@ class GlossAlignmentStage(ModelStage):
         self.model_name, self.pretrained, self.dtype, self.resources = model, pretrained, dtype, resources
 
     def setup(self) -> None:
-        from avcache.features.clip import create_clip
-
         _limit_threads(self.resources)
-        self.encoder, _, _ = create_clip(self.model_name, self.pretrained, device=self.device())
+        self.encoder = _job_clip(self.model_name, self.pretrained, self.device())
 
     def encode(self, rows: list[dict]) -> list[dict]:
         for row in rows:

@@ -150,3 +150,27 @@ def test_the_cli_offers_every_runner():
     from avcache.pipeline.cli import RUNNER_NAMES
 
     assert tuple(RUNNER_NAMES) == runners.RUNNERS
+
+
+@pytest.mark.parametrize("runner", [ThreadRunner, LocalRunner])
+def test_an_in_process_job_loads_clip_once_for_all_its_passes(tmp_path, monkeypatch, runner):
+    from avcache.features import clip
+    from avcache.pipeline import stages
+
+    loads = []
+    real = clip.create_clip
+    monkeypatch.setattr(clip, "create_clip", lambda *a, **k: loads.append(a) or real(*a, **k))
+    write_synthetic(tmp_path / "data", items=4, seed=1)
+    manifest = tmp_path / "m.arrow"
+    build_manifest("synthetic", tmp_path / "data", manifest)
+    config = load_config()
+    config.feature_sets = ["clip_frames", "clip_image", "clip_text", "beats"]
+    report = extract(manifest, tmp_path / "store", config, runner(), log=lambda *a: None)
+    assert report.failed == 0 and len({fs.name for fs in report.feature_sets}) == 4
+    assert len({frozenset((fs.name, *fs.pass_with)) for fs in report.feature_sets}) == 4  # four passes
+    assert len(loads) == 1  # three of them CLIP's
+    assert stages._job_clips is None  # released with the job
+    stage = stages.ClipTextStage(*loads[0], pool="first", resources=stages.Resources())
+    stage.setup()
+    stage.setup()
+    assert len(loads) == 3  # outside a job, each setup loads its own
