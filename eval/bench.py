@@ -52,11 +52,12 @@ def run_bench(out: Path, items: int = 24, feature_sets=BENCH_FEATURE_SETS, index
     # Named once, before any part starts Ray in this process (after which "auto" would see a Ray at hand).
     runner = resolve_runner(runner)
     results = _pipeline_bench(out, items, feature_sets, runner)
+    stop_ray()  # after each part that may have started it (runner ray; the Ray jobs of before issue 17)
     if decode_videos:
         from avcache.eval.decode_bench import run_decode_bench
 
         results.update(run_decode_bench(out, items=items, videos=decode_videos, runner=runner))
-        stop_ray()  # its separate jobs as before issue 17 ran on Ray
+        stop_ray()
     if commit_shards:
         from avcache.eval.store_bench import run_store_bench
 
@@ -69,6 +70,7 @@ def run_bench(out: Path, items: int = 24, feature_sets=BENCH_FEATURE_SETS, index
         from avcache.eval.whisper_loop_bench import run_whisper_loop_bench
 
         results.update(run_whisper_loop_bench(out, items=whisper_items, rounds=loop_rounds, runner=runner))
+        stop_ray()
     if index_vectors:
         from avcache.eval.index_bench import run_index_bench
 
