@@ -290,25 +290,30 @@ class ClipTextStage(ModelStage):
         return out
 
 
-_job_clips: dict[tuple, Any] | None = None  # the CLIP encoders of the in-process job under way, by arguments
+_job_clips: dict[tuple, Any] | None = None  # the CLIP encoders of the in-process jobs under way, by arguments
+_jobs_open = 0  # jobs inside one_clip_per_job (extract calls from several threads may overlap)
 _job_clips_lock = threading.Lock()
 
 
 @contextmanager
 def one_clip_per_job():
     """Within, CLIP stages set up in this process share one encoder per (model, pretrained, device): a job's
-    clip_frames, clip_image, clip_text, clip_transcript and clip_vocab run in up to five passes, and on an
-    in-process runner (threads, local) the model is then loaded once, not once a pass. Ray's actors are other
-    processes and load their own. Only CLIP is kept: it is the one model several passes use, and keeping every
-    model of a job would hold them all in (GPU) memory at once. The encoders are dropped on exit."""
-    global _job_clips
+    clip_frames, clip_image, text sets and gloss_alignment run in several passes, and on an in-process runner
+    (threads, local) the model is then loaded once, not once a pass. Ray's actors are other processes and load
+    their own. Only CLIP is kept: it is the one model several passes use, and keeping every model of a job would
+    hold them all in (GPU) memory at once. The encoders are dropped when the last job open leaves."""
+    global _job_clips, _jobs_open
     with _job_clips_lock:
-        outer, _job_clips = _job_clips, ({} if _job_clips is None else _job_clips)
+        _jobs_open += 1
+        if _job_clips is None:
+            _job_clips = {}
     try:
         yield
     finally:
         with _job_clips_lock:
-            _job_clips = outer
+            _jobs_open -= 1
+            if _jobs_open == 0:
+                _job_clips = None
 
 
 def _job_clip(model: str, pretrained: str | None, device: str):

@@ -174,3 +174,17 @@ def test_an_in_process_job_loads_clip_once_for_all_its_passes(tmp_path, monkeypa
     stage.setup()
     stage.setup()
     assert len(loads) == 3  # outside a job, each setup loads its own
+
+
+def test_overlapping_jobs_share_clip_until_the_last_one_ends():
+    from avcache.pipeline import stages
+
+    first, second = stages.one_clip_per_job(), stages.one_clip_per_job()
+    first.__enter__()
+    shared = stages._job_clips
+    second.__enter__()  # a second extract in another thread, started while the first runs
+    assert stages._job_clips is shared
+    first.__exit__(None, None, None)  # the first ends before the second
+    assert stages._job_clips is shared
+    second.__exit__(None, None, None)
+    assert stages._job_clips is None
