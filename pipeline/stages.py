@@ -321,17 +321,13 @@ def _job_clip(model: str, pretrained: str | None, device: str):
     inference mode and change no state, so stages in concurrent threads may share it."""
     from avcache.features.clip import create_clip
 
-    with _job_clips_lock:
-        if _job_clips is None:
-            shared = None
-        else:
-            shared = _job_clips.setdefault((model, pretrained, device), {"lock": threading.Lock()})
-    if shared is None:
-        return create_clip(model, pretrained, device=device)[0]
-    with shared["lock"]:  # a second stage waits for the first one's load rather than loading it again
-        if "encoder" not in shared:
-            shared["encoder"] = create_clip(model, pretrained, device=device)[0]
-        return shared["encoder"]
+    with _job_clips_lock:  # held while loading: a second stage waits for the first one's load, not loads it again
+        if _job_clips is not None:
+            key = (model, pretrained, device)
+            if key not in _job_clips:
+                _job_clips[key] = create_clip(model, pretrained, device=device)[0]
+            return _job_clips[key]
+    return create_clip(model, pretrained, device=device)[0]
 
 
 class BeatsStage(ModelStage):
