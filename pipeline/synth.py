@@ -27,7 +27,7 @@ The class signal is deliberately strong and low-level (background colour, big sh
 because tests train small heads on features of random-initialised tiny encoders and expect them to beat chance.
 Everything derives from `seed`: text/JSON/WAV/JPEG files are byte-identical for the same seed, and so are the
 Ogg Opus files (PyAV's libopus, +bitexact muxing) and the mp4 files (frames converted to YUV here,
-single-threaded libx264, ffmpeg's AAC encoder, +bitexact muxing).
+single-threaded libx264 without mbtree, ffmpeg's AAC encoder, +bitexact muxing).
 Spoken captions use espeak-ng (see tts.py) when it loads; Whisper tiny.en transcribes the class word in ~95 %
 of them.
 """
@@ -343,8 +343,10 @@ def _write_video(path: Path, frames: np.ndarray, audio: np.ndarray) -> None:
         video = container.add_stream("libx264", rate=FPS)
         video.width, video.height = frames.shape[2], frames.shape[1]
         video.pix_fmt = "yuv420p"
-        # one thread: reproducible output; no B-frames: every decoder returns frames without reordering delay
-        video.options = {"crf": "16", "preset": "veryfast", "threads": "1", "bf": "0"}
+        # one thread: reproducible output; no B-frames: every decoder returns frames without reordering delay.
+        # No macroblock tree: x264's mbtree reads uninitialised stack memory (valgrind shows it), so the QPs it
+        # picked, and so the bytes, depended on what had run before in the process (seen as a flaky test).
+        video.options = {"crf": "16", "preset": "veryfast", "threads": "1", "bf": "0", "x264-params": "mbtree=0"}
         sound = container.add_stream("aac", rate=AUDIO_RATE)
         sound.layout = "mono"
         sound.bit_rate = 96000
