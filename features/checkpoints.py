@@ -62,11 +62,21 @@ def load_profile(name_or_path: str | Path) -> dict:
 SEEDED_PREFIX = "seeded:"
 
 
+def beats_checkpoint_file(checkpoint: str) -> str:
+    """A profile's beats.checkpoint as a file path: `tiny` is the tiny checkpoint built here on first use (profiles
+    and store provenance keep the word, so a store moved to another machine still names it); a path stays as is."""
+    if checkpoint == "tiny":
+        from avcache.features.tiny import ensure_tiny_beats
+
+        return str(ensure_tiny_beats())
+    return checkpoint
+
+
 def _resolve_seeded_beats(profile: dict) -> dict:
     """beats.checkpoint `seeded:<size>` -> the path of that full-size seeded checkpoint (written on first use).
 
-    Resolved here, where the profile is read, because the BEATs readers (pipeline.extractors, train.cues) know
-    only `tiny` and file paths: this way they load it as any official checkpoint file."""
+    Resolved here, where the profile is read, because the BEATs readers (pipeline.extractors, train.cues, through
+    beats_checkpoint_file) know only `tiny` and file paths: this way they load it as any official checkpoint file."""
     beats = profile.get("beats")
     checkpoint = beats.get("checkpoint") if isinstance(beats, dict) else None
     if isinstance(checkpoint, str) and checkpoint.startswith(SEEDED_PREFIX):

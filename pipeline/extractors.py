@@ -18,6 +18,7 @@ from typing import Callable
 import numpy as np
 import pyarrow as pa
 
+from avcache.features.checkpoints import beats_checkpoint_file
 from avcache.features.store import FeatureSetSpec, FeatureStore
 from avcache.features.whisper import whisper_options
 from avcache.pipeline.config import ExtractConfig
@@ -338,12 +339,7 @@ def _clip_text_preprocessing(encoder: dict, pool: str, extra: dict | None = None
 
 
 def _beats_checkpoint(ctx: Context) -> str:
-    checkpoint = ctx.profile["beats"]["checkpoint"]
-    if checkpoint == "tiny":
-        from avcache.features.tiny import ensure_tiny_beats
-
-        return str(ensure_tiny_beats())
-    return checkpoint
+    return beats_checkpoint_file(ctx.profile["beats"]["checkpoint"])
 
 
 def _beats_encoder(ctx: Context) -> dict:

@@ -515,3 +515,13 @@ def test_padded_batch_matches_official_where_it_should(official, variant):
     if ours.cfg.finetuned_model:
         ref_probs2, _ = theirs.extract_features(batch2, padding_mask=pad2)
         torch.testing.assert_close(out2["tag_probs"], ref_probs2, atol=1e-6, rtol=0)
+
+
+def test_the_checkpoint_word_tiny_and_a_path_resolve_to_files(tmp_path):
+    from avcache.features.checkpoints import beats_checkpoint_file
+    from avcache.features.tiny import ensure_tiny_beats
+
+    assert beats_checkpoint_file("tiny") == str(ensure_tiny_beats())
+    assert Path(beats_checkpoint_file("tiny")).is_file()
+    official = str(tmp_path / "BEATs_iter3_plus_AS2M.pt")
+    assert beats_checkpoint_file(official) == official

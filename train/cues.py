@@ -40,6 +40,7 @@ from typing import Callable
 
 import numpy as np
 
+from avcache.features.checkpoints import beats_checkpoint_file
 from avcache.features.store import FeatureSet, FeatureSetSpec, FeatureSetWriter, FeatureStore
 from avcache.train.items import READS, require_feature_sets, store_items
 
@@ -279,10 +280,8 @@ def beats_checkpoint(beats: FeatureSet) -> Path:
     """The BEATs checkpoint a feature set names in its provenance (the tiny one built here when it says tiny)."""
     encoders = (beats.meta.get("provenance") or {}).get("encoders") or {}
     checkpoint = encoders.get("beats", {}).get("checkpoint")
-    if checkpoint == "tiny":
-        from avcache.features.tiny import ensure_tiny_beats
-
-        checkpoint = ensure_tiny_beats()
+    if checkpoint:
+        checkpoint = beats_checkpoint_file(checkpoint)
     if not checkpoint or not Path(checkpoint).is_file():
         raise FileNotFoundError(f"the BEATs checkpoint of {beats.path} ({checkpoint!r}) is needed here; put it back "
                                 f"where the store's provenance says (AVCACHE_BEATS_CHECKPOINT for the real profile)")
