@@ -103,7 +103,7 @@ report: $(STAMP) ## OUT/report.md + report_files/ + self-contained report.html f
 test: $(STAMP) test-browser lint ## the layer contracts, then the test suite (all but the heavy tests)
 	$(BIN)/python -m pytest -q -m "not heavy" $(PYTEST_ARGS)
 
-test-heavy: $(STAMP) ## the heavy tests: a multi-node Ray cluster with a killed node, full-size seeded checkpoints (~2 min, 1.2 GB)
+test-heavy: $(STAMP) ## the heavy tests: a multi-node Ray cluster with a killed node, full-size seeded checkpoints (~2 min, 1.2 GB), memcheck of the synthetic encoder
 	$(BIN)/python -m pytest -q -m heavy $(PYTEST_ARGS)
 
 lint: $(STAMP) ## the one-way layers of docs/ARCHITECTURE.md (import-linter contracts in pyproject.toml)
