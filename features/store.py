@@ -44,6 +44,7 @@ symlink leading out); readers refuse anything else with a StoreError before read
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import dataclasses
@@ -572,15 +573,16 @@ class _RowChecker:
         return out
 
 
-def _prepare_rows(checker: _RowChecker, rows) -> list[dict]:
-    """Rows as FeatureSetWriter.add takes them (dicts of item_id, scalars, vectors, sequences), validated."""
+def _prepare_rows(checker: _RowChecker, rows, first: int = 0) -> list[dict]:
+    """Rows as FeatureSetWriter.add takes them (dicts of item_id, scalars, vectors, sequences), validated; errors
+    number the rows from `first`."""
     if isinstance(rows, (dict, str, bytes)):
         raise ValueError(f"rows must be a list of row dicts, got a {type(rows).__name__}")
     prepared, seen = [], set()
     for n, row in enumerate(rows):
         if not isinstance(row, dict) or "item_id" not in row or set(row) - set(_ROW_KEYS):
             what = f"keys {sorted(map(str, row))}" if isinstance(row, dict) else f"a {type(row).__name__}"
-            raise ValueError(f"row {n}: expected a dict with 'item_id' and optionally 'scalars', 'vectors', "
+            raise ValueError(f"row {first + n}: expected a dict with 'item_id' and optionally 'scalars', 'vectors', "
                              f"'sequences' (what FeatureSetWriter.add takes), got {what}")
         item_id = row["item_id"]
         _check_item_id(item_id)
@@ -714,19 +716,53 @@ def write_shard(feature_set_dir, spec: FeatureSetSpec, rows, *, scalar_types: di
     taken and meta.json is neither read nor written: until the driver commits the record, the files are not
     data (readers ignore them; the next writer of the feature set removes them). The record is plain JSON data
     (name, file names, sizes, sha256s, rows, item_ids, scalar types, spec fingerprint, code_version, created)."""
-    if not isinstance(spec, FeatureSetSpec):
-        raise TypeError(f"spec must be a FeatureSetSpec, got {type(spec).__name__}")
-    directory = Path(feature_set_dir)
-    if directory.name != spec.name:
-        raise ValueError(f"write_shard: {str(directory)!r} is not the folder of feature set {spec.name!r} "
-                         f"(pass STORE/{spec.name})")
-    if not directory.is_dir():
-        raise StoreError(f"{directory}: no such feature set folder; open the FeatureSetWriter on the driver "
-                         f"before sending rows to workers")
+    directory = _shard_folder(feature_set_dir, spec, "write_shard")
     checker = _RowChecker(spec, _checked_scalar_types(scalar_types or {}, "scalar_types"))
     prepared = _prepare_rows(checker, rows)
     return _write_shard_files(directory, spec, prepared, dict(checker.scalar_types),
                               code_version or _default_code_version())
+
+
+def write_valid_rows(feature_set_dir, spec: FeatureSetSpec, rows, *, scalar_types: dict | None = None,
+                     code_version: str | None = None) -> tuple[dict | None, list[tuple[str, str]]]:
+    """`write_shard` for the rows that pass validation, each row checked on its own: one bad item fails alone and
+    the others still land, in one shard. -> (that shard's commit record, or None when no row passed; one
+    (item_id, reason) per refused row, the reason being the ValueError write_shard would raise for it). A row
+    is checked against the scalar types of the rows accepted before it, as `FeatureSetWriter.add` checks
+    items in turn. The folder and the arguments are checked as write_shard checks them (errors, not refusals)."""
+    directory = _shard_folder(feature_set_dir, spec, "write_valid_rows")
+    checker = _RowChecker(spec, _checked_scalar_types(scalar_types or {}, "scalar_types"))
+    if isinstance(rows, (dict, str, bytes)):
+        raise ValueError(f"rows must be a list of row dicts, got a {type(rows).__name__}")
+    rows = list(rows)
+    ids = [row["item_id"] if isinstance(row, dict) and isinstance(row.get("item_id"), str) else None for row in rows]
+    twice = {item_id for item_id, count in collections.Counter(ids).items() if count > 1 and item_id is not None}
+    prepared, refused = [], []
+    for n, row in enumerate(rows):
+        try:
+            if ids[n] in twice:  # every copy fails: which one is the item is not ours to guess
+                raise ValueError(f"item {ids[n]!r} appears twice in the rows given")
+            prepared.extend(_prepare_rows(checker, [row], first=n))
+        except ValueError as exc:
+            refused.append((ids[n] if ids[n] is not None else f"row {n}", str(exc)))
+    if not prepared:
+        return None, refused
+    record = _write_shard_files(directory, spec, prepared, dict(checker.scalar_types),
+                                code_version or _default_code_version())
+    return record, refused
+
+
+def _shard_folder(feature_set_dir, spec: FeatureSetSpec, caller: str) -> Path:
+    if not isinstance(spec, FeatureSetSpec):
+        raise TypeError(f"spec must be a FeatureSetSpec, got {type(spec).__name__}")
+    directory = Path(feature_set_dir)
+    if directory.name != spec.name:
+        raise ValueError(f"{caller}: {str(directory)!r} is not the folder of feature set {spec.name!r} "
+                         f"(pass STORE/{spec.name})")
+    if not directory.is_dir():
+        raise StoreError(f"{directory}: no such feature set folder; open the FeatureSetWriter on the driver "
+                         f"before sending rows to workers")
+    return directory
 
 
 def _remove_log(directory: Path) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from avcache.features.store import FeatureSetSpec, write_shard
+from avcache.features.store import FeatureSetSpec, write_valid_rows
 from avcache.pipeline.dtw import IGNORE, dtw_alignment
 from avcache.pipeline.media import MediaError, load_audio, load_image, load_video_frames
 
@@ -461,9 +461,8 @@ class WriteShard(Stage):
     that cannot be written at all (a full disk, the folder gone: StoreError, OSError) fails the job, not items.
 
     Rows are built as the driver's writer used to take them: scalars through their columns' `value` (raw batch
-    values into the column's kind), the spec's vectors and sequences as arrays. `write_shard` validates exactly as
-    `FeatureSetWriter.add` does; it refuses a whole call for one bad row, so a refused batch is split in halves
-    until each bad row fails alone (the good rows still land, in a few smaller shards)."""
+    values into the column's kind), the spec's vectors and sequences as arrays. `write_valid_rows` validates each
+    row exactly as `FeatureSetWriter.add` does: a bad row fails alone and the batch's good rows land in one shard."""
 
     name = "write_shard"
     outputs = ("record", "stage", "reason", "worker")
@@ -488,7 +487,7 @@ class WriteShard(Stage):
                     error = f"store: {exc}"
             out.append(_failure_row(item_id, batch["path"][i], error))
         paths = dict(zip(batch["item_id"], batch["path"]))
-        self._write(good, dict(self.scalar_types), paths, out)
+        self._write(good, paths, out)
         return {key: [row.get(key, "") for row in out] for key in ("item_id", "error", "path", *self.outputs)}
 
     def _row(self, batch: Batch, i: int) -> dict:
@@ -497,23 +496,16 @@ class WriteShard(Stage):
                 "vectors": {name: np.asarray(batch[name][i]) for name in self.spec.vectors},
                 "sequences": {name: np.asarray(batch[name][i]) for name in self.spec.sequences}}
 
-    def _write(self, rows: list[dict], scalar_types: dict, paths: dict, out: list[dict]) -> dict:
-        """Write `rows` as one shard, or, when the store refuses one of them, each half in turn; -> the scalar
-        types known after them (a later half is written with the types an earlier one introduced, as add does)."""
+    def _write(self, rows: list[dict], paths: dict, out: list[dict]) -> None:
         if not rows:
-            return scalar_types
-        try:
-            record = write_shard(self.directory, self.spec, rows, scalar_types=scalar_types,
-                                 code_version=self.code_version)
-        except ValueError as exc:  # NaN features, wrong shapes or types
-            if len(rows) == 1:
-                out.append(_failure_row(rows[0]["item_id"], paths[rows[0]["item_id"]], f"store: {exc}"))
-                return scalar_types
-            half = len(rows) // 2
-            return self._write(rows[half:], self._write(rows[:half], scalar_types, paths, out), paths, out)
-        out.append({"item_id": "", "error": "", "path": "", "record": json.dumps(record),
-                    "worker": f"{socket.gethostname()}/{os.getpid()}"})
-        return {**scalar_types, **record["scalars"]}
+            return
+        record, refused = write_valid_rows(self.directory, self.spec, rows, scalar_types=self.scalar_types,
+                                           code_version=self.code_version)
+        for item_id, reason in refused:  # NaN features, wrong shapes or types
+            out.append(_failure_row(item_id, paths.get(item_id, ""), f"store: {reason}"))
+        if record is not None:
+            out.append({"item_id": "", "error": "", "path": "", "record": json.dumps(record),
+                        "worker": f"{socket.gethostname()}/{os.getpid()}"})
 
 
 def _failure_row(item_id: str, path, error: str) -> dict:

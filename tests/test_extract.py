@@ -291,8 +291,8 @@ def test_write_stage_fails_bad_rows_alone_and_the_driver_fails_a_refused_record(
         assert by_id["x:2"] == ("store", "item 'x:2', column 'v': 1 non-finite value(s) (NaN/inf)")
         assert by_id["x:3"][0] == "store" and "expected string" in by_id["x:3"][1]
         assert sorted(writer.committed_ids()) == ["x:0", "x:4", "x:5"]
-        # the refused batch was halved until x:2 stood alone: [x:0] and [x:4, x:5] were written
-        assert [s["rows"] for s in writer.meta["shards"]] == [1, 2]
+        # each row is validated alone: x:2 and x:3 fail, the batch's good rows land in one shard
+        assert [s["rows"] for s in writer.meta["shards"]] == [3]
         # The same records again: the writer refuses them (items already committed); their items fail, no crash.
         failures.clear()
         assert _commit_batch(out, writer, {"x:0": "/m/x:0"}, failures) == (0, 6)

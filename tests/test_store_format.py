@@ -15,7 +15,8 @@ import pytest
 
 from avcache.features import store as store_mod
 from avcache.features.durable import sha256_of
-from avcache.features.store import FeatureSet, FeatureSetWriter, FeatureStore, StoreError, write_shard
+from avcache.features.store import (FeatureSet, FeatureSetWriter, FeatureStore, StoreError, write_shard,
+                                    write_valid_rows)
 
 from test_store import _bad, item_id, listed_files, make_item, make_spec, write_items
 
@@ -191,6 +192,38 @@ def test_write_shard_refuses_bad_calls(tmp_path):
     with pytest.raises(StoreError, match="no such feature set folder; open the FeatureSetWriter"):
         write_shard(tmp_path / "x" / "clip_frames", spec, rows_of([1]))
 
+
+
+@pytest.mark.parametrize("item, message", CASES)
+def test_write_valid_rows_fails_a_bad_row_alone_with_write_shards_reason(tmp_path, item, message):
+    spec = make_spec()
+    with FeatureSetWriter(tmp_path, spec) as w:
+        with pytest.raises(ValueError) as whole:
+            write_shard(w.path, spec, [{"item_id": item_id(0), **make_item(0)}, {"item_id": item_id(3), **item}])
+        rows = [{"item_id": item_id(0), **make_item(0)}, {"item_id": item_id(3), **item},
+                {"item_id": item_id(4), **make_item(4)}]
+        record, refused = write_valid_rows(w.path, spec, rows)
+        assert refused == [(item_id(3), str(whole.value))] and re.search(message, refused[0][1])
+        assert record["item_ids"] == [item_id(0), item_id(4)] and record["rows"] == 2  # one shard for the rest
+        w.commit(record)
+    fs = FeatureSet(tmp_path / "clip_frames")
+    assert fs.item_ids == [item_id(0), item_id(4)]
+    np.testing.assert_array_equal(fs.sequence(item_id(4), "frames"), make_item(4)["sequences"]["frames"])
+
+
+def test_write_valid_rows_with_nothing_valid_writes_no_file(tmp_path):
+    spec = make_spec()
+    with FeatureSetWriter(tmp_path, spec) as w:
+        twice = rows_of([1, 1])
+        wrong_shape = {"item_id": item_id(5), **_bad("vectors", "pooled", np.zeros(5))}
+        record, refused = write_valid_rows(w.path, spec, [*twice, {"id": "x"}, wrong_shape])
+        assert record is None
+        assert [who for who, _ in refused] == [item_id(1), item_id(1), "row 2", item_id(5)]
+        assert "appears twice in the rows given" in refused[0][1]
+        assert refused[2][1].startswith("row 2: expected a dict with 'item_id'")
+        assert files(w.path) == ["meta.json"]
+        with pytest.raises(ValueError, match="is not the folder of feature set 'clip_frames'"):
+            write_valid_rows(tmp_path, spec, rows_of([1]))  # a wrong call is still an error, not a refusal
 
 def grow(path: Path) -> None:
     with open(path, "ab") as fh:
