@@ -425,7 +425,8 @@ def test_same_seed_same_decoded_frames(ds, tmp_path):
         a = decord.VideoReader(str(path)).get_batch(list(range(synth.N_FRAMES))).asnumpy()
         other = tmp_path / "third" / "avsd" / "Charades_v1_480" / path.name
         b = decord.VideoReader(str(other)).get_batch(list(range(synth.N_FRAMES))).asnumpy()
-        # Failed twice before x264's mbtree was turned off (see the memcheck test below): say which side differed.
+        # It failed once, and the bytes test once in CI, before x264's mbtree was turned off (see the memcheck
+        # test below). Should it fail again, say which side differed.
         same_bytes = path.read_bytes() == other.read_bytes()
         differing = np.flatnonzero((a != b).any(axis=(1, 2, 3))).tolist()  # frame indices
         assert not differing, f"{path.name}: frames {differing} differ; the files' bytes are " + \
