@@ -285,3 +285,26 @@ def test_the_fingerprint_holds_only_the_settings_in_use():
     assert trained_prompts["head_steps"] == 300 and "audioset_labels" not in trained_prompts
     prototypes = cue_settings(CueConfig())
     assert prototypes["prototype_datasets"] == ["esc50"] and "auditory_vocab" not in prototypes
+
+
+@pytest.mark.parametrize("provenance", [None, "x", {"encoders": "x"}, {"encoders": {"beats": "tiny"}},
+                                        {"encoders": {"beats": {"checkpoint": 3}}},
+                                        {"encoders": {"beats": {"checkpoint": "/nowhere/BEATs.pt"}}}])
+def test_a_store_naming_no_usable_beats_checkpoint_is_a_clear_error(tmp_path, provenance):
+    from types import SimpleNamespace
+
+    from avcache.train.cues import beats_checkpoint
+
+    beats = SimpleNamespace(meta={"provenance": provenance}, path=tmp_path / "beats")
+    with pytest.raises(FileNotFoundError, match="BEATs checkpoint of .*beats.* is needed here"):
+        beats_checkpoint(beats)
+
+
+def test_the_tiny_beats_checkpoint_is_found_from_the_provenance(tmp_path):
+    from types import SimpleNamespace
+
+    from avcache.features.tiny import ensure_tiny_beats
+    from avcache.train.cues import beats_checkpoint
+
+    beats = SimpleNamespace(meta={"provenance": {"encoders": {"beats": {"checkpoint": "tiny"}}}}, path=tmp_path)
+    assert beats_checkpoint(beats) == ensure_tiny_beats()

@@ -278,12 +278,13 @@ class SoundScorer:
 
 def beats_checkpoint(beats: FeatureSet) -> Path:
     """The BEATs checkpoint a feature set names in its provenance (the tiny one built here when it says tiny)."""
-    encoders = (beats.meta.get("provenance") or {}).get("encoders") or {}
-    checkpoint = encoders.get("beats", {}).get("checkpoint")
-    if checkpoint:
-        checkpoint = beats_checkpoint_file(checkpoint)
-    if not checkpoint or not Path(checkpoint).is_file():
-        raise FileNotFoundError(f"the BEATs checkpoint of {beats.path} ({checkpoint!r}) is needed here; put it back "
+    provenance = beats.meta.get("provenance")
+    encoders = provenance.get("encoders") if isinstance(provenance, dict) else None
+    entry = encoders.get("beats") if isinstance(encoders, dict) else None
+    named = entry.get("checkpoint") if isinstance(entry, dict) else None  # a store is input: any shape may come
+    checkpoint = beats_checkpoint_file(named) if isinstance(named, str) and named else None
+    if checkpoint is None or not Path(checkpoint).is_file():
+        raise FileNotFoundError(f"the BEATs checkpoint of {beats.path} ({named!r}) is needed here; put it back "
                                 f"where the store's provenance says (AVCACHE_BEATS_CHECKPOINT for the real profile)")
     return Path(checkpoint)
 
