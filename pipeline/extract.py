@@ -72,16 +72,19 @@ def extract(manifest_path: str | Path, store_root: str | Path, config: ExtractCo
 
 def plan_passes(names: list[str], ctx: Context) -> list[list[Extractor]]:
     """The feature sets `names` (already `ordered`) as passes over the manifest, run in turn: a set whose first
-    stage is the same decoder as a pass's (class and arguments equal) joins it, unless a set it reads from the
-    store runs in or after that pass; any other set is a pass of its own. Passes keep `ordered`'s order."""
+    stage is the same decoder as a pass's (class and arguments equal) joins it, and a set without a decoder (text,
+    vocabulary, glosses) joins the first pass of sets without one, unless a set it reads from the store runs in or
+    after that pass; any other set is a pass of its own. Passes keep `ordered`'s order. Sets without a decoder
+    share nothing but the pass (each runs its stages on its own rows): one job instead of one each, which under
+    Ray is one round of actor start-up (about 12 s a pass on 2 cores) instead of one per set."""
     passes: list[list[Extractor]] = []
-    decoders: list = []  # each pass's shared decoder, None for a pass that shares nothing
+    decoders: list = []  # each pass's shared decoder, None for a pass of sets without one
     placed: dict[str, int] = {}
     for name in names:
         extractor = get_extractor(name)
         decoder = extractor.decoder(ctx)
         earliest = max((placed[d] + 1 for d in extractor.after if d in placed), default=0)
-        joins = [i for i in range(earliest, len(passes)) if decoder is not None and decoders[i] == decoder]
+        joins = [i for i in range(earliest, len(passes)) if decoders[i] == decoder]
         if joins:
             passes[joins[0]].append(extractor)
         else:

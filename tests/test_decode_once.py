@@ -16,7 +16,7 @@ from avcache.pipeline.config import load_config
 from avcache.pipeline.extract import extract, plan_passes
 from avcache.pipeline.extractors import EXTRACTORS, Context, Extractor, get_extractor, ordered
 from avcache.pipeline.manifest import write_manifest
-from avcache.pipeline.runners import LocalRunner
+from avcache.pipeline.runners import LocalRunner, ThreadRunner
 from avcache.pipeline.stages import DecodeAudio, WhisperStage
 
 SETS = ["beats", "whisper", "clip_image", "clip_image_tokens"]
@@ -88,9 +88,10 @@ def _names(passes):
 def test_default_sets_plan_one_audio_pass_and_clip_image_tokens_joins_clip_image():
     config = load_config()
     passes = plan_passes(ordered(config.feature_sets + ["clip_image_tokens"]), _ctx())
-    assert _names(passes) == [["clip_frames"], ["clip_image", "clip_image_tokens"], ["clip_text"],
-                              ["beats", "whisper"], ["clip_transcript"], ["clip_vocab"], ["gloss"],
-                              ["gloss_alignment"]]
+    # the sets without a decoder share a pass, after what they read: gloss_alignment joins clip_transcript's
+    assert _names(passes) == [["clip_frames"], ["clip_image", "clip_image_tokens"],
+                              ["clip_text", "clip_vocab", "gloss"], ["beats", "whisper"],
+                              ["clip_transcript", "gloss_alignment"]]
 
 
 def test_a_set_joins_a_pass_only_with_an_equal_decoder_and_never_before_what_it_reads(monkeypatch):
@@ -104,9 +105,10 @@ def test_a_set_joins_a_pass_only_with_an_equal_decoder_and_never_before_what_it_
         monkeypatch.setitem(EXTRACTORS, extractor.name, extractor)
     names = ["whisper", "clip_transcript", "beats", "reads_whisper", "at_8k", "gloss"]
     # beats joins whisper's pass across clip_transcript (it reads nothing); reads_whisper may not run with
-    # whisper, so it opens a pass after it; at_8k's decoder differs in its arguments.
-    assert _names(plan_passes(ordered(names), _ctx())) == [["whisper", "beats"], ["clip_transcript"],
-                                                          ["reads_whisper"], ["at_8k"], ["gloss"]]
+    # whisper, so it opens a pass after it; at_8k's decoder differs in its arguments; gloss, without a decoder,
+    # joins the first pass of sets without one.
+    assert _names(plan_passes(ordered(names), _ctx())) == [["whisper", "beats"], ["clip_transcript", "gloss"],
+                                                          ["reads_whisper"], ["at_8k"]]
 
 
 def test_each_audio_and_image_is_decoded_once_for_all_its_sets(media, decodes, tmp_path):
@@ -137,6 +139,23 @@ def test_grouped_store_equals_one_extracted_a_set_at_a_time(media, tmp_path, cap
                  for f in FeatureStore(tmp_path / root).failures().to_pylist()} for root in ("one_by_one", "grouped")]
     assert failures[0] == failures[1]
 
+
+
+def test_sets_without_a_decoder_in_one_pass_store_what_they_store_one_by_one(tmp_path):
+    from test_extract import assert_same_store
+
+    rows = [dict(item_id=f"t:{i}", dataset="folder", split="train", texts=[f"a {c} circle", f"a dog barks {i}"],
+                 text_kinds=["caption", "caption"]) for i, c in enumerate(["red", "green", "blue", "black"])]
+    write_manifest([*rows, dict(item_id="t:none", dataset="folder", split="test")], tmp_path / "m.arrow")
+    sets = ["clip_text", "gloss"]
+    config = _config(sets)
+    assert _names(plan_passes(ordered(sets), _ctx())) == [sets]
+    for name in sets:
+        extract(tmp_path / "m.arrow", tmp_path / "one_by_one", _config([name]), LocalRunner(), log=lambda *a: None)
+    report = extract(tmp_path / "m.arrow", tmp_path / "grouped", config, ThreadRunner(), log=lambda *a: None)
+    assert [(r.name, r.pass_with) for r in report.feature_sets] == [("clip_text", ("gloss",)), ("gloss", ("clip_text",))]
+    assert all(r.written == 4 and r.failed == 0 for r in report.feature_sets)
+    assert_same_store(tmp_path / "one_by_one", tmp_path / "grouped", sets)
 
 def test_a_store_with_beats_but_not_whisper_gets_whisper_only(media, decodes, tmp_path):
     extract(media["first3"], tmp_path / "store", _config(["beats"]), LocalRunner(), log=lambda *a: None)
